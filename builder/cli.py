@@ -1,0 +1,59 @@
+"""fd-build: export a diffusers model's split UNet (and text encoder, VAE decoder) into an engine folder."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runtime.cli_common import run_cli
+from runtime.manifest import BACKENDS
+
+EXAMPLES = """examples:
+  fd-build --model tiny                                   # toy model, ONNX Runtime, engines/tiny-fp32-onnxruntime
+  fd-build --model sd15 --precision fp16 --backend tensorrt
+  fd-build --model ./my-sd-folder --height 768 --width 512 --out engines/mine --force
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fd-build", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="alias (sd15, sd21, tiny), hub id in the local cache, or a local diffusers pipeline folder")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--precision", choices=("fp32", "fp16", "tf32"),
+                   help="default: fp32 for onnxruntime, fp16 for tensorrt and torch (tf32: TensorRT only)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--max-batch-size", type=int, default=1, help="most images per generation (default 1)")
+    p.add_argument("--max-window", type=int, default=15,
+                   help="most steps per batched decoder call (default 15: the paper's longest window)")
+    p.add_argument("--out", help="engine folder (default engines/<model>-<precision>-<backend>)")
+    p.add_argument("--force", action="store_true", help="replace an existing engine folder")
+    trt = p.add_argument_group("TensorRT")
+    trt.add_argument("--dynamic-shape", metavar="MIN:MAX",
+                     help="image side range in pixels for the engines (default: static at --height/--width)")
+    trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
+                     help="TensorRT builder optimization level (default: TensorRT's, 3)")
+    trt.add_argument("--timing-cache", help="timing cache file (default: <out parent>/timing.cache, reused)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def job():
+        from builder.build import BuildOptions, build
+        opts = BuildOptions(
+            model=args.model, backend=args.backend, precision=args.precision, height=args.height,
+            width=args.width, max_batch_size=args.max_batch_size, max_window=args.max_window, out=args.out,
+            force=args.force, backend_options={"dynamic_shape": args.dynamic_shape,
+                                               "optimization_level": args.builder_optimization_level,
+                                               "timing_cache": args.timing_cache})
+        out = build(opts)
+        print(f"engine folder: {out}")
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Modules → ONNX graphs, and the check of each graph against its PyTorch module.
+
+The legacy TorchScript exporter (opset 17) is used on purpose: it exports our four modules in ~1 s each
+where the dynamo exporter takes ~15 s on the tiny model, it is the path TensorRT's own demos use, and
+dynamic axes need no symbolic-shape constraints. Graphs over 2 GB are re-saved with one external data file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from builder.specs import names
+from builder.split import UNetDecoder, UNetEncoder
+from runtime.errors import FdError
+
+OPSET = 17
+PROTOBUF_LIMIT = 2 * 1024**3
+# max |onnx - torch| / max |torch| over all outputs; a wrong graph is off by O(1).
+CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids → last hidden state (what Stable Diffusion conditions on)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids)[0]
+
+
+class VaeDecoderGraph(nn.Module):
+    """latent (already divided by the VAE scaling factor) → image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class FlatDecoder(nn.Module):
+    """The decoder with the cache as separate positional inputs, as the graph takes them."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.decoder = UNetDecoder(unet)
+
+    def forward(self, timestep, encoder_hidden_states, mid, *skips):
+        return self.decoder(timestep, encoder_hidden_states, mid, skips)
+
+
+def graph_modules(comps, precision: str) -> dict[str, nn.Module]:
+    """The four modules to export, on CPU in the build precision.
+
+    The text encoder stays fp32 in every precision: it runs once per image, and the legacy exporter
+    produces an invalid graph (mixed LayerNorm types) for transformers 5's CLIP in fp16.
+    """
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    unet, vae = _cast(comps.unet, dtype), _cast(comps.vae, dtype)
+    return {
+        "text_encoder": TextEncoderGraph(comps.text_encoder.float()).eval(),
+        "unet_encoder": UNetEncoder(unet).eval(),
+        "unet_decoder": FlatDecoder(unet).eval(),
+        "vae_decoder": VaeDecoderGraph(vae).eval(),
+    }
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast only when needed (diffusers warns on every `.to(dtype)`, even a no-op one)."""
+    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
+
+
+def random_inputs(spec: dict, batch: int, rng: np.random.Generator, vocab_size: int) -> dict[str, np.ndarray]:
+    """Random inputs of a spec's shapes: ids in the vocabulary, timesteps in [0, 1000), the rest N(0, 1)."""
+    feeds = {}
+    for tensor in spec["inputs"]:
+        shape = [batch if d == "batch" else d for d in tensor["shape"]]
+        if tensor["dtype"] == "int64":
+            feeds[tensor["name"]] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+        elif tensor["name"] == "timestep":
+            feeds[tensor["name"]] = rng.uniform(0, 1000, size=shape).astype(np.float32)
+        else:
+            feeds[tensor["name"]] = rng.standard_normal(shape).astype(NUMPY_DTYPES[tensor["dtype"]])
+    return feeds
+
+
+def run_torch(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(feeds[n]) for n in names(spec["inputs"])))
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.float().numpy() for o in outs]
+
+
+def export_onnx(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray], path: Path) -> None:
+    """Export one module to `path` (plus `path`.data when the weights pass the 2 GB protobuf limit)."""
+    import onnx
+
+    input_names, output_names = names(spec["inputs"]), names(spec["outputs"])
+    args = tuple(torch.from_numpy(feeds[n]) for n in input_names)
+    dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
+        raw = Path(scratch) / path.name
+        torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        # Over 2 GB the exporter scatters one file per weight; gather them into one data file.
+        model = onnx.load(str(raw), load_external_data=True)
+        big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT * 0.9
+        onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=path.name + ".data" if big else None)
+
+
+def check_onnx(path: Path, module: nn.Module, spec: dict, feeds: dict[str, np.ndarray], precision: str) -> dict:
+    """Run the graph under ONNX Runtime and the module under PyTorch on the same inputs; fail if they differ."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(names(spec["outputs"]), feeds)
+    want = run_torch(module, spec, feeds)
+    return compare(got, want, precision, f"{path.name} under ONNX Runtime")
+
+
+def compare(got: list[np.ndarray], want: list[np.ndarray], precision: str, what: str) -> dict:
+    """Relative max error over all outputs against the precision's tolerance; raises FdError when over."""
+    error = 0.0
+    for g, w in zip(got, want):
+        scale = max(float(np.abs(w).max()), 1e-6)
+        error = max(error, float(np.abs(g.astype(np.float32) - w).max()) / scale)
+    tolerance = CHECK_TOLERANCE[precision]
+    result = {"max_rel_error": error, "tolerance": tolerance}
+    if not np.isfinite(error) or error > tolerance:
+        raise FdError(f"{what} differs from PyTorch: max relative error {error:.3g} > {tolerance:g}; "
+                      "the export is wrong for this model (report it with the model id)")
+    return result
+
+
+def file_size(path: Path) -> int:
+    return sum(os.path.getsize(p) for p in [path, Path(str(path) + ".data")] if p.exists())

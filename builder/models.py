@@ -1,0 +1,191 @@
+"""Model → diffusers components: resolve an alias, hub id, local folder or `tiny` into loaded modules.
+
+Only what fd exports is loaded (tokenizer, text encoder, UNet, VAE, scheduler config); the safety
+checker and feature extractor of a full Stable Diffusion folder are never touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import FdError
+
+ALIASES = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+}
+TINY = "tiny"
+TINY_SEED = 0
+
+
+@dataclass
+class Components:
+    """The loaded pieces of a Stable Diffusion pipeline that fd builds engines from."""
+
+    tokenizer: object
+    text_encoder: object
+    unet: object
+    vae: object
+    scheduler_config: dict
+    source: dict = field(default_factory=dict)  # what was loaded, for the manifest
+
+    def torch_modules(self):
+        return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+
+
+def load_components(model: str) -> Components:
+    """Resolve MODEL (alias, hub id, local folder or `tiny`) and load its components on the CPU."""
+    if model == TINY:
+        comps = make_tiny_components()
+        comps.source = {"model": TINY, "kind": "tiny", "seed": TINY_SEED,
+                        "note": "random weights from a config in fd's code; its images are noise"}
+    elif Path(model).expanduser().is_dir():
+        path = Path(model).expanduser().resolve()
+        comps = _load_folder(str(path), what=f"local folder {path}")
+        comps.source = {"model": model, "kind": "local", "path": str(path)}
+    else:
+        repo_id = ALIASES.get(model, model)
+        if repo_id.count("/") != 1 or any(not part for part in repo_id.split("/")):
+            raise FdError(f"unknown model '{model}': use an alias ({', '.join([*ALIASES, TINY])}), "
+                          "a hub id such as org/name, or a local diffusers pipeline folder")
+        folder = _hub_snapshot(repo_id, model)
+        comps = _load_folder(folder, what=f"hub model {repo_id}")
+        comps.source = {"model": model, "kind": "hub", "repo_id": repo_id,
+                        "revision": Path(folder).name, "path": folder}
+    comps.source["weights_sha256"] = weights_fingerprint(comps)
+    return comps
+
+
+def _hub_snapshot(repo_id: str, model: str) -> str:
+    """The cached snapshot folder of a hub model; fd never downloads (builds run offline)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id, local_files_only=True,
+                                 allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"])
+    except Exception:
+        raise FdError(f"model '{model}' ({repo_id}) is not in the local Hugging Face cache and fd does not "
+                      "download: fetch it on a connected machine (`hf download " + repo_id + "`) and copy "
+                      "the cache here, or pass a local diffusers pipeline folder") from None
+
+
+def _load_folder(folder: str, what: str) -> Components:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+        if not (Path(folder) / sub).is_dir():
+            raise FdError(f"{what} has no '{sub}' folder: pass a diffusers Stable Diffusion pipeline folder "
+                          "(with tokenizer/, text_encoder/, unet/, vae/, scheduler/)")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FdError(f"cannot load the weights of {what}: {first_line} "
+                      "(is the folder complete, with its .safetensors files?)") from None
+    with open(Path(folder) / "scheduler" / "scheduler_config.json") as f:
+        scheduler_config = json.load(f)
+    return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config)
+
+
+def weights_fingerprint(comps: Components) -> str:
+    """sha256 over every exported module's parameters, so a manifest pins the exact weights."""
+    digest = hashlib.sha256()
+    for name, module in comps.torch_modules().items():
+        for key, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{name}.{key}".encode())
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- tiny: an SD-shaped pipeline small enough for CI --------------------------------------------------
+
+# SD1.5's own scheduler config (PNDM with the scaled-linear betas); the runtime builds DDIM / DPM++ from it.
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "trained_betas": None,
+}
+_TINY_WORDS = "a photo of an astronaut riding horse on the moon cat dog painting".split()
+
+
+def make_tiny_components(seed: int = TINY_SEED) -> Components:
+    """A random-weight pipeline with SD1.5's structure (4 UNet levels, 12 skips, 8x VAE) at toy width."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 32, 64, 64), norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), dict(SD_SCHEDULER_CONFIG))
+
+
+def make_tiny_tokenizer():
+    """A CLIP BPE tokenizer with the full byte alphabet and merges for a few words, written locally."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    vocab = {}
+    for token in [*alphabet, *(c + "</w>" for c in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in _TINY_WORDS:  # merge each word left to right: "c a", "ca t</w>"
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            merges.append(f"{symbols[0]} {symbols[1]}")
+            symbols = [symbols[0] + symbols[1], *symbols[2:]]
+            vocab.setdefault(symbols[0], len(vocab))
+    merges = list(dict.fromkeys(merges))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        # transformers 5 needs model_max_length set explicitly for max-length padding to work.
+        return CLIPTokenizer(vocab=os.path.join(tmp, "vocab.json"), merges=os.path.join(tmp, "merges.txt"),
+                             model_max_length=77)
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's reversible byte → printable-character map, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def save_pipeline_folder(comps: Components, folder: str) -> None:
+    """Write components as a diffusers pipeline folder (what `--model DIR` and diffusers load)."""
+    import diffusers
+    scheduler_class = getattr(diffusers, comps.scheduler_config.get("_class_name", "DDIMScheduler"))
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=scheduler_class.from_config(comps.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)

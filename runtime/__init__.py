@@ -1,0 +1,1 @@
+"""fd runtime: FasterDiffusion generation from an engine folder (numpy + one inference backend, no torch)."""

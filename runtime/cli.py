@@ -1,0 +1,134 @@
+"""fd-run: generate images from an engine folder with FasterDiffusion (encoder only at key steps)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from runtime.cli_common import run_cli
+from runtime.errors import FdError
+from runtime.policy import FasterDiffusionPolicy, NoiseInjection, default_key_steps, uniform_key_steps
+from runtime.schedulers import SCHEDULERS
+
+EXAMPLES = """examples:
+  fd-run --engine-dir engines/tiny-fp32-onnxruntime --prompt "a photo of an astronaut" --timings
+  fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --steps 20 --scheduler dpmpp-2m
+  fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --no-fd          # baseline: every step in full
+  fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --uniform 4      # key step every 4 steps
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fd-run", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine-dir", required=True, help="engine folder made by fd-build")
+    p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for several images")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    noise.add_argument("--latents", help="initial noise as float32 .npy of shape batch x channels x h x w")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--key-steps", help="comma-separated 0-based step indices that run the UNet encoder "
+                                          "(default: the paper's 0,1,2,3,5,10,15,25,35 at 50 steps)")
+    keys.add_argument("--uniform", type=int, metavar="K", help="a key step every K steps")
+    keys.add_argument("--no-fd", action="store_true", help="baseline: every step a key step, no noise injection")
+    p.add_argument("--no-noise-injection", action="store_true", help="turn prior noise injection off")
+    p.add_argument("--out", default="outputs/fd.png", help="PNG path; numbered (-0, -1, …) for several prompts")
+    p.add_argument("--save-latents", help="write the final denoised latents as .npy")
+    p.add_argument("--timings", action="store_true", help="print time per stage and encoder/decoder call counts")
+    return p.parse_args(argv)
+
+
+def make_policy(args, max_window: int) -> FasterDiffusionPolicy:
+    if args.no_fd:
+        return FasterDiffusionPolicy.baseline(args.steps)
+    if args.key_steps:
+        try:
+            keys = tuple(int(k) for k in args.key_steps.split(",") if k.strip())
+        except ValueError:
+            raise FdError(f"--key-steps {args.key_steps!r} is not a comma-separated list of step indices, "
+                          "e.g. 0,1,2,3,5,10,15,25,35") from None
+    elif args.uniform is not None:
+        keys = uniform_key_steps(args.steps, args.uniform)
+    else:
+        keys = default_key_steps(args.steps)
+    injection = None if args.no_noise_injection else NoiseInjection()
+    return FasterDiffusionPolicy(keys, max_window, injection)
+
+
+def load_latents(path: str) -> np.ndarray:
+    try:
+        return np.load(path).astype(np.float32)
+    except (OSError, ValueError) as exc:
+        raise FdError(f"cannot read --latents {path}: {exc}") from None
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise FdError(f"--out {out} must end in .png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def save_atomic(path: Path, write) -> None:
+    """write(file_object) into a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_timings(result) -> str:
+    rows = [f"{'stage':<14}{'seconds':>10}"]
+    rows += [f"{stage:<14}{seconds:>10.3f}" for stage, seconds in result.timings.items()]
+    calls = result.calls
+    rows.append(f"calls: text encoder {calls.get('text_encoder', 0)}, UNet encoder {calls.get('unet_encoder', 0)}, "
+                f"UNet decoder {calls.get('unet_decoder', 0)}, VAE decoder {calls.get('vae_decoder', 0)}")
+    rows.append(f"key steps: {result.policy['key_steps']}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def job():
+        from runtime.pipeline import FasterDiffusionPipeline
+        if not args.prompt:
+            raise FdError("give at least one --prompt")
+        paths = output_paths(args.out, len(args.prompt))
+        latents = load_latents(args.latents) if args.latents else None
+        pipe = FasterDiffusionPipeline(args.engine_dir)
+        policy = make_policy(args, pipe.manifest["limits"]["max_window"])
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                      scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
+                      latents=latents, policy=policy)
+        for image, path in zip(result.images, paths):
+            save_atomic(path, lambda f: image.save(f, format="PNG"))
+            print(f"wrote {path}")
+        if args.save_latents:
+            save_atomic(Path(args.save_latents), lambda f: np.save(f, result.latents))
+            print(f"wrote {args.save_latents}")
+        if args.timings:
+            print(format_timings(result))
+        else:
+            print(f"generated in {result.timings['total']:.2f} s")
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""FasterDiffusionPipeline: prompt → image from an engine folder, encoder only at key steps.
+
+The call reads as the stages of a diffusers pipeline: check inputs, encode the prompt, prepare
+timesteps and latents, the denoising loop (window by window), decode. No backend branches inside it.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from runtime.backends import load_backend
+from runtime.errors import FdError
+from runtime.manifest import load_manifest
+from runtime.policy import FasterDiffusionPolicy
+from runtime.schedulers import make_scheduler
+from runtime.tokenizer import PromptTokenizer
+
+STAGES = ("text_encoder", "unet_encoder", "unet_decoder", "scheduler", "vae_decoder")
+MAX_STEPS = 1000
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images, one per prompt
+    latents: np.ndarray  # final denoised latents (what went into the VAE), float32 (B, C, h, w)
+    timings: dict[str, float]  # seconds per stage, plus "total"
+    calls: dict[str, int]  # graph executions per component during this generation
+    policy: dict  # the FasterDiffusion settings that were used
+    timesteps: list[int] = field(default_factory=list)
+
+
+class StageTimer:
+    """Accumulates wall time per stage; waits for the device at each stage's end so times are true."""
+
+    def __init__(self, synchronize):
+        self.synchronize = synchronize
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.seconds[stage] += time.perf_counter() - start
+
+
+class FasterDiffusionPipeline:
+    def __init__(self, engine_dir: str | Path, **backend_options):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = load_manifest(engine_dir)
+        self.backend = load_backend(engine_dir, self.manifest, **backend_options)
+        tok = self.manifest["tokenizer"]
+        self.tokenizer = PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        m = self.manifest
+        return m["latent_channels"], m["latent_height"], m["latent_width"]
+
+    def default_policy(self, steps: int) -> FasterDiffusionPolicy:
+        from runtime.policy import default_key_steps
+        return FasterDiffusionPolicy(default_key_steps(steps), self.manifest["limits"]["max_window"])
+
+    def __call__(self, prompts: list[str], *, negative_prompt: str = "", steps: int = 50, scheduler: str = "ddim",
+                 guidance_scale: float = 7.5, seed: int | None = 0, latents: np.ndarray | None = None,
+                 policy: FasterDiffusionPolicy | None = None, callback=None) -> GenerationResult:
+        """Generate one image per prompt. `policy=None` uses the paper's key steps for `steps`;
+        `FasterDiffusionPolicy.baseline(steps)` runs every step in full (the diffusers baseline).
+        `callback(i, t, latents)` is called after each scheduler step."""
+        # 1. check inputs (all of them, before any heavy work)
+        policy = policy or self.default_policy(steps)
+        self._check_inputs(prompts, steps, guidance_scale, latents, policy)
+        timer = StageTimer(self.backend.synchronize)
+        calls_before = Counter(self.backend.calls)
+        started = time.perf_counter()
+        batch, guided = len(prompts), guidance_scale > 1.0
+
+        # 2. encode the prompt: [negative…, positive…] when guided, as diffusers does
+        with timer("text_encoder"):
+            ids = self.tokenizer(([negative_prompt] * batch if guided else []) + list(prompts))
+            text = self.backend.encode_text(ids)
+
+        # 3. timesteps and initial latents
+        sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])
+        sampler.set_timesteps(steps)
+        timesteps = sampler.timesteps
+        if latents is None:
+            latents = np.random.default_rng(seed).standard_normal((batch, *self.latent_shape), dtype=np.float32)
+        noise = np.asarray(latents, dtype=np.float32)  # z_T, reused by prior noise injection
+        z = noise * np.float32(sampler.init_noise_sigma)
+
+        # 4. denoising loop: one encoder call per window, one decoder call per chunk of the window
+        injection = policy.noise_injection
+        for window in policy.windows(steps):
+            t_key = timesteps[window.key_step]
+            with timer("unet_encoder"):
+                model_input = sampler.scale_model_input(np.concatenate([z, z]) if guided else z, t_key)
+                cache = self.backend.encode_unet(model_input, np.full(len(model_input), t_key, np.float32), text)
+            for chunk in window.chunks:
+                with timer("unet_decoder"):
+                    predictions = self.backend.decode_unet(cache, timesteps[list(chunk)], text)
+                with timer("scheduler"):
+                    for prediction, i in zip(predictions, chunk):
+                        t = timesteps[i]
+                        if guided:
+                            uncond, cond = prediction[:batch], prediction[batch:]
+                            prediction = uncond + np.float32(guidance_scale) * (cond - uncond)
+                        if injection is not None and injection.applies(t):
+                            z = z + np.float32(injection.alpha) * noise
+                        z = sampler.step(prediction, t, z)
+                        if callback is not None:
+                            callback(i, int(t), z)
+
+        # 5. decode
+        with timer("vae_decoder"):
+            pixels = self.backend.decode_vae(z / np.float32(self.manifest["vae_scaling_factor"]))
+        timings = dict(timer.seconds, total=time.perf_counter() - started)
+        calls = dict(Counter(self.backend.calls) - calls_before)
+        return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), [int(t) for t in timesteps])
+
+    def _check_inputs(self, prompts, steps, guidance_scale, latents, policy) -> None:
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise FdError("give at least one prompt (a list of strings)")
+        max_batch = self.manifest["limits"]["max_batch_size"]
+        if len(prompts) > max_batch:
+            raise FdError(f"{len(prompts)} prompts, but this engine folder was built for at most {max_batch} "
+                          f"images per generation: rebuild with fd-build --max-batch-size {len(prompts)}")
+        if not 1 <= steps <= MAX_STEPS:
+            raise FdError(f"--steps {steps} is out of range: use 1 to {MAX_STEPS}")
+        if guidance_scale < 0:
+            raise FdError(f"--guidance-scale {guidance_scale} must be 0 or more (1 or less turns guidance off)")
+        expected = (len(prompts), *self.latent_shape)
+        if latents is not None and tuple(np.shape(latents)) != expected:
+            raise FdError(f"initial latents have shape {tuple(np.shape(latents))}, this engine folder needs {expected}"
+                          " (batch x channels x height/8 x width/8)")
+        if policy.max_window > self.manifest["limits"]["max_window"]:
+            raise FdError(f"window of {policy.max_window} steps is larger than this engine folder's max window "
+                          f"{self.manifest['limits']['max_window']}: rebuild with a larger --max-window")
+        policy.validate(steps)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def to_pil(pixels: np.ndarray) -> list:
+    """[-1, 1] NCHW → uint8 images, rounding exactly as diffusers' image processor does."""
+    images = np.clip(pixels / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]

@@ -1,0 +1,144 @@
+"""Pieces both schedulers need: config resolution and the float32 noise schedule.
+
+The numbers must match what diffusers builds with float32 torch on the CPU, bit for bit where that is
+cheap, so two torch behaviours are reproduced on purpose (see `_linspace_f32` and `_cumprod_f32`).
+"""
+
+import math
+
+import numpy as np
+
+from runtime.errors import FdError
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def resolve_config(config: dict, defaults: dict) -> dict:
+    """Like diffusers' `from_config`: keep the keys this class knows, default the rest.
+
+    Keys starting with "_" and keys of other scheduler classes are ignored. A config taken from a live
+    diffusers scheduler lists in "_use_default_values" the keys that were never really set; diffusers
+    drops those so the new class's own defaults win, and so do we.
+    """
+    if not isinstance(config, dict):
+        raise FdError(f"scheduler config must be a dict (scheduler_config.json), got {type(config).__name__}")
+    defaulted = set(config.get("_use_default_values") or ())
+    resolved = dict(defaults)
+    for key, value in config.items():
+        if key in defaults and key not in defaulted:
+            resolved[key] = value
+    return resolved
+
+
+def unsupported(option: str, scheduler: str, hint: str) -> FdError:
+    return FdError(f"{option} is not supported by fd's {scheduler} scheduler; {hint}")
+
+
+def check_choice(cfg: dict, key: str, allowed: tuple, scheduler: str) -> None:
+    if cfg[key] not in allowed:
+        raise unsupported(f"{key}={cfg[key]!r}", scheduler, f"use one of {', '.join(allowed)}")
+
+
+def check_num_steps(num_inference_steps, num_train_timesteps: int) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise FdError(f"num_inference_steps must be an integer, got {num_inference_steps!r}")
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise FdError(
+            f"num_inference_steps={num_inference_steps} is out of range; use 1..{num_train_timesteps} "
+            "(the model's num_train_timesteps)"
+        )
+    return int(num_inference_steps)
+
+
+def checked_timesteps(ts: np.ndarray, num_train_timesteps: int, spacing: str) -> np.ndarray:
+    """The schedule as int64, refusing one that leaves 0..T-1 (diffusers would index past its table)."""
+    ts = ts.astype(np.int64)
+    bad = ts[(ts < 0) | (ts >= num_train_timesteps)]
+    if bad.size:
+        raise FdError(
+            f"{spacing!r} timestep spacing for this many steps reaches t={int(bad[0])}, outside the model's "
+            f"0..{num_train_timesteps - 1}; use fewer steps or another timestep_spacing"
+        )
+    return ts
+
+
+def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32) on the CPU, exactly.
+
+    torch rounds the endpoints and the step to float32, then evaluates each point in double from the
+    nearer end; np.linspace(...).astype(float32) is off by one ulp in roughly a third of the entries.
+    """
+    lo, hi = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([lo], dtype=np.float32)
+    step = np.float64((hi - lo) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    from_start = np.float64(lo) + step * i
+    from_end = np.float64(hi) - step * (n - 1 - i)
+    return np.where(i < n // 2, from_start, from_end).astype(np.float32)
+
+
+def _cumprod_f32(x: np.ndarray) -> np.ndarray:
+    """torch.cumprod on a float32 CPU tensor: it accumulates in double and rounds each output."""
+    return np.cumprod(x.astype(np.float64)).astype(np.float32)
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal's squared-cosine alpha-bar, discretised to betas (computed in double)."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return np.array(betas, dtype=np.float64).astype(np.float32)
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Algorithm 1: shift/scale sqrt(alpha_bar) so the last step has zero SNR."""
+    sqrt_ab = np.sqrt(_cumprod_f32(np.float32(1.0) - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    alpha_bar = sqrt_ab * sqrt_ab
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return (np.float32(1.0) - alphas).astype(np.float32)
+
+
+def alphas_cumprod(cfg: dict, scheduler: str) -> np.ndarray:
+    """alpha_bar_t for t = 0..num_train_timesteps-1 (float32), from the config's beta schedule."""
+    n = int(cfg["num_train_timesteps"])
+    if n < 1:
+        raise FdError(f"num_train_timesteps must be at least 1, got {n}")
+    if cfg["trained_betas"] is not None:
+        betas = np.asarray(cfg["trained_betas"], dtype=np.float64).astype(np.float32)
+        if betas.shape != (n,):
+            raise FdError(f"trained_betas has {betas.size} values but num_train_timesteps is {n}")
+    elif cfg["beta_schedule"] == "linear":
+        betas = _linspace_f32(cfg["beta_start"], cfg["beta_end"], n)
+    elif cfg["beta_schedule"] == "scaled_linear":
+        # Stable Diffusion's schedule: linear in sqrt(beta).
+        betas = _linspace_f32(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n) ** 2
+    elif cfg["beta_schedule"] == "squaredcos_cap_v2":
+        betas = _cosine_betas(n)
+    else:
+        raise unsupported(
+            f"beta_schedule={cfg['beta_schedule']!r}", scheduler,
+            f"use one of {', '.join(BETA_SCHEDULES)} or give trained_betas",
+        )
+    if cfg["rescale_betas_zero_snr"]:
+        betas = _rescale_zero_terminal_snr(betas)
+    return _cumprod_f32(np.float32(1.0) - betas)
+
+
+def as_f32(x, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise FdError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
+    return arr.astype(np.float32, copy=False)
+
+
+def per_sample(coef: np.ndarray, ndim: int) -> np.ndarray:
+    """Shape per-timestep coefficients (B,) as (B, 1, 1, ...) so they broadcast over a batch."""
+    coef = coef.reshape(-1)
+    return coef.reshape(coef.shape + (1,) * max(ndim - 1, 0))

@@ -1,0 +1,40 @@
+"""Shared fixtures: the tiny model, built once per session into an ONNX Runtime engine folder."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_components():
+    from builder.models import make_tiny_components
+    return make_tiny_components()
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory) -> Path:
+    from builder.build import BuildOptions, build
+    out = tmp_path_factory.mktemp("engines") / "tiny-fp32-onnxruntime"
+    return build(BuildOptions(model="tiny", out=str(out)), log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny_components) -> Path:
+    """The tiny model saved as a diffusers pipeline folder (what `fd-build --model DIR` loads)."""
+    from builder.models import save_pipeline_folder
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd"
+    save_pipeline_folder(tiny_components, str(folder))
+    return folder
+
+
+def run_fd(module: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run an fd command-line module in a fresh process, as a user would run the console script."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
