@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from builder import export
+from builder.flops import unet_flops
 from builder.specs import Limits, TORCH_DTYPE_NAMES, cache_names, component_specs
 from builder.split import check_supported, unet_levels
 from runtime.errors import FdError
@@ -62,6 +63,22 @@ def validate_options(opts: BuildOptions) -> None:
         raise FdError(f"--max-batch-size {opts.max_batch_size} is out of range: use 1 to 64")
     if not 1 <= opts.max_window <= 1000:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
+    if dynamic_range(opts) and opts.backend != "tensorrt":
+        raise FdError("--dynamic-shape is for TensorRT engines (ONNX Runtime and torch folders are built for one size)")
+
+
+def dynamic_range(opts: BuildOptions) -> tuple[int, int] | None:
+    """--dynamic-shape MIN:MAX as (min, max) image side in pixels, or None for static engines."""
+    text = (opts.backend_options or {}).get("dynamic_shape")
+    if not text:
+        return None
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise FdError(f"--dynamic-shape {text!r} is not MIN:MAX in pixels, e.g. 256:768") from None
+    if not 8 <= low <= high <= MAX_SIDE:
+        raise FdError(f"--dynamic-shape {text} is out of range: use 8 <= MIN <= MAX <= {MAX_SIDE}")
+    return low, high
 
 
 def default_out(opts: BuildOptions) -> Path:
@@ -97,15 +114,17 @@ def build(opts: BuildOptions, log=print) -> Path:
             spec, path = specs[name], stage / f"{name}.onnx"
             feeds = export.random_inputs(spec, spec["batch"]["min"] + 1, rng, vocab)
             t0 = time.perf_counter()
-            export.export_onnx(modules[name], spec, feeds, path)
+            export.export_onnx(modules[name], spec, feeds, path, dynamic_spatial=geometry["dynamic_shape"] is not None)
             spec["file"] = path.name
             spec["export_seconds"] = round(time.perf_counter() - t0, 2)
             spec["check"] = export.check_onnx(path, modules[name], spec, feeds, export_precision)
             tqdm.write(f"  {name}: {export.file_size(path) / 1e6:.1f} MB, max relative error vs PyTorch "
                        f"{spec['check']['max_rel_error']:.2e} (tolerance {spec['check']['tolerance']:g})")
+        flops = unet_flops(modules, specs)
         backend_info = backend_module.finish(stage, specs, modules, precision, opts, log) if backend_module else {}
         comps.tokenizer.save_pretrained(str(stage / "tokenizer"))
         manifest = make_manifest(opts, comps, geometry, specs, limits, precision, backend_info)
+        manifest["flops_per_sample"] = flops
         write_json_atomic(stage / MANIFEST_NAME, manifest)
     log(f"built {out} in {time.perf_counter() - started:.1f} s")
     return out
@@ -129,13 +148,22 @@ def model_geometry(comps, opts: BuildOptions) -> dict:
     multiple = vae_scale * unet_levels(comps.unet)
     native = comps.unet.config.sample_size * vae_scale
     height, width = opts.height or native, opts.width or native
-    for name, value in (("height", height), ("width", width)):
+    side_range = dynamic_range(opts)
+    checked = [("height", height), ("width", width)]
+    if side_range:
+        checked += [("dynamic-shape MIN", side_range[0]), ("dynamic-shape MAX", side_range[1])]
+        if not side_range[0] <= min(height, width) <= max(height, width) <= side_range[1]:
+            raise FdError(f"--height/--width {height}x{width} lie outside --dynamic-shape "
+                          f"{side_range[0]}:{side_range[1]}: widen the range or change the size")
+    for name, value in checked:
         if value % multiple:
             raise FdError(f"--{name} {value} does not fit this model: use a multiple of {multiple} "
                           f"(VAE scale {vae_scale} x UNet downsampling {multiple // vae_scale}), e.g. {native}")
     return {"height": height, "width": width, "vae_scale_factor": vae_scale,
             "latent_height": height // vae_scale, "latent_width": width // vae_scale,
-            "latent_channels": comps.unet.config.in_channels}
+            "latent_channels": comps.unet.config.in_channels,
+            # image side range in pixels the engines accept; None: only height x width
+            "dynamic_shape": {"min": side_range[0], "max": side_range[1]} if side_range else None}
 
 
 def make_specs(comps, modules, geometry, precision, limits) -> dict:

@@ -101,18 +101,29 @@ def run_torch(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray]) -> li
     return [o.float().numpy() for o in outs]
 
 
-def export_onnx(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray], path: Path) -> None:
+def dynamic_axes(spec: dict, spatial: bool) -> dict[str, dict[int, str]]:
+    """Batch is always dynamic; image-like (NCHW) tensors also get dynamic height/width when asked."""
+    axes = {}
+    for tensor in spec["inputs"] + spec["outputs"]:
+        axes[tensor["name"]] = {0: "batch"}
+        if spatial and len(tensor["shape"]) == 4:
+            axes[tensor["name"]].update({2: f"{tensor['name']}_height", 3: f"{tensor['name']}_width"})
+    return axes
+
+
+def export_onnx(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray], path: Path,
+                dynamic_spatial: bool = False) -> None:
     """Export one module to `path` (plus `path`.data when the weights pass the 2 GB protobuf limit)."""
     import onnx
 
     input_names, output_names = names(spec["inputs"]), names(spec["outputs"])
     args = tuple(torch.from_numpy(feeds[n]) for n in input_names)
-    dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
         raw = Path(scratch) / path.name
         torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+                          output_names=output_names, dynamic_axes=dynamic_axes(spec, dynamic_spatial),
+                          do_constant_folding=True)
         # Over 2 GB the exporter scatters one file per weight; gather them into one data file.
         model = onnx.load(str(raw), load_external_data=True)
         big = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT * 0.9
