@@ -121,7 +121,7 @@ def build(opts: BuildOptions, log=print) -> Path:
             tqdm.write(f"  {name}: {export.file_size(path) / 1e6:.1f} MB, max relative error vs PyTorch "
                        f"{spec['check']['max_rel_error']:.2e} (tolerance {spec['check']['tolerance']:g})")
         flops = unet_flops(modules, specs)
-        backend_info = backend_module.finish(stage, specs, modules, precision, opts, log) if backend_module else {}
+        backend_info = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
         comps.tokenizer.save_pretrained(str(stage / "tokenizer"))
         manifest = make_manifest(opts, comps, geometry, specs, limits, precision, backend_info)
         manifest["flops_per_sample"] = flops
