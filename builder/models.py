@@ -19,7 +19,9 @@ ALIASES = {
     "sd21": "stabilityai/stable-diffusion-2-1",
 }
 TINY = "tiny"
+SD15_RANDOM = "sd15-random"
 TINY_SEED = 0
+GENERATED = (TINY, SD15_RANDOM)  # made from configs in code, random weights, fixed seed
 
 
 @dataclass
@@ -39,9 +41,9 @@ class Components:
 
 def load_components(model: str) -> Components:
     """Resolve MODEL (alias, hub id, local folder or `tiny`) and load its components on the CPU."""
-    if model == TINY:
-        comps = make_tiny_components()
-        comps.source = {"model": TINY, "kind": "tiny", "seed": TINY_SEED,
+    if model in GENERATED:
+        comps = make_tiny_components() if model == TINY else make_sd15_random_components()
+        comps.source = {"model": model, "kind": "generated", "seed": TINY_SEED,
                         "note": "random weights from a config in fd's code; its images are noise"}
     elif Path(model).expanduser().is_dir():
         path = Path(model).expanduser().resolve()
@@ -50,7 +52,7 @@ def load_components(model: str) -> Components:
     else:
         repo_id = ALIASES.get(model, model)
         if repo_id.count("/") != 1 or any(not part for part in repo_id.split("/")):
-            raise FdError(f"unknown model '{model}': use an alias ({', '.join([*ALIASES, TINY])}), "
+            raise FdError(f"unknown model '{model}': use an alias ({', '.join([*ALIASES, *GENERATED])}), "
                           "a hub id such as org/name, or a local diffusers pipeline folder")
         folder = _hub_snapshot(repo_id, model)
         comps = _load_folder(folder, what=f"hub model {repo_id}")
@@ -76,10 +78,15 @@ def _load_folder(folder: str, what: str) -> Components:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    _quiet_libraries()
     for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
         if not (Path(folder) / sub).is_dir():
             raise FdError(f"{what} has no '{sub}' folder: pass a diffusers Stable Diffusion pipeline folder "
                           "(with tokenizer/, text_encoder/, unet/, vae/, scheduler/)")
+    for sub in ("text_encoder", "unet", "vae"):
+        if not any(next((Path(folder) / sub).glob(pattern), None) for pattern in ("*.safetensors", "*.bin")):
+            raise FdError(f"{what} has no weights in {sub}/ (no .safetensors or .bin file): "
+                          "copy the complete model folder, weights included")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
@@ -92,6 +99,15 @@ def _load_folder(folder: str, what: str) -> Components:
     with open(Path(folder) / "scheduler" / "scheduler_config.json") as f:
         scheduler_config = json.load(f)
     return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config)
+
+
+def _quiet_libraries() -> None:
+    """Keep diffusers/transformers chatter off stderr, where fd promises one line per error."""
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)  # failures come back as FdError
+    transformers.utils.logging.set_verbosity(transformers.utils.logging.CRITICAL)
+    transformers.utils.logging.disable_progress_bar()
 
 
 def weights_fingerprint(comps: Components) -> str:
@@ -136,6 +152,37 @@ def make_tiny_components(seed: int = TINY_SEED) -> Components:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), dict(SD_SCHEDULER_CONFIG))
+
+
+def make_sd15_random_components(seed: int = TINY_SEED) -> Components:
+    """SD1.5's real UNet, VAE and CLIP ViT-L/14 text configs with random weights (no download).
+
+    For benchmarks: the FLOPs and memory of SD1.5, images of noise. The tokenizer is the tiny one (its
+    ids fit CLIP's 49408-token vocabulary), so prompts tokenize to different ids than real SD1.5.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, sample_size=512,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
     return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), dict(SD_SCHEDULER_CONFIG))

@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/fd.png", help="PNG path; numbered (-0, -1, …) for several prompts")
     p.add_argument("--save-latents", help="write the final denoised latents as .npy")
     p.add_argument("--timings", action="store_true", help="print time per stage and encoder/decoder call counts")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture CUDA graphs per engine and batch shape (TensorRT and torch folders on a GPU)")
     return p.parse_args(argv)
 
 
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
             raise FdError("give at least one --prompt")
         paths = output_paths(args.out, len(args.prompt))
         latents = load_latents(args.latents) if args.latents else None
-        pipe = FasterDiffusionPipeline(args.engine_dir)
+        pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
         policy = make_policy(args, pipe.manifest["limits"]["max_window"])
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,

@@ -10,8 +10,11 @@ from runtime.errors import FdError
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, engine_dir, manifest: dict, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, engine_dir, manifest: dict, providers: list[str] | None = None, threads: int | None = None,
+                 cuda_graphs: bool = False):
         super().__init__(engine_dir, manifest)
+        if cuda_graphs:
+            raise FdError("--cuda-graphs is for TensorRT and torch engine folders; this one is for ONNX Runtime")
         try:
             import onnxruntime as ort
         except ImportError:
