@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from runtime.atomic import write_atomic
 from runtime.cli_common import run_cli
 from runtime.errors import FdError
 from runtime.policy import FasterDiffusionPolicy, NoiseInjection, default_key_steps, uniform_key_steps
@@ -81,19 +80,6 @@ def output_paths(out: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
-def save_atomic(path: Path, write) -> None:
-    """write(file_object) into a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def format_timings(result) -> str:
     rows = [f"{'stage':<14}{'seconds':>10}"]
     rows += [f"{stage:<14}{seconds:>10.3f}" for stage, seconds in result.timings.items()]
@@ -119,10 +105,10 @@ def main(argv=None) -> int:
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
                       latents=latents, policy=policy)
         for image, path in zip(result.images, paths):
-            save_atomic(path, lambda f: image.save(f, format="PNG"))
+            write_atomic(path, lambda f: image.save(f, format="PNG"))
             print(f"wrote {path}")
         if args.save_latents:
-            save_atomic(Path(args.save_latents), lambda f: np.save(f, result.latents))
+            write_atomic(Path(args.save_latents), lambda f: np.save(f, result.latents))
             print(f"wrote {args.save_latents}")
         if args.timings:
             print(format_timings(result))

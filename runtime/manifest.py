@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from runtime.atomic import write_atomic
 from runtime.errors import FdError
 
 MANIFEST_VERSION = 1
@@ -47,14 +47,4 @@ def load_manifest(engine_dir: str | os.PathLike) -> dict:
 
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of either."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
