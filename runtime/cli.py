@@ -10,7 +10,7 @@ import numpy as np
 from runtime.atomic import write_atomic
 from runtime.cli_common import run_cli
 from runtime.errors import FdError
-from runtime.policy import FasterDiffusionPolicy, NoiseInjection, default_key_steps, uniform_key_steps
+from runtime.policy import policy_from_options
 from runtime.schedulers import SCHEDULERS
 
 EXAMPLES = """examples:
@@ -45,23 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture CUDA graphs per engine and batch shape (TensorRT and torch folders on a GPU)")
     return p.parse_args(argv)
-
-
-def make_policy(args, max_window: int) -> FasterDiffusionPolicy:
-    if args.no_fd:
-        return FasterDiffusionPolicy.baseline(args.steps)
-    if args.key_steps:
-        try:
-            keys = tuple(int(k) for k in args.key_steps.split(",") if k.strip())
-        except ValueError:
-            raise FdError(f"--key-steps {args.key_steps!r} is not a comma-separated list of step indices, "
-                          "e.g. 0,1,2,3,5,10,15,25,35") from None
-    elif args.uniform is not None:
-        keys = uniform_key_steps(args.steps, args.uniform)
-    else:
-        keys = default_key_steps(args.steps)
-    injection = None if args.no_noise_injection else NoiseInjection()
-    return FasterDiffusionPolicy(keys, max_window, injection)
 
 
 def load_latents(path: str) -> np.ndarray:
@@ -100,7 +83,9 @@ def main(argv=None) -> int:
         paths = output_paths(args.out, len(args.prompt))
         latents = load_latents(args.latents) if args.latents else None
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
-        policy = make_policy(args, pipe.manifest["limits"]["max_window"])
+        policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
+                                     uniform=args.uniform, baseline=args.no_fd,
+                                     noise_injection=not args.no_noise_injection)
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
                       latents=latents, policy=policy)

@@ -88,3 +88,21 @@ class FasterDiffusionPolicy:
         return {"key_steps": list(self.key_steps), "max_window": self.max_window,
                 "noise_injection": None if self.noise_injection is None else
                 {"alpha": self.noise_injection.alpha, "tau": self.noise_injection.tau}}
+
+
+def policy_from_options(steps: int, max_window: int, *, key_steps: str | None = None, uniform: int | None = None,
+                        baseline: bool = False, noise_injection: bool = True) -> FasterDiffusionPolicy:
+    """The policy the command-line options describe (--key-steps "0,1,…" | --uniform K | --no-fd)."""
+    if baseline:
+        return FasterDiffusionPolicy.baseline(steps)
+    if key_steps:
+        try:
+            keys = tuple(int(k) for k in key_steps.split(",") if k.strip())
+        except ValueError:
+            raise FdError(f"--key-steps {key_steps!r} is not a comma-separated list of step indices, "
+                          "e.g. 0,1,2,3,5,10,15,25,35") from None
+    elif uniform is not None:
+        keys = uniform_key_steps(steps, uniform)
+    else:
+        keys = default_key_steps(steps)
+    return FasterDiffusionPolicy(keys, max_window, NoiseInjection() if noise_injection else None)

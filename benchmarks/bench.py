@@ -1,0 +1,289 @@
+"""The measurement core of fd-bench: arms run alternately from the same latents, then summarised.
+
+Alternating (A B A B …) rather than all-A-then-all-B spreads slow drifts of the machine (thermal,
+other processes, page cache) over both arms alike, and lets the speedup be taken pair by pair.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from benchmarks.fidelity import compare
+from runtime.errors import FdError
+from runtime.pipeline import MAX_STEPS, STAGES, FasterDiffusionPipeline
+from runtime.policy import FasterDiffusionPolicy
+
+DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
+BASELINE, FD, DIFFUSERS = "baseline", "fasterdiffusion", "diffusers"
+
+
+@dataclass
+class Settings:
+    prompt: str = DEFAULT_PROMPT
+    steps: int = 50
+    scheduler: str = "ddim"
+    batch_size: int = 1
+    guidance_scale: float = 7.5
+    runs: int = 5
+    warmup: int = 2
+    seed: int = 0
+    compare_diffusers: bool = False
+
+
+@dataclass
+class Sample:
+    """One timed generation of one arm."""
+
+    total: float
+    stages: dict | None  # seconds per pipeline stage (None: the arm does not split its time)
+    calls: dict
+    peak_rss_bytes: int | None
+    device_peak_bytes: int | None
+    images: np.ndarray = field(repr=False)  # uint8 (N, H, W, 3)
+    latents: np.ndarray | None = field(repr=False)
+
+
+def check_settings(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiffusionPolicy) -> None:
+    """Every setting checked before the slow part (loading diffusers, minutes of runs) starts."""
+    if not 1 <= s.steps <= MAX_STEPS:
+        raise FdError(f"--steps {s.steps} is out of range: use 1 to {MAX_STEPS}")
+    max_batch = pipe.manifest["limits"]["max_batch_size"]
+    if not 1 <= s.batch_size <= max_batch:
+        raise FdError(f"--batch-size {s.batch_size} does not fit this engine folder (built for 1 to {max_batch} "
+                      f"images): use at most {max_batch}, or rebuild with fd-build --max-batch-size {s.batch_size}")
+    if s.runs < 1 or s.warmup < 0:
+        raise FdError(f"--runs {s.runs} / --warmup {s.warmup}: use at least 1 run and 0 or more warm-up runs")
+    if s.guidance_scale < 0:
+        raise FdError(f"--guidance-scale {s.guidance_scale} must be 0 or more")
+    policy.validate(s.steps)
+    if policy.max_window > pipe.manifest["limits"]["max_window"]:
+        raise FdError(f"max window {policy.max_window} is larger than the engine folder's "
+                      f"{pipe.manifest['limits']['max_window']}")
+
+
+def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiffusionPolicy,
+                  progress=None) -> dict:
+    """Warm up, then run every arm `s.runs` times in turn; Ctrl-C returns what was measured so far.
+
+    `progress(total)` makes a tqdm-like bar; it is made only once every check and load has passed, so
+    a settings error stays one line on stderr."""
+    check_settings(pipe, s, policy)
+    prompts = [s.prompt] * s.batch_size
+    latents = np.random.default_rng(s.seed).standard_normal((s.batch_size, *pipe.latent_shape), dtype=np.float32)
+    arms = {BASELINE: fd_arm(pipe, s, FasterDiffusionPolicy.baseline(s.steps), prompts, latents),
+            FD: fd_arm(pipe, s, policy, prompts, latents)}
+    measured = {name: [] for name in [*arms, *([DIFFUSERS] if s.compare_diffusers else [])]}
+    last: dict[str, Sample] = {}
+    interrupted, rss_after_load, bar = False, None, None
+    try:
+        if s.compare_diffusers:
+            arms[DIFFUSERS] = diffusers_arm(pipe.manifest, s, prompts, latents, engine_on_gpu(pipe.backend))
+        rss_after_load = _proc_status("VmRSS")  # every model loaded, nothing run yet
+        phases = ["warmup"] * s.warmup + ["measure"] * s.runs
+        bar = progress(len(phases) * len(arms)) if progress else None
+        for phase in phases:
+            for name, arm in arms.items():
+                if bar is not None:
+                    bar.set_postfix_str(f"{phase} {name}")
+                last[name] = arm()
+                if phase == "measure":
+                    measured[name].append(last[name])
+                if bar is not None:
+                    bar.update()
+    except KeyboardInterrupt:  # a half-finished run is dropped; finished runs are kept and reported
+        interrupted = True
+    finally:
+        if bar is not None:
+            bar.close()
+    result = summarize(pipe.manifest, s, policy, measured, last, interrupted, rss_after_load)
+    for name, arm in arms.items():
+        result["arms"][name].update(getattr(arm, "info", {}))
+    if hasattr(pipe.backend, "peak_memory_bytes"):  # without a reset, later runs inherit earlier peaks
+        result["memory"]["device_peak"] = ("per run" if hasattr(pipe.backend, "reset_peak_memory") else
+                                           "since the folder was loaded (the backend cannot reset it)")
+    return result
+
+
+def fd_arm(pipe, s: Settings, policy, prompts, latents):
+    def run() -> Sample:
+        reset = _reset_peaks(pipe.backend)
+        result = pipe(prompts, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
+                      latents=latents, policy=policy)
+        device = getattr(pipe.backend, "peak_memory_bytes", None)
+        stages = {k: result.timings[k] for k in STAGES}
+        stages["other"] = max(result.timings["total"] - sum(stages.values()), 0.0)  # untimed glue
+        images = np.stack([np.asarray(image) for image in result.images])
+        return Sample(result.timings["total"], stages, dict(result.calls), host_peak_bytes(reset),
+                      device() if device else None, images, result.latents)
+    return run
+
+
+def engine_on_gpu(backend) -> bool:
+    return (backend.name == "tensorrt" or "CUDAExecutionProvider" in (getattr(backend, "providers", None) or [])
+            or str(getattr(backend, "device", "")).startswith("cuda"))
+
+
+def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
+    """diffusers' StableDiffusionPipeline on the weights the engine folder was built from."""
+    try:
+        import diffusers
+        import torch
+        import transformers
+        from builder.models import load_components
+    except ImportError:
+        raise FdError("--compare diffusers needs torch and diffusers: pip install 'fd[build]'") from None
+    for library in (diffusers, transformers):  # their notices would land in the middle of the progress bar
+        library.utils.logging.set_verbosity_error()
+    source = manifest["source"]
+    model = source["model"] if source.get("kind") == "generated" else source.get("path")
+    if not model or (source.get("kind") != "generated" and not os.path.isdir(model)):
+        raise FdError(f"--compare diffusers cannot find the model this engine folder was built from "
+                      f"({source.get('model')}, path {source.get('path')}): put it back there, or drop --compare")
+    comps = load_components(model)
+    if source.get("weights_sha256") and comps.source["weights_sha256"] != source["weights_sha256"]:
+        raise FdError(f"the weights at {model} are not the ones this engine folder was built from: "
+                      "rebuild the folder from them, or drop --compare")
+    cls = {"ddim": diffusers.DDIMScheduler, "dpmpp-2m": diffusers.DPMSolverMultistepScheduler}[s.scheduler]
+    # The engine's device, and its precision where that is a GPU; fp32 on the CPU (fp16 is slow there).
+    if on_gpu and not torch.cuda.is_available():
+        raise FdError("--compare diffusers: the engine runs on a GPU but this torch has no CUDA: install a CUDA torch")
+    device = "cuda" if on_gpu else "cpu"
+    dtype = torch.float16 if device == "cuda" and manifest["precision"] == "fp16" else torch.float32
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=cls.from_config(manifest["scheduler_config"]), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    if (device, dtype) != ("cpu", torch.float32):  # the components load as fp32 on the CPU already
+        pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    unet_calls = []
+    pipe.unet.register_forward_pre_hook(lambda *_: unet_calls.append(1))
+    start_latents = torch.from_numpy(latents).to(device, dtype)
+
+    def run() -> Sample:
+        reset = _reset_peaks(None)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        final, before = {}, len(unet_calls)
+
+        def keep_latents(_pipe, _i, _t, kwargs):
+            final["latents"] = kwargs["latents"]
+            return kwargs
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = pipe(prompts, height=manifest["height"], width=manifest["width"], num_inference_steps=s.steps,
+                       guidance_scale=s.guidance_scale, latents=start_latents, output_type="np",
+                       callback_on_step_end=keep_latents)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - started
+        images = (np.asarray(out.images, dtype=np.float32) * 255).round().astype(np.uint8)
+        return Sample(total, None, {"unet": len(unet_calls) - before}, host_peak_bytes(reset),
+                      torch.cuda.max_memory_allocated() if device == "cuda" else None, images,
+                      final["latents"].float().cpu().numpy() if "latents" in final else None)
+    run.info = {"device": device, "dtype": str(dtype).removeprefix("torch."), "scheduler": cls.__name__}
+    return run
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+def _reset_peaks(backend) -> bool:
+    """Reset the peaks so each run reports its own. Linux resets a process's peak RSS (VmHWM) when 5 is
+    written to /proc/self/clear_refs; elsewhere the peak stays the process's since its start."""
+    if hasattr(backend, "reset_peak_memory"):
+        backend.reset_peak_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_bytes(was_reset: bool) -> int | None:
+    peak = _proc_status("VmHWM") if was_reset else None
+    if peak is None:  # the process's peak since its start (ru_maxrss: kB on Linux, bytes on macOS)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return peak
+
+
+def _proc_status(key: str) -> int | None:
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")), None)
+    return None
+
+
+# --- summary --------------------------------------------------------------------------------------------
+
+def spread(values: list[float]) -> dict | None:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)} \
+        if values else None
+
+
+def _max(values):
+    return max((v for v in values if v is not None), default=None)
+
+
+def flop_floor(flops: dict, steps: int, key_steps: int) -> float:
+    """The UNet speedup skipping the encoder allows at best: steps·(E+D) / (K·E + steps·D)."""
+    e, d = flops["unet_encoder"], flops["unet_decoder"]
+    return steps * (e + d) / (key_steps * e + steps * d)
+
+
+def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interrupted: bool, rss_after_load) -> dict:
+    arms = {}
+    for name, samples in measured.items():
+        arm = {"runs_measured": len(samples),
+               "seconds_per_image": spread([x.total / s.batch_size for x in samples]),
+               "stage_seconds_median": None, "calls": samples[-1].calls if samples else None,
+               "peak_rss_bytes": _max(x.peak_rss_bytes for x in samples),
+               "device_peak_bytes": _max(x.device_peak_bytes for x in samples),
+               "runs": [{"total": x.total, "stages": x.stages, "peak_rss_bytes": x.peak_rss_bytes,
+                         "device_peak_bytes": x.device_peak_bytes} for x in samples]}
+        if samples:
+            keys = list(samples[0].stages or {}) + ["total"]
+            arm["stage_seconds_median"] = {k: statistics.median(x.total if k == "total" else x.stages[k]
+                                                                for x in samples) for k in keys}
+        arms[name] = arm
+    arms[BASELINE]["policy"] = FasterDiffusionPolicy.baseline(s.steps).describe()
+    arms[FD]["policy"] = policy.describe()
+
+    def pairwise(slow: str, fast: str, unet_only=False):
+        def seconds(x):
+            return x.stages["unet_encoder"] + x.stages["unet_decoder"] if unet_only else x.total
+        pairs = list(zip(measured.get(slow, []), measured.get(fast, [])))
+        return spread([seconds(a) / seconds(b) for a, b in pairs])
+
+    # "x_over_y" = how many times faster x is than y (y's seconds / x's seconds), run k against run k
+    speedup = {"fd_over_baseline": pairwise(BASELINE, FD), "fd_over_baseline_unet": pairwise(BASELINE, FD, True)}
+    if s.compare_diffusers:
+        speedup["fd_over_diffusers"] = pairwise(DIFFUSERS, FD)
+        speedup["baseline_over_diffusers"] = pairwise(DIFFUSERS, BASELINE)
+
+    floor = None
+    if manifest.get("flops_per_sample"):
+        k = len(policy.key_steps)
+        floor = {"unet_encoder_flops": manifest["flops_per_sample"]["unet_encoder"],
+                 "unet_decoder_flops": manifest["flops_per_sample"]["unet_decoder"], "steps": s.steps,
+                 "key_steps": k, "unet_speedup": flop_floor(manifest["flops_per_sample"], s.steps, k)}
+        for key, measured_key in (("fraction_of_floor", "fd_over_baseline"),
+                                  ("fraction_of_floor_unet", "fd_over_baseline_unet")):
+            got = speedup[measured_key]
+            floor[key] = got["median"] / floor["unet_speedup"] if got else None
+
+    fidelity = {}
+    for name in (FD, DIFFUSERS):
+        if BASELINE in last and name in last:
+            a, b = last[name], last[BASELINE]
+            fidelity[f"{name}_vs_baseline"] = compare(a.images, b.images, a.latents, b.latents)
+    return {"complete": not interrupted, "arms": arms, "speedup": speedup, "flop_floor": floor,
+            "fidelity": fidelity, "memory": {"rss_after_load_bytes": rss_after_load, "host_peak": (
+                "per run (VmHWM reset before each run)" if os.access("/proc/self/clear_refs", os.W_OK)
+                else "the process's peak since its start (not per arm)")}}

@@ -1,0 +1,108 @@
+"""fd-bench: baseline vs FasterDiffusion (and optionally diffusers) on one engine folder, run alternately."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shlex
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from benchmarks import report
+from benchmarks.bench import DEFAULT_PROMPT, Settings, run_benchmark
+from runtime.cli_common import run_cli
+from runtime.errors import FdError
+from runtime.schedulers import SCHEDULERS
+
+SCHEMA = "fd-bench/1"
+EXAMPLES = """examples:
+  fd-bench --engine-dir engines/tiny-fp32-onnxruntime --steps 20 --runs 3
+  fd-bench --engine-dir engines/sd15-fp16-tensorrt --compare diffusers --json bench.json --plot stages.png
+  fd-bench --engine-dir engines/sd15-fp16-tensorrt --steps 20 --scheduler dpmpp-2m --uniform 4
+"""
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fd-bench", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine-dir", required=True, help="engine folder made by fd-build")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt, repeated --batch-size times")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--batch-size", type=int, default=1, help="images per generation (default 1)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0, help="seed of the one set of initial latents all arms share")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--key-steps", help="FD arm: comma-separated step indices that run the UNet encoder "
+                                          "(default: the paper's set for --steps)")
+    keys.add_argument("--uniform", type=int, metavar="K", help="FD arm: a key step every K steps")
+    p.add_argument("--runs", type=int, default=5, help="measured runs per arm (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured runs per arm first (default 2)")
+    p.add_argument("--compare", choices=["diffusers"], help="add diffusers' StableDiffusionPipeline as a third arm")
+    p.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write a Markdown table block (for benchmarks/RESULTS.md)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw per-stage stacked bars per arm (needs matplotlib)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+
+    def job():
+        from runtime.pipeline import FasterDiffusionPipeline
+        from runtime.policy import policy_from_options
+        if args.plot:  # fail now, not after the runs
+            report.require_matplotlib()
+            if Path(args.plot).suffix.lower() != ".png":
+                raise FdError(f"--plot {args.plot} must end in .png")
+        pipe = FasterDiffusionPipeline(args.engine_dir)
+        policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
+                                     uniform=args.uniform)
+        settings = Settings(prompt=args.prompt, steps=args.steps, scheduler=args.scheduler,
+                            batch_size=args.batch_size, guidance_scale=args.guidance_scale, runs=args.runs,
+                            warmup=args.warmup, seed=args.seed, compare_diffusers=args.compare == "diffusers")
+        measured = run_benchmark(pipe, settings, policy,
+                                 progress=lambda total: tqdm(total=total, unit="run", desc="fd-bench", leave=False))
+        result = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "command": shlex.join(["fd-bench", *argv]), "complete": measured.pop("complete"),
+                  "machine": report.machine_info(), "versions": report.library_versions(),
+                  "fd_revision": report.source_revision(),
+                  "engine": engine_info(pipe), "settings": settings_info(settings, policy), **measured}
+        pipe.close()
+        print(report.format_table(result), end="")
+        for path, write in ((args.json, report.write_json), (args.markdown, write_markdown),
+                            (args.plot, report.write_plot)):
+            if path:
+                write(path, result)
+                print(f"wrote {path}")
+        if not result["complete"]:
+            raise KeyboardInterrupt  # what was measured is out; the exit status still says "interrupted"
+
+    return run_cli(job)
+
+
+def write_markdown(path: str, result: dict) -> None:
+    report.write_text(path, report.format_markdown(result))
+
+
+def engine_info(pipe) -> dict:
+    m = pipe.manifest
+    return {"dir": str(pipe.engine_dir), "backend": m["backend"], "precision": m["precision"],
+            "providers": getattr(pipe.backend, "providers", None),
+            "model": m["source"].get("model"), "model_kind": m["source"].get("kind"),
+            "height": m["height"], "width": m["width"], "latent_shape": list(pipe.latent_shape),
+            "max_batch_size": m["limits"]["max_batch_size"], "max_window": m["limits"]["max_window"],
+            "flops_per_sample": m.get("flops_per_sample"), "built": m.get("created")}
+
+
+def settings_info(s: Settings, policy) -> dict:
+    order = ["baseline", "fasterdiffusion", *(["diffusers"] if s.compare_diffusers else [])]
+    return {"prompt": s.prompt, "batch_size": s.batch_size, "steps": s.steps, "scheduler": s.scheduler,
+            "guidance_scale": s.guidance_scale, "seed": s.seed, "runs": s.runs, "warmup": s.warmup,
+            "order": f"alternating {' / '.join(order)}, warm-up runs first", **policy.describe()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
