@@ -1,0 +1,142 @@
+"""fd-build's TensorRT step: each checked ONNX graph → one serialized engine, <component>.plan.
+
+Polygraphy's loaders do the work (NetworkFromOnnxPath → CreateConfig → EngineBytesFromNetwork). Every
+network is strongly typed, so each tensor keeps the type its ONNX graph gives it:
+  fp16  the UNet and VAE graphs are fp16. The text encoder graph is fp32 in every precision (see
+        export.graph_modules) and its engine stays fp32 too: it runs once per prompt, so fp16 would save
+        little, and letting TensorRT pick fp16 kernels for it needs the weak-typing FP16 flag (below).
+        The timestep input stays fp32 (the sinusoid needs it). TF32 is allowed for these fp32 parts, as
+        TensorRT does by default.
+  fp32  fp32 graphs, TF32 off: full fp32 products.
+  tf32  fp32 graphs, TF32 on: products of 10-bit mantissas, fp32 sums.
+Strong typing is the only typing TensorRT 11 has (it removed the weak-typing FP16 flag, and ignores the
+STRONGLY_TYPED flag because it is always on); for fp32 graphs it changes nothing.
+"""
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from runtime.backends import trt_plan
+from runtime.atomic import write_atomic
+from runtime.backends.cuda_memory import cuda_device
+from runtime.backends.tensorrt import import_tensorrt
+from runtime.errors import FdError
+from runtime.manifest import COMPONENTS
+
+NOT_INSTALLED_FIX = "or build for --backend onnxruntime"
+
+
+def require_tensorrt() -> None:
+    """Fail before the long export when TensorRT, Polygraphy, cuda-python or the GPU is missing."""
+    import_tensorrt(NOT_INSTALLED_FIX)
+    try:
+        import polygraphy.backend.trt  # noqa: F401
+    except Exception:
+        raise FdError("Polygraphy is not installed: pip install polygraphy "
+                      "(fd-build builds TensorRT engines with it)") from None
+    cuda_device()
+
+
+def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geometry: dict, log) -> dict:
+    """Replace each ONNX graph in `stage` by its engine; return manifest["backend_info"].
+
+    `modules` is unused: the graphs were checked against them before this step."""
+    trt = import_tensorrt(NOT_INSTALLED_FIX)
+    options = opts.backend_options or {}
+    level = options.get("optimization_level")  # None: TensorRT's default (3)
+    cache = Path(options.get("timing_cache") or stage.parent / "timing.cache")  # shared by the folders beside
+    profiles, seconds = {}, {}
+    for name in COMPONENTS:
+        graph = stage / specs[name]["file"]
+        shapes = trt_plan.profile_shapes(specs[name], geometry)
+        started = time.perf_counter()
+        plan = build_engine(trt, graph, shapes, precision, level, cache, label=name)
+        (stage / trt_plan.engine_filename(name)).write_bytes(plan)
+        seconds[name] = round(time.perf_counter() - started, 1)
+        log(f"  {name}: TensorRT engine built in {seconds[name]:.1f} s")
+        for leftover in (graph, Path(f"{graph}.data")):
+            leftover.unlink(missing_ok=True)
+        specs[name]["file"] = trt_plan.engine_filename(name)
+        specs[name]["profile"] = profiles[name] = trt_plan.profile_record(shapes)
+    gpu_name, capability = cuda_device()
+    return trt_plan.backend_info(tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=capability,
+                                 profiles=profiles, build_seconds=seconds, optimization_level=level,
+                                 strongly_typed=True, precision=precision, timing_cache=str(cache))
+
+
+def build_engine(trt, graph: Path, shapes: dict, precision: str, level: int | None, cache: Path, label: str):
+    """One ONNX graph → serialized engine (trt.IHostMemory), reading and then updating the timing cache."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    profile = Profile()
+    for name, (low, opt, high) in shapes.items():
+        profile.add(name, min=low, opt=opt, max=high)
+    monitor = progress_monitor(trt, label)
+    try:
+        network = NetworkFromOnnxPath(str(graph), strongly_typed=True,
+                                      flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM])()  # GroupNorm stays native
+        config = CreateConfig(
+            tf32=precision != "fp32", profiles=[profile], builder_optimization_level=level, progress_monitor=monitor,
+            # a file-like object: Polygraphy then reads it without leaving a .lock file beside the cache
+            load_timing_cache=io.BytesIO(cache.read_bytes()) if cache.is_file() else None,
+        )(*network[:2])
+        plan = EngineBytesFromNetwork(network, config=config)()
+    except Exception as exc:
+        if monitor.cancelled:
+            raise KeyboardInterrupt from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FdError(f"TensorRT could not build the {label} engine ({reason}); the TensorRT log above has the "
+                      "details, and a smaller --max-batch-size or --max-window lowers the memory it needs") from None
+    finally:
+        monitor.close()
+    save_timing_cache(config, cache)
+    return plan
+
+
+def save_timing_cache(config, path: Path) -> None:
+    """Write what the builder timed (plus what it loaded) so that readers see the old file or the new one."""
+    timing_cache = config.get_timing_cache()
+    if timing_cache is None:  # TensorRT refused the loaded cache (made on another GPU or version)
+        return
+    write_atomic(path, lambda f: f.write(timing_cache.serialize()))
+
+
+def progress_monitor(trt, label: str):
+    """A tensorrt.IProgressMonitor that shows each build phase as a tqdm bar (phases nest, bars stack)."""
+
+    class TqdmProgress(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)  # pybind11 trampolines need the base initialised explicitly
+            self.bars: dict[str, tqdm] = {}
+            self.cancelled = False
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.bars[phase_name] = tqdm(total=num_steps, desc=f"{label}: {phase_name}", unit="step",
+                                         leave=False, position=len(self.bars))
+
+        def step_complete(self, phase_name, step):
+            # Returning False cancels the build. TensorRT calls this from C++, where a Python exception
+            # cannot travel, so Ctrl-C is noted here and raised again once the build has stopped.
+            try:
+                bar = self.bars.get(phase_name)
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)
+            except KeyboardInterrupt:
+                self.cancelled = True
+            return not self.cancelled
+
+        def phase_finish(self, phase_name):
+            bar = self.bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+        def close(self):
+            for bar in self.bars.values():
+                bar.close()
+            self.bars.clear()
+
+    return TqdmProgress()

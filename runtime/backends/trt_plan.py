@@ -1,0 +1,159 @@
+"""TensorRT decisions that need no GPU: optimization profiles, engine file names, and whether an engine
+folder can run here.
+
+Plain Python on spec and manifest data, so every rule is unit-tested on any machine. The two modules
+that import tensorrt (builder/tensorrt_build.py, runtime/backends/tensorrt.py) only carry them out.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from runtime.errors import FdError
+
+MIN_TENSORRT = (10, 0)  # name-based I/O, user-managed context memory, progress monitors
+ENGINE_DIR_PLACEHOLDER = "<engine folder>"
+
+
+def engine_filename(component: str) -> str:
+    return f"{component}.plan"
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """'10.7.0.23' or '10.7.0.post1' → (10, 7, 0): a serialized engine is tied to major.minor.patch."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", text)
+    if not match:
+        raise ValueError(f"not a TensorRT version: {text!r}")
+    return tuple(int(part) for part in match.groups())
+
+
+# --- optimization profiles -------------------------------------------------------------------------
+def shape_range(tensor: dict, batch: dict, geometry: dict) -> tuple[tuple, tuple, tuple]:
+    """(min, opt, max) shape of one spec tensor.
+
+    The batch axis takes the component's batch range. In a dynamic-shape build (geometry["dynamic_shape"]
+    = {"min", "max"} image side in pixels) the H and W of image-like NCHW tensors scale with the image
+    side; `opt` stays at the built size, which is what TensorRT tunes its kernels for.
+    """
+    sides = geometry.get("dynamic_shape")
+    image_like = len(tensor["shape"]) == 4
+    shapes = []
+    for key in ("min", "opt", "max"):
+        side = sides[key] if sides and key != "opt" else None
+        shape = []
+        for axis, dim in enumerate(tensor["shape"]):
+            if dim == "batch":
+                shape.append(batch[key])
+            elif side is not None and image_like and axis >= 2:
+                built = geometry["height"] if axis == 2 else geometry["width"]
+                shape.append(_scaled(dim, side, built, tensor["name"]))
+            else:
+                shape.append(dim)
+        shapes.append(tuple(shape))
+    return tuple(shapes)
+
+
+def _scaled(dim: int, side: int, built_side: int, name: str) -> int:
+    if (dim * side) % built_side:
+        raise ValueError(f"{name}: a {dim}-wide axis at {built_side} px is not whole at {side} px "
+                         f"({dim} x {side} / {built_side}); use image sides that the model's downsampling divides")
+    return dim * side // built_side
+
+
+def profile_shapes(spec: dict, geometry: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """The one optimization profile of a component: (min, opt, max) per input.
+
+    `geometry` is the builder's geometry or a manifest (which holds the same keys)."""
+    return {t["name"]: shape_range(t, spec["batch"], geometry) for t in spec["inputs"]}
+
+
+def max_shapes(spec: dict, geometry: dict) -> dict[str, tuple]:
+    """The largest shape of every input and output: what the runtime allocates once."""
+    return {t["name"]: shape_range(t, spec["batch"], geometry)[2] for t in spec["inputs"] + spec["outputs"]}
+
+
+def profile_record(shapes: dict[str, tuple]) -> dict[str, dict[str, list]]:
+    """A profile as JSON for the manifest: {input: {"min": [...], "opt": [...], "max": [...]}}."""
+    return {name: dict(zip(("min", "opt", "max"), (list(s) for s in triple))) for name, triple in shapes.items()}
+
+
+def side_step(specs: dict, geometry: dict, axis: int) -> int:
+    """The multiple an image height (axis 2) or width (axis 3) must be for every NCHW tensor to scale
+    to whole sizes: lcm over tensors of built_side / gcd(dim, built_side) (VAE x UNet downsampling)."""
+    built = geometry["height"] if axis == 2 else geometry["width"]
+    step = 1
+    for spec in specs.values():
+        for tensor in spec["inputs"] + spec["outputs"]:
+            if len(tensor["shape"]) == 4:
+                step = math.lcm(step, built // math.gcd(tensor["shape"][axis], built))
+    return step
+
+
+# --- the manifest's record of a TensorRT build ----------------------------------------------------------
+def backend_info(*, tensorrt_version: str, gpu_name: str, compute_capability: str, profiles: dict,
+                 build_seconds: dict, optimization_level: int | None, strongly_typed: bool, precision: str,
+                 timing_cache: str | None) -> dict:
+    """manifest["backend_info"] of a TensorRT folder; `profiles` maps component → profile_record(...)."""
+    return {"tensorrt_version": tensorrt_version, "gpu_name": gpu_name, "compute_capability": compute_capability,
+            "profiles": profiles, "build_seconds": build_seconds, "optimization_level": optimization_level,
+            "strongly_typed": strongly_typed, "precision": precision, "timing_cache": timing_cache}
+
+
+# --- can these engines run here? ----------------------------------------------------------------------
+def check_compatible(manifest: dict, trt_version: str, gpu_name: str, compute_capability: str, height: int,
+                     width: int, batch_rows: dict | None = None, engine_dir=ENGINE_DIR_PLACEHOLDER) -> None:
+    """Raise one FdError line when the engines cannot run on this machine or at this size.
+
+    Engines are tied to the TensorRT version (major.minor.patch) and to the GPU's compute capability
+    (fd does not build hardware-compatible engines); a different GPU name of the same capability is fine.
+    """
+    info = manifest.get("backend_info") or {}
+    if not {"tensorrt_version", "gpu_name", "compute_capability"} <= info.keys():
+        raise FdError(f"{engine_dir} does not record which GPU and TensorRT built it: "
+                      f"rebuild with `{rebuild_command(manifest, engine_dir)}`")
+    same_version = parse_version(info["tensorrt_version"]) == parse_version(trt_version)
+    if not same_version or info["compute_capability"] != compute_capability:
+        raise FdError(f"engines in {engine_dir} were built for {info['gpu_name']} ({_sm(info['compute_capability'])}) "
+                      f"with TensorRT {info['tensorrt_version']}; this machine has {gpu_name} "
+                      f"({_sm(compute_capability)}) with TensorRT {trt_version}: "
+                      f"rebuild with `{rebuild_command(manifest, engine_dir)}`")
+    _check_size(manifest, height, width, engine_dir)
+    for component, rows in (batch_rows or {}).items():
+        batch = manifest["components"][component]["batch"]
+        if not batch["min"] <= rows <= batch["max"]:
+            raise FdError(f"{component} needs {rows} rows per call, the engines in {engine_dir} take "
+                          f"{batch['min']} to {batch['max']}: rebuild with a larger --max-batch-size or --max-window")
+
+
+def _check_size(manifest: dict, height: int, width: int, engine_dir: str) -> None:
+    sides = manifest.get("dynamic_shape")
+    if sides is None:
+        if (height, width) != (manifest["height"], manifest["width"]):
+            raise FdError(f"engines in {engine_dir} are static at {manifest['height']}x{manifest['width']}, not "
+                          f"{height}x{width}: rebuild with `{rebuild_command(manifest, engine_dir, height, width)}` "
+                          "(or add --dynamic-shape MIN:MAX for a range of sizes)")
+        return
+    for name, value, axis in (("height", height, 2), ("width", width, 3)):
+        step = side_step(manifest["components"], manifest, axis)
+        if not sides["min"] <= value <= sides["max"] or value % step:
+            raise FdError(f"{name} {value} is outside what the engines in {engine_dir} accept (multiples of {step} "
+                          f"from {sides['min']} to {sides['max']} px): choose such a size, or rebuild with a "
+                          f"--dynamic-shape range that holds it")
+
+
+def _sm(compute_capability: str) -> str:
+    return "sm_" + compute_capability.replace(".", "")
+
+
+def rebuild_command(manifest: dict, engine_dir, height: int | None = None, width: int | None = None) -> str:
+    """The fd-build command that rebuilds this folder on this machine (optionally at another size)."""
+    source = manifest.get("source", {})
+    model = source.get("path") or source.get("model", "<model>")
+    limits = manifest["limits"]
+    parts = [f"fd-build --model {model} --backend tensorrt --precision {manifest['precision']}",
+             f"--height {height or manifest['height']} --width {width or manifest['width']}",
+             f"--max-batch-size {limits['max_batch_size']} --max-window {limits['max_window']}"]
+    if manifest.get("dynamic_shape"):
+        parts.append(f"--dynamic-shape {manifest['dynamic_shape']['min']}:{manifest['dynamic_shape']['max']}")
+    parts.append(f"--out {engine_dir} --force")
+    return " ".join(parts)
