@@ -1,0 +1,98 @@
+"""Checked modules → torch.export programs (.pt2): the engine folder of `fd-build --backend torch`.
+
+build.py has already exported and checked the ONNX graphs; this step exports the same four modules with
+torch.export (one dynamic batch axis, the spec's range), saves each as <component>.pt2, checks the saved
+and reloaded program against its module, and removes the ONNX files so the folder holds only what the
+torch runtime loads. Programs are exported on the CPU; the runtime moves them to the GPU when it loads them.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from builder import export
+from builder.specs import names
+from runtime.manifest import COMPONENTS
+
+
+def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geometry: dict, log) -> dict:
+    rng = np.random.default_rng(opts.seed + 1)  # other inputs than the ONNX checks used
+    vocab = modules["text_encoder"].text_encoder.config.vocab_size
+    for name in COMPONENTS:
+        spec, path = specs[name], stage / f"{name}.pt2"
+        export_program(modules[name], spec, rng, vocab, path)
+        spec["check_torch"] = check_program(path, modules[name], spec, rng, vocab, precision)
+        for old in (stage / spec["file"], stage / (spec["file"] + ".data")):
+            old.unlink(missing_ok=True)
+        spec["file"] = path.name
+        log(f"  {name}: {path.stat().st_size / 1e6:.1f} MB .pt2, max relative error vs PyTorch "
+            f"{spec['check_torch']['max_rel_error']:.2e} at batch {spec['check_torch']['batches']}")
+    return {"torch_version": torch.__version__, "export": "torch.export", "exported_on": "cpu",
+            "dynamic_axes": "batch"}
+
+
+def example_batch(batch: dict) -> int:
+    """The batch to trace with: 2 or more, because torch.export specializes an example size of 0 or 1 into
+    the program; a traced 2 still admits a run-time batch of 1 when the Dim's min is 1."""
+    return min(batch["max"], max(2, batch["min"] + 1))
+
+
+def export_program(module, spec: dict, rng, vocab: int, path: Path) -> None:
+    batch = spec["batch"]
+    feeds = export.random_inputs(spec, example_batch(batch), rng, vocab)
+    args = tuple(torch.from_numpy(feeds[n]) for n in names(spec["inputs"]))
+    # ShapesCollection keys shapes by tensor, so the decoder's *skips need no nested spec of their own.
+    shapes = None  # Dim refuses min == max; such a component is static (e.g. the VAE at batch 1)
+    if batch["min"] < batch["max"]:
+        dim, shapes = torch.export.Dim("batch", min=batch["min"], max=batch["max"]), torch.export.ShapesCollection()
+        for arg in args:
+            shapes[arg] = {0: dim}
+    program = drop_unused_weights(torch.export.export(module, args, dynamic_shapes=shapes, strict=False))
+    program.example_inputs = None  # saved with the program otherwise: tens of MB of random tensors at SD sizes
+    torch.export.save(program, path)
+
+
+def check_program(path: Path, module, spec: dict, rng, vocab: int, precision: str) -> dict:
+    """Reload the saved program and compare it with the module at the smallest batch and the traced one."""
+    loaded = torch.export.load(path).module()
+    batches = sorted({spec["batch"]["min"], example_batch(spec["batch"])})
+    result = {}
+    for batch in batches:
+        feeds = export.random_inputs(spec, batch, rng, vocab)
+        with torch.inference_mode():
+            out = loaded(*(torch.from_numpy(feeds[n]) for n in names(spec["inputs"])))
+        got = [o.float().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        check = export.compare(got, export.run_torch(module, spec, feeds), precision, f"{path.name} (torch.export)")
+        result["max_rel_error"] = max(result.get("max_rel_error", 0.0), check["max_rel_error"])
+        result["tolerance"] = check["tolerance"]
+    return {**result, "batches": batches}
+
+
+def drop_unused_weights(program):
+    """The program without the weights its graph never reads.
+
+    torch.export lifts every parameter of the module, used or not: the encoder and decoder wrap the same
+    UNet, so each would carry (and load onto the GPU) the whole UNet. ONNX drops unused initializers; this
+    does the same by removing the unread parameter/buffer placeholders from the graph and its signature.
+    """
+    from torch.export.graph_signature import ExportGraphSignature, InputKind
+
+    graph = program.graph_module.graph
+    placeholders = {node.name: node for node in graph.nodes if node.op == "placeholder"}
+    kept, dropped = [], set()
+    for spec in program.graph_signature.input_specs:
+        node = placeholders[spec.arg.name]
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and not node.users:
+            graph.erase_node(node)
+            dropped.add(spec.target)
+        else:
+            kept.append(spec)
+    program.graph_module.recompile()
+    signature = ExportGraphSignature(kept, program.graph_signature.output_specs)
+    state = {name: value for name, value in program.state_dict.items() if name not in dropped}
+    with warnings.catch_warnings():  # torch's own deepcopy of the call graph warns about its LeafSpec
+        warnings.simplefilter("ignore", FutureWarning)
+        return program._update(program.graph_module, signature, state_dict=state)  # as torch's own passes do
