@@ -143,3 +143,41 @@ def test_generation_does_not_import_torch_or_diffusers(tiny_engine, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "clean" in done.stdout and (tmp_path / "x.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def batch2_pipe(tmp_path_factory):
+    from builder.build import BuildOptions, build
+    out = build(BuildOptions(model="tiny", max_batch_size=2, max_window=4,
+                             out=str(tmp_path_factory.mktemp("b2") / "tiny-b2")), log=lambda *_: None)
+    return FasterDiffusionPipeline(out)
+
+
+def test_two_prompts_in_one_batch_equal_two_separate_generations(batch2_pipe):
+    """Checks the row layout of guidance halves, images and window steps in the batched decoder."""
+    prompts = ["a photo of a cat", "a painting of a dog on the moon"]
+    latents = np.random.default_rng(11).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    together = batch2_pipe(prompts, steps=20, scheduler="dpmpp-2m", latents=latents)
+    assert together.calls["unet_decoder"] == 10  # windows 1,1,1,2,5,5,5; max window 4 splits each 5 into 4+1
+    for row, prompt in enumerate(prompts):
+        alone = batch2_pipe([prompt], steps=20, scheduler="dpmpp-2m", latents=latents[row:row + 1])
+        np.testing.assert_allclose(together.latents[row], alone.latents[0], rtol=0,
+                                   atol=1e-4 * np.abs(alone.latents).max())
+    assert np.abs(together.latents[0] - together.latents[1]).max() > 1e-2
+
+
+def test_two_prompts_baseline_equals_diffusers(batch2_pipe, tiny_components):
+    import diffusers
+    import torch
+    prompts = ["a photo of a cat", "a painting of a dog on the moon"]
+    latents = np.random.default_rng(12).standard_normal((2, 4, 16, 16), dtype=np.float32)
+    ours = batch2_pipe(prompts, steps=10, negative_prompt="a horse", latents=latents,
+                       policy=FasterDiffusionPolicy.baseline(10))
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_components.vae, text_encoder=tiny_components.text_encoder, tokenizer=tiny_components.tokenizer,
+        unet=tiny_components.unet, scheduler=diffusers.DDIMScheduler.from_config(tiny_components.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(prompts, negative_prompt=["a horse"] * 2, num_inference_steps=10, guidance_scale=7.5,
+                latents=torch.from_numpy(latents), output_type="latent").images.numpy()
+    assert np.abs(ours.latents - want).max() <= 1e-4 * np.abs(want).max()
