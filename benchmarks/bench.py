@@ -6,6 +6,7 @@ other processes, page cache) over both arms alike, and lets the speedup be taken
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import statistics
@@ -19,6 +20,7 @@ from benchmarks.fidelity import compare
 from runtime.errors import FdError
 from runtime.pipeline import MAX_STEPS, STAGES, FasterDiffusionPipeline
 from runtime.policy import FasterDiffusionPolicy
+from runtime.sizes import check_size
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
 BASELINE, FD, DIFFUSERS = "baseline", "fasterdiffusion", "diffusers"
@@ -35,6 +37,8 @@ class Settings:
     warmup: int = 2
     seed: int = 0
     compare_diffusers: bool = False
+    height: int | None = None  # None: the size the engine folder was built for
+    width: int | None = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ def check_settings(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDif
     if s.guidance_scale < 0:
         raise FdError(f"--guidance-scale {s.guidance_scale} must be 0 or more")
     policy.validate(s.steps)
+    check_size(pipe.manifest, s.height, s.width, pipe.engine_dir)
     if policy.max_window > pipe.manifest["limits"]["max_window"]:
         raise FdError(f"max window {policy.max_window} is larger than the engine folder's "
                       f"{pipe.manifest['limits']['max_window']}")
@@ -74,9 +79,13 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
 
     `progress(total)` makes a tqdm-like bar; it is made only once every check and load has passed, so
     a settings error stays one line on stderr."""
+    m = pipe.manifest
+    s = dataclasses.replace(s, height=m["height"] if s.height is None else s.height,
+                            width=m["width"] if s.width is None else s.width)
     check_settings(pipe, s, policy)
     prompts = [s.prompt] * s.batch_size
-    latents = np.random.default_rng(s.seed).standard_normal((s.batch_size, *pipe.latent_shape), dtype=np.float32)
+    latents = np.random.default_rng(s.seed).standard_normal(
+        (s.batch_size, *pipe.latent_shape_at(s.height, s.width)), dtype=np.float32)
     arms = {BASELINE: fd_arm(pipe, s, FasterDiffusionPolicy.baseline(s.steps), prompts, latents),
             FD: fd_arm(pipe, s, policy, prompts, latents)}
     measured = {name: [] for name in [*arms, *([DIFFUSERS] if s.compare_diffusers else [])]}
@@ -115,7 +124,7 @@ def fd_arm(pipe, s: Settings, policy, prompts, latents):
     def run() -> Sample:
         reset = _reset_peaks(pipe.backend)
         result = pipe(prompts, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
-                      latents=latents, policy=policy)
+                      latents=latents, policy=policy, height=s.height, width=s.width)
         device = getattr(pipe.backend, "peak_memory_bytes", None)
         stages = {k: result.timings[k] for k in STAGES}
         stages["other"] = max(result.timings["total"] - sum(stages.values()), 0.0)  # untimed glue
@@ -178,7 +187,7 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
             return kwargs
         started = time.perf_counter()
         with torch.inference_mode():
-            out = pipe(prompts, height=manifest["height"], width=manifest["width"], num_inference_steps=s.steps,
+            out = pipe(prompts, height=s.height, width=s.width, num_inference_steps=s.steps,
                        guidance_scale=s.guidance_scale, latents=start_latents, output_type="np",
                        callback_on_step_end=keep_latents)
         if device == "cuda":

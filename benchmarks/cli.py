@@ -32,6 +32,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--batch-size", type=int, default=1, help="images per generation (default 1)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--height", type=int, help="image height (default: the folder's; others need --dynamic-shape)")
+    p.add_argument("--width", type=int, help="image width (default: the folder's; others need --dynamic-shape)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one set of initial latents all arms share")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--key-steps", help="FD arm: comma-separated step indices that run the UNet encoder "
@@ -62,7 +64,9 @@ def main(argv=None) -> int:
                                      uniform=args.uniform)
         settings = Settings(prompt=args.prompt, steps=args.steps, scheduler=args.scheduler,
                             batch_size=args.batch_size, guidance_scale=args.guidance_scale, runs=args.runs,
-                            warmup=args.warmup, seed=args.seed, compare_diffusers=args.compare == "diffusers")
+                            warmup=args.warmup, seed=args.seed, compare_diffusers=args.compare == "diffusers",
+                            height=pipe.manifest["height"] if args.height is None else args.height,
+                            width=pipe.manifest["width"] if args.width is None else args.width)
         measured = run_benchmark(pipe, settings, policy,
                                  progress=lambda total: tqdm(total=total, unit="run", desc="fd-bench", leave=False))
         result = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -92,14 +96,15 @@ def engine_info(pipe) -> dict:
     return {"dir": str(pipe.engine_dir), "backend": m["backend"], "precision": m["precision"],
             "providers": getattr(pipe.backend, "providers", None),
             "model": m["source"].get("model"), "model_kind": m["source"].get("kind"),
-            "height": m["height"], "width": m["width"], "latent_shape": list(pipe.latent_shape),
+            "height": m["height"], "width": m["width"], "dynamic_shape": m.get("dynamic_shape"),
             "max_batch_size": m["limits"]["max_batch_size"], "max_window": m["limits"]["max_window"],
             "flops_per_sample": m.get("flops_per_sample"), "built": m.get("created")}
 
 
 def settings_info(s: Settings, policy) -> dict:
     order = ["baseline", "fasterdiffusion", *(["diffusers"] if s.compare_diffusers else [])]
-    return {"prompt": s.prompt, "batch_size": s.batch_size, "steps": s.steps, "scheduler": s.scheduler,
+    return {"prompt": s.prompt, "batch_size": s.batch_size, "height": s.height, "width": s.width,
+            "steps": s.steps, "scheduler": s.scheduler,
             "guidance_scale": s.guidance_scale, "seed": s.seed, "runs": s.runs, "warmup": s.warmup,
             "order": f"alternating {' / '.join(order)}, warm-up runs first", **policy.describe()}
 

@@ -1,4 +1,5 @@
-"""fd-build's steps: model → split modules → ONNX → checked ONNX → (engines) → engine folder.
+"""fd-build's steps: model → split modules → checked ONNX graphs (torch: checked .pt2 programs) → (TensorRT
+engines) → engine folder.
 
 Everything is written into a hidden temporary folder next to the target and renamed into place only
 when complete, so a failed or interrupted build never leaves a half-written engine folder.
@@ -63,8 +64,9 @@ def validate_options(opts: BuildOptions) -> None:
         raise FdError(f"--max-batch-size {opts.max_batch_size} is out of range: use 1 to 64")
     if not 1 <= opts.max_window <= 1000:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
-    if dynamic_range(opts) and opts.backend != "tensorrt":
-        raise FdError("--dynamic-shape is for TensorRT engines (ONNX Runtime and torch folders are built for one size)")
+    if dynamic_range(opts) and opts.backend == "torch":
+        raise FdError("--dynamic-shape is for TensorRT and ONNX Runtime folders (torch folders are built for one "
+                      "size): drop it, or build for --backend tensorrt or onnxruntime")
 
 
 def dynamic_range(opts: BuildOptions) -> tuple[int, int] | None:
@@ -111,15 +113,26 @@ def build(opts: BuildOptions, log=print) -> Path:
         rng = np.random.default_rng(opts.seed)
         vocab = comps.text_encoder.config.vocab_size
         for name in tqdm(COMPONENTS, desc="export + check", unit="graph"):
-            spec, path = specs[name], stage / f"{name}.onnx"
-            feeds = export.random_inputs(spec, spec["batch"]["min"] + 1, rng, vocab)
-            t0 = time.perf_counter()
-            export.export_onnx(modules[name], spec, feeds, path, dynamic_spatial=geometry["dynamic_shape"] is not None)
-            spec["file"] = path.name
-            spec["export_seconds"] = round(time.perf_counter() - t0, 2)
-            spec["check"] = export.check_onnx(path, modules[name], spec, feeds, export_precision)
+            spec, module = specs[name], modules[name]
+            if opts.backend == "torch":  # the .pt2 programs are the engines: the torch runtime reads no ONNX
+                path, t0 = stage / f"{name}.pt2", time.perf_counter()
+                backend_module.export_program(module, spec, rng, vocab, path)
+                seconds = time.perf_counter() - t0
+                check = backend_module.check_program(path, module, spec, rng, vocab, export_precision)
+            else:
+                path = stage / f"{name}.onnx"
+                feeds = export.random_inputs(spec, spec["batch"]["min"] + 1, rng, vocab)
+                t0 = time.perf_counter()
+                export.export_onnx(module, spec, feeds, path,
+                                   dynamic_spatial=geometry["dynamic_shape"] is not None)
+                seconds = time.perf_counter() - t0
+                check = export.check_onnx(path, module, spec, feeds, export_precision)
+                if geometry["dynamic_shape"] and has_image_axes(spec):
+                    check = check_other_size(path, module, spec, geometry, check, rng, vocab, export_precision)
+            spec.update(file=path.name, export_seconds=round(seconds, 2), check=check)
             tqdm.write(f"  {name}: {export.file_size(path) / 1e6:.1f} MB, max relative error vs PyTorch "
-                       f"{spec['check']['max_rel_error']:.2e} (tolerance {spec['check']['tolerance']:g})")
+                       f"{check['max_rel_error']:.2e} (tolerance {check['tolerance']:g})"
+                       + "".join(f", checked at {h}x{w}" for h, w in check.get("sizes", [])))
         flops = unet_flops(modules, specs)
         backend_info = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
         comps.tokenizer.save_pretrained(str(stage / "tokenizer"))
@@ -130,8 +143,25 @@ def build(opts: BuildOptions, log=print) -> Path:
     return out
 
 
+def has_image_axes(spec: dict) -> bool:
+    return any(len(t["shape"]) == 4 for t in spec["inputs"] + spec["outputs"])
+
+
+def check_other_size(path, module, spec, geometry, check, rng, vocab, precision) -> dict:
+    """Check a dynamic-size graph again at the smallest side of its range: a size baked into the graph
+    by tracing would pass at the built size and fail here."""
+    built, side = (geometry["height"], geometry["width"]), geometry["dynamic_shape"]["min"]
+    feeds = export.random_inputs(spec, spec["batch"]["min"], rng, vocab, resize=(built, (side, side)))
+    other = export.check_onnx(path, module, spec, feeds, precision)
+    return {**check, "max_rel_error": max(check["max_rel_error"], other["max_rel_error"]),
+            "sizes": [list(built), [side, side]]}
+
+
 def _backend_builder(backend: str):
-    """The module that turns checked ONNX graphs into the backend's engines (None: ONNX is the engine)."""
+    """The backend's build module, whose finish() completes the folder (None: the ONNX graphs are the engines).
+
+    tensorrt_build turns the checked ONNX graphs into engines; torch_build's programs replace the ONNX
+    export in build()'s loop, so its finish() only describes them."""
     if backend == "onnxruntime":
         return None
     if backend == "tensorrt":

@@ -29,9 +29,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="most steps per batched decoder call (default 15: the paper's longest window)")
     p.add_argument("--out", help="engine folder (default engines/<model>-<precision>-<backend>)")
     p.add_argument("--force", action="store_true", help="replace an existing engine folder")
+    p.add_argument("--dynamic-shape", metavar="MIN:MAX",
+                   help="image side range in pixels that fd-run --height/--width may choose from (TensorRT and "
+                        "ONNX Runtime; default: only --height x --width)")
     trt = p.add_argument_group("TensorRT")
-    trt.add_argument("--dynamic-shape", metavar="MIN:MAX",
-                     help="image side range in pixels for the engines (default: static at --height/--width)")
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default: TensorRT's, 3)")
     trt.add_argument("--timing-cache", help="timing cache file (default: <out parent>/timing.cache, reused)")

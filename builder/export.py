@@ -6,6 +6,7 @@ dynamic axes need no symbolic-shape constraints. Graphs over 2 GB are re-saved w
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -18,6 +19,7 @@ from torch import nn
 from builder.specs import names
 from builder.split import UNetDecoder, UNetEncoder
 from runtime.errors import FdError
+from runtime.sizes import scaled_shape
 
 OPSET = 17
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -76,15 +78,33 @@ def graph_modules(comps, precision: str) -> dict[str, nn.Module]:
 
 
 def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast only when needed (diffusers warns on every `.to(dtype)`, even a no-op one)."""
-    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
+    """Cast only when needed, without diffusers' "modules ... that should be kept in float32: []" warning.
+
+    diffusers' ModelMixin.to prints it on every dtype cast, even a no-op one or with that list empty (SD's UNet
+    and VAE); load_components quiets diffusers only for loaded folders, not for the generated tiny/sd15-random.
+    """
+    if next(module.parameters()).dtype == dtype:
+        return module
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    if not getattr(module, "_keep_in_fp32_modules", None):
+        logger.setLevel(logging.ERROR)
+    try:
+        return module.to(dtype)
+    finally:
+        logger.setLevel(level)
 
 
-def random_inputs(spec: dict, batch: int, rng: np.random.Generator, vocab_size: int) -> dict[str, np.ndarray]:
-    """Random inputs of a spec's shapes: ids in the vocabulary, timesteps in [0, 1000), the rest N(0, 1)."""
+def random_inputs(spec: dict, batch: int, rng: np.random.Generator, vocab_size: int,
+                  resize: tuple[tuple[int, int], tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs of a spec's shapes: ids in the vocabulary, timesteps in [0, 1000), the rest N(0, 1).
+
+    `resize=(built_hw, hw)` scales image-like tensors from the built image size to another one."""
     feeds = {}
     for tensor in spec["inputs"]:
         shape = [batch if d == "batch" else d for d in tensor["shape"]]
+        if resize:
+            shape = scaled_shape(shape, *resize)
         if tensor["dtype"] == "int64":
             feeds[tensor["name"]] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
         elif tensor["name"] == "timestep":

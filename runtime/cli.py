@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --steps 20 --scheduler dpmpp-2m
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --no-fd          # baseline: every step in full
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --uniform 4      # key step every 4 steps
+  fd-run --engine-dir engines/sd15-dynamic --prompt "a cat" --height 768 --width 512  # built with --dynamic-shape
 """
 
 
@@ -30,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--height", type=int, help="image height in pixels (default: the size the folder was built for; "
+                                              "others need a folder built with --dynamic-shape)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the size the folder was built for)")
     noise = p.add_mutually_exclusive_group()
     noise.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     noise.add_argument("--latents", help="initial noise as float32 .npy of shape batch x channels x h x w")
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
                                      noise_injection=not args.no_noise_injection)
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
-                      latents=latents, policy=policy)
+                      latents=latents, policy=policy, height=args.height, width=args.width)
         for image, path in zip(result.images, paths):
             write_atomic(path, lambda f: image.save(f, format="PNG"))
             print(f"wrote {path}")

@@ -19,6 +19,7 @@ from runtime.errors import FdError
 from runtime.manifest import load_manifest
 from runtime.policy import FasterDiffusionPolicy
 from runtime.schedulers import make_scheduler
+from runtime.sizes import check_size
 from runtime.tokenizer import PromptTokenizer
 
 STAGES = ("text_encoder", "unet_encoder", "unet_decoder", "scheduler", "vae_decoder")
@@ -62,8 +63,15 @@ class FasterDiffusionPipeline:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, h, w) of the latents at the size the folder was built for."""
+        return self.latent_shape_at(None, None)
+
+    def latent_shape_at(self, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """(channels, h, w) of the latents of a height x width image (None: the built size)."""
         m = self.manifest
-        return m["latent_channels"], m["latent_height"], m["latent_width"]
+        scale = m["vae_scale_factor"]
+        height, width = m["height"] if height is None else height, m["width"] if width is None else width
+        return m["latent_channels"], height // scale, width // scale
 
     def default_policy(self, steps: int) -> FasterDiffusionPolicy:
         from runtime.policy import default_key_steps
@@ -71,13 +79,17 @@ class FasterDiffusionPipeline:
 
     def __call__(self, prompts: list[str], *, negative_prompt: str = "", steps: int = 50, scheduler: str = "ddim",
                  guidance_scale: float = 7.5, seed: int | None = 0, latents: np.ndarray | None = None,
-                 policy: FasterDiffusionPolicy | None = None, callback=None) -> GenerationResult:
+                 policy: FasterDiffusionPolicy | None = None, height: int | None = None, width: int | None = None,
+                 callback=None) -> GenerationResult:
         """Generate one image per prompt. `policy=None` uses the paper's key steps for `steps`;
         `FasterDiffusionPolicy.baseline(steps)` runs every step in full (the diffusers baseline).
-        `callback(i, t, latents)` is called after each scheduler step."""
+        `height`/`width` default to the size the folder was built for; other sizes need a folder built
+        with --dynamic-shape. `callback(i, t, latents)` is called after each scheduler step."""
         # 1. check inputs (all of them, before any heavy work)
         policy = policy or self.default_policy(steps)
-        self._check_inputs(prompts, steps, guidance_scale, latents, policy)
+        height = self.manifest["height"] if height is None else height
+        width = self.manifest["width"] if width is None else width
+        self._check_inputs(prompts, steps, guidance_scale, latents, policy, height, width)
         timer = StageTimer(self.backend.synchronize)
         calls_before = Counter(self.backend.calls)
         started = time.perf_counter()
@@ -93,7 +105,8 @@ class FasterDiffusionPipeline:
         sampler.set_timesteps(steps)
         timesteps = sampler.timesteps
         if latents is None:
-            latents = np.random.default_rng(seed).standard_normal((batch, *self.latent_shape), dtype=np.float32)
+            latents = np.random.default_rng(seed).standard_normal((batch, *self.latent_shape_at(height, width)),
+                                                                  dtype=np.float32)
         noise = np.asarray(latents, dtype=np.float32)  # z_T, reused by prior noise injection
         z = noise * np.float32(sampler.init_noise_sigma)
 
@@ -126,7 +139,7 @@ class FasterDiffusionPipeline:
         calls = dict(Counter(self.backend.calls) - calls_before)
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), [int(t) for t in timesteps])
 
-    def _check_inputs(self, prompts, steps, guidance_scale, latents, policy) -> None:
+    def _check_inputs(self, prompts, steps, guidance_scale, latents, policy, height, width) -> None:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise FdError("give at least one prompt (a list of strings)")
         max_batch = self.manifest["limits"]["max_batch_size"]
@@ -137,7 +150,10 @@ class FasterDiffusionPipeline:
             raise FdError(f"--steps {steps} is out of range: use 1 to {MAX_STEPS}")
         if guidance_scale < 0:
             raise FdError(f"--guidance-scale {guidance_scale} must be 0 or more (1 or less turns guidance off)")
-        expected = (len(prompts), *self.latent_shape)
+        if not all(isinstance(side, int) and 0 < side for side in (height, width)):
+            raise FdError(f"image size {height}x{width} is not allowed: give positive whole pixels")
+        check_size(self.manifest, height, width, self.engine_dir)
+        expected = (len(prompts), *self.latent_shape_at(height, width))
         if latents is not None and tuple(np.shape(latents)) != expected:
             raise FdError(f"initial latents have shape {tuple(np.shape(latents))}, this engine folder needs {expected}"
                           " (batch x channels x height/8 x width/8)")

@@ -33,7 +33,7 @@ def test_json_record_has_both_arms_and_every_section(tiny_report, tiny_engine):
                 "fidelity", "memory"):
         assert key in r, key
     assert r["machine"]["logical_cores"] >= 1 and "onnxruntime" in r["versions"]
-    assert r["engine"]["backend"] == "onnxruntime" and r["engine"]["latent_shape"] == [4, 16, 16]
+    assert r["engine"]["backend"] == "onnxruntime" and (r["settings"]["height"], r["settings"]["width"]) == (128, 128)
     assert set(r["arms"]) == {"baseline", "fasterdiffusion"}
     for arm in r["arms"].values():
         assert arm["runs_measured"] == 1 and len(arm["runs"]) == 1

@@ -52,6 +52,13 @@ def test_bad_build_sizes(tmp_path, flag, value, fragment):
     assert_nothing_left(tmp_path / "engines")
 
 
+def test_dynamic_shape_refused_for_torch_folders(tmp_path):
+    done = run_fd("builder.cli", "--model", "tiny", "--backend", "torch", "--dynamic-shape", "64:256",
+                  "--out", str(tmp_path / "engines" / "x"))
+    assert_one_line_error(done, "--dynamic-shape is for TensorRT and ONNX Runtime folders")
+    assert_nothing_left(tmp_path / "engines")
+
+
 def test_existing_folder_needs_force(tiny_engine):
     done = run_fd("builder.cli", "--model", "tiny", "--out", str(tiny_engine))
     assert_one_line_error(done, "already exists", "--force")
@@ -78,6 +85,8 @@ def test_engine_folder_from_newer_fd(tiny_engine, tmp_path):
     (["--key-steps", "0,x"], "not a comma-separated list"),
     (["--uniform", "0"], "--uniform 0"),
     (["--steps", "0"], "--steps 0 is out of range"),
+    (["--height", "192"], "built for 128x128 only, not 192x128: rebuild with `fd-build --model tiny --backend onnxruntime"),
+    (["--width", "0"], "image size 128x0 is not allowed"),
 ])
 def test_bad_generation_settings(tiny_engine, tmp_path, args, fragment):
     out = tmp_path / "out" / "img.png"

@@ -23,7 +23,7 @@ def initial_latents(seed=0):
     return np.random.default_rng(seed).standard_normal((1, 4, 16, 16), dtype=np.float32)
 
 
-def diffusers_run(components, scheduler, steps, latents, output_type):
+def diffusers_run(components, scheduler, steps, latents, output_type, **call_options):
     import diffusers
     import torch
     cls = {"ddim": diffusers.DDIMScheduler, "dpmpp-2m": diffusers.DPMSolverMultistepScheduler}[scheduler]
@@ -33,7 +33,7 @@ def diffusers_run(components, scheduler, steps, latents, output_type):
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, latents=torch.from_numpy(latents),
-               output_type=output_type)
+               output_type=output_type, **call_options)
     return out.images
 
 

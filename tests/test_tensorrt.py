@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from builder.specs import Limits, component_specs
+from runtime import sizes
 from runtime.backends import trt_plan
 from runtime.errors import FdError
 from runtime.pipeline import FasterDiffusionPipeline
@@ -52,7 +53,7 @@ def tiny_specs(max_batch=1, max_window=15, hw=(128, 128)):
 
 
 def tiny_manifest(dynamic=None, hw=(128, 128), trt_version="10.7.0.23", capability="9.0"):
-    return {"precision": "fp16", "height": hw[0], "width": hw[1], "dynamic_shape": dynamic,
+    return {"backend": "tensorrt", "precision": "fp16", "height": hw[0], "width": hw[1], "dynamic_shape": dynamic,
             "limits": {"max_batch_size": 1, "max_window": 15}, "source": {"model": "tiny"},
             "components": tiny_specs(hw=hw),
             "backend_info": trt_plan.backend_info(
@@ -97,7 +98,7 @@ def test_sides_the_downsampling_does_not_divide_are_refused():
 
 def test_side_step_is_vae_times_unet_downsampling():
     geometry = {"height": 128, "width": 128}
-    assert trt_plan.side_step(tiny_specs(), geometry, 2) == trt_plan.side_step(tiny_specs(), geometry, 3) == 64
+    assert sizes.side_step(tiny_specs(), geometry, 2) == sizes.side_step(tiny_specs(), geometry, 3) == 64
 
 
 def test_names_and_versions():
@@ -135,7 +136,7 @@ def test_other_compute_capability_is_refused():
 
 
 def test_sizes_outside_the_engines_are_refused():
-    assert "static at 128x128" in refused(tiny_manifest(), height=256)
+    assert "built for 128x128 only" in refused(tiny_manifest(), height=256)
     dynamic = tiny_manifest(dynamic={"min": 64, "max": 256})
     trt_plan.check_compatible(dynamic, "10.7.0.23", "NVIDIA H200", "9.0", 192, 64)
     assert "multiples of 64 from 64 to 256" in refused(dynamic, height=320)

@@ -38,8 +38,10 @@ def test_folder_holds_only_torch_programs(torch_engine, torch_pipe):
     assert sorted(p.name for p in torch_engine.glob("*.pt2")) == sorted(
         f"{name}.pt2" for name in manifest["components"])
     assert not list(torch_engine.glob("*.onnx*"))
-    for spec in manifest["components"].values():
-        assert spec["file"].endswith(".pt2") and spec["check_torch"]["max_rel_error"] <= 1e-3
+    for spec in manifest["components"].values():  # checked under the same key as the ONNX graphs
+        assert spec["file"].endswith(".pt2") and spec["export_seconds"] > 0 and "check_torch" not in spec
+        assert spec["check"]["max_rel_error"] <= spec["check"]["tolerance"] == 1e-3 and spec["check"]["batches"]
+    assert manifest["flops_per_sample"]["unet_encoder"] > 0 and manifest["flops_per_sample"]["unet_decoder"] > 0
     # unused weights are dropped: the encoder holds no up block, the decoder no down block
     modules = torch_pipe.backend.modules
     encoder = [name for name, _ in modules["unet_encoder"].named_parameters()]
@@ -124,6 +126,16 @@ def test_cuda_graphs_flag_without_gpu_is_one_error_line(torch_engine, tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: --cuda-graphs needs a CUDA GPU; this run is on the CPU (drop --cuda-graphs)"]
     assert not (tmp_path / "x.png").exists()
+
+
+def test_program_off_its_module_fails_the_build(tmp_path, monkeypatch):
+    """A reloaded program that differs from its module stops the build with one FdError line, no folder."""
+    from builder import export
+    run_torch = export.run_torch
+    monkeypatch.setattr(export, "run_torch", lambda *args: [2 * w + 1 for w in run_torch(*args)])
+    with pytest.raises(FdError, match=r"text_encoder\.pt2 \(torch\.export\) differs from PyTorch") as info:
+        build(BuildOptions(model="tiny", backend="torch", out=str(tmp_path / "x")), log=lambda *_: None)
+    assert "\n" not in str(info.value) and not list(tmp_path.iterdir())
 
 
 def test_fp16_decoder_exports_and_checks_on_cpu(tiny_components, tmp_path):

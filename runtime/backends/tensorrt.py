@@ -17,6 +17,7 @@ from runtime.backends import trt_plan
 from runtime.backends.base import NUMPY_DTYPES, Backend
 from runtime.backends.cuda_memory import DeviceBuffer, DeviceView, check, cuda_device, cudart
 from runtime.errors import FdError
+from runtime.sizes import rebuild_command
 
 INSTALL = "pip install tensorrt-cu12 cuda-python, or tensorrt-cu13 for CUDA 13"
 
@@ -64,13 +65,13 @@ class TensorRTBackend(Backend):
         engine = self._runtime.deserialize_cuda_engine((self.engine_dir / spec["file"]).read_bytes())
         if engine is None:
             raise FdError(f"TensorRT could not load {self.engine_dir / spec['file']} (its log above says why): "
-                          f"rebuild with `{trt_plan.rebuild_command(self.manifest, self.engine_dir)}`")
+                          f"rebuild with `{rebuild_command(self.manifest, self.engine_dir)}`")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         io = {name: np.dtype(self.trt.nptype(engine.get_tensor_dtype(name))) for name in names}
         if io != self.dtypes[component]:
             raise FdError(f"{self.engine_dir / spec['file']} does not match its manifest (tensors {io}, expected "
                           f"{self.dtypes[component]}): rebuild with "
-                          f"`{trt_plan.rebuild_command(self.manifest, self.engine_dir)}`")
+                          f"`{rebuild_command(self.manifest, self.engine_dir)}`")
         return engine
 
     def _new_context(self, component: str):

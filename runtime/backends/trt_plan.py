@@ -6,10 +6,10 @@ that import tensorrt (builder/tensorrt_build.py, runtime/backends/tensorrt.py) o
 """
 from __future__ import annotations
 
-import math
 import re
 
 from runtime.errors import FdError
+from runtime.sizes import check_size, rebuild_command
 
 MIN_TENSORRT = (10, 0)  # name-based I/O, user-managed context memory, progress monitors
 ENGINE_DIR_PLACEHOLDER = "<engine folder>"
@@ -77,18 +77,6 @@ def profile_record(shapes: dict[str, tuple]) -> dict[str, dict[str, list]]:
     return {name: dict(zip(("min", "opt", "max"), (list(s) for s in triple))) for name, triple in shapes.items()}
 
 
-def side_step(specs: dict, geometry: dict, axis: int) -> int:
-    """The multiple an image height (axis 2) or width (axis 3) must be for every NCHW tensor to scale
-    to whole sizes: lcm over tensors of built_side / gcd(dim, built_side) (VAE x UNet downsampling)."""
-    built = geometry["height"] if axis == 2 else geometry["width"]
-    step = 1
-    for spec in specs.values():
-        for tensor in spec["inputs"] + spec["outputs"]:
-            if len(tensor["shape"]) == 4:
-                step = math.lcm(step, built // math.gcd(tensor["shape"][axis], built))
-    return step
-
-
 # --- the manifest's record of a TensorRT build ----------------------------------------------------------
 def backend_info(*, tensorrt_version: str, gpu_name: str, compute_capability: str, profiles: dict,
                  build_seconds: dict, optimization_level: int | None, strongly_typed: bool, precision: str,
@@ -117,7 +105,7 @@ def check_compatible(manifest: dict, trt_version: str, gpu_name: str, compute_ca
                       f"with TensorRT {info['tensorrt_version']}; this machine has {gpu_name} "
                       f"({_sm(compute_capability)}) with TensorRT {trt_version}: "
                       f"rebuild with `{rebuild_command(manifest, engine_dir)}`")
-    _check_size(manifest, height, width, engine_dir)
+    check_size(manifest, height, width, engine_dir)
     for component, rows in (batch_rows or {}).items():
         batch = manifest["components"][component]["batch"]
         if not batch["min"] <= rows <= batch["max"]:
@@ -125,35 +113,5 @@ def check_compatible(manifest: dict, trt_version: str, gpu_name: str, compute_ca
                           f"{batch['min']} to {batch['max']}: rebuild with a larger --max-batch-size or --max-window")
 
 
-def _check_size(manifest: dict, height: int, width: int, engine_dir: str) -> None:
-    sides = manifest.get("dynamic_shape")
-    if sides is None:
-        if (height, width) != (manifest["height"], manifest["width"]):
-            raise FdError(f"engines in {engine_dir} are static at {manifest['height']}x{manifest['width']}, not "
-                          f"{height}x{width}: rebuild with `{rebuild_command(manifest, engine_dir, height, width)}` "
-                          "(or add --dynamic-shape MIN:MAX for a range of sizes)")
-        return
-    for name, value, axis in (("height", height, 2), ("width", width, 3)):
-        step = side_step(manifest["components"], manifest, axis)
-        if not sides["min"] <= value <= sides["max"] or value % step:
-            raise FdError(f"{name} {value} is outside what the engines in {engine_dir} accept (multiples of {step} "
-                          f"from {sides['min']} to {sides['max']} px): choose such a size, or rebuild with a "
-                          f"--dynamic-shape range that holds it")
-
-
 def _sm(compute_capability: str) -> str:
     return "sm_" + compute_capability.replace(".", "")
-
-
-def rebuild_command(manifest: dict, engine_dir, height: int | None = None, width: int | None = None) -> str:
-    """The fd-build command that rebuilds this folder on this machine (optionally at another size)."""
-    source = manifest.get("source", {})
-    model = source.get("path") or source.get("model", "<model>")
-    limits = manifest["limits"]
-    parts = [f"fd-build --model {model} --backend tensorrt --precision {manifest['precision']}",
-             f"--height {height or manifest['height']} --width {width or manifest['width']}",
-             f"--max-batch-size {limits['max_batch_size']} --max-window {limits['max_window']}"]
-    if manifest.get("dynamic_shape"):
-        parts.append(f"--dynamic-shape {manifest['dynamic_shape']['min']}:{manifest['dynamic_shape']['max']}")
-    parts.append(f"--out {engine_dir} --force")
-    return " ".join(parts)
