@@ -14,7 +14,6 @@ STRONGLY_TYPED flag because it is always on); for fp32 graphs it changes nothing
 """
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
@@ -79,11 +78,9 @@ def build_engine(trt, graph: Path, shapes: dict, precision: str, level: int | No
     try:
         network = NetworkFromOnnxPath(str(graph), strongly_typed=True,
                                       flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM])()  # GroupNorm stays native
-        config = CreateConfig(
-            tf32=precision != "fp32", profiles=[profile], builder_optimization_level=level, progress_monitor=monitor,
-            # a file-like object: Polygraphy then reads it without leaving a .lock file beside the cache
-            load_timing_cache=io.BytesIO(cache.read_bytes()) if cache.is_file() else None,
-        )(*network[:2])
+        config = CreateConfig(tf32=precision != "fp32", profiles=[profile], builder_optimization_level=level,
+                              progress_monitor=monitor)(*network[:2])
+        reuse_timing_cache(config, cache)
         plan = EngineBytesFromNetwork(network, config=config)()
     except Exception as exc:
         if monitor.cancelled:
@@ -97,10 +94,23 @@ def build_engine(trt, graph: Path, shapes: dict, precision: str, level: int | No
     return plan
 
 
+def reuse_timing_cache(config, path: Path) -> None:
+    """Merge the timings of earlier builds into this build's (empty) timing cache.
+
+    Done here rather than with CreateConfig(load_timing_cache=…): Polygraphy reads `.mode` of a file-like
+    cache (a BytesIO has none) and leaves a .lock file beside a path. ITimingCache.combine refuses a cache
+    made by another TensorRT version or GPU; the build then starts afresh and its cache replaces the file."""
+    if not path.is_file():
+        return
+    old, current = config.create_timing_cache(path.read_bytes()), config.get_timing_cache()
+    if old is not None and current is not None:
+        current.combine(old, False)  # ignore_mismatch=False: never mix in timings of another device
+
+
 def save_timing_cache(config, path: Path) -> None:
     """Write what the builder timed (plus what it loaded) so that readers see the old file or the new one."""
     timing_cache = config.get_timing_cache()
-    if timing_cache is None:  # TensorRT refused the loaded cache (made on another GPU or version)
+    if timing_cache is None:  # no cache attached to this build: nothing to keep
         return
     write_atomic(path, lambda f: f.write(timing_cache.serialize()))
 
@@ -114,13 +124,16 @@ def progress_monitor(trt, label: str):
             self.bars: dict[str, tqdm] = {}
             self.cancelled = False
 
+        # TensorRT calls these from C++, which prints a Python exception and carries on: Ctrl-C is noted in
+        # each of them, step_complete's False then cancels the build, and build_engine raises it again.
         def phase_start(self, phase_name, parent_phase, num_steps):
-            self.bars[phase_name] = tqdm(total=num_steps, desc=f"{label}: {phase_name}", unit="step",
-                                         leave=False, position=len(self.bars))
+            try:
+                self.bars[phase_name] = tqdm(total=num_steps, desc=f"{label}: {phase_name}", unit="step",
+                                             leave=False, position=len(self.bars))
+            except KeyboardInterrupt:
+                self.cancelled = True
 
         def step_complete(self, phase_name, step):
-            # Returning False cancels the build. TensorRT calls this from C++, where a Python exception
-            # cannot travel, so Ctrl-C is noted here and raised again once the build has stopped.
             try:
                 bar = self.bars.get(phase_name)
                 if bar is not None:
@@ -130,9 +143,12 @@ def progress_monitor(trt, label: str):
             return not self.cancelled
 
         def phase_finish(self, phase_name):
-            bar = self.bars.pop(phase_name, None)
-            if bar is not None:
-                bar.close()
+            try:
+                bar = self.bars.pop(phase_name, None)
+                if bar is not None:
+                    bar.close()
+            except KeyboardInterrupt:
+                self.cancelled = True
 
         def close(self):
             for bar in self.bars.values():

@@ -181,7 +181,8 @@ def test_loading_a_tensorrt_folder_without_tensorrt_says_so(fake_trt_folder):
 # --- the backend's logic on a CPU stand-in --------------------------------------------------------------
 class FakeCuda:
     """cuda-python's runtime calls over host memory (device pointers are real host addresses)."""
-    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorMemoryAllocation": 2})
+    cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorMemoryAllocation": 2,
+                                                  "cudaErrorInsufficientDriver": 35})
     cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2,
                                                      "cudaMemcpyDeviceToDevice": 3})
     cudaStreamCaptureMode = enum.IntEnum("cudaStreamCaptureMode", {"cudaStreamCaptureModeGlobal": 0})
@@ -218,7 +219,7 @@ class FakeCuda:
             launch()
         return (self.ok,)
 
-    def cudaGraphInstantiate(self, graph, flags):
+    def cudaGraphInstantiateWithFlags(self, graph, flags):
         return self.ok, tuple(graph)
 
     def cudaGetDeviceProperties(self, device):
@@ -339,6 +340,13 @@ def fake_cuda(monkeypatch):
     return cuda
 
 
+def test_driver_older_than_cuda_python_says_which_to_install(fake_cuda, monkeypatch):
+    from runtime.backends.cuda_memory import cuda_device
+    monkeypatch.setattr(fake_cuda, "cudaGetDeviceCount", lambda: (fake_cuda.cudaError_t.cudaErrorInsufficientDriver, 0))
+    with pytest.raises(FdError, match="driver is older than this cuda-python.*cuda-python>=12.6,<13"):
+        cuda_device()
+
+
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_backend_logic_reproduces_onnxruntime(fake_trt_folder, fake_cuda, tiny_engine, cuda_graphs):
     reference = FasterDiffusionPipeline(tiny_engine)
@@ -386,8 +394,20 @@ def test_timing_cache_is_written_whole(tmp_path):
     from builder.tensorrt_build import save_timing_cache
     cache = tmp_path / "caches" / "timing.cache"
     save_timing_cache(SimpleNamespace(get_timing_cache=lambda: SimpleNamespace(serialize=lambda: b"tactics")), cache)
-    save_timing_cache(SimpleNamespace(get_timing_cache=lambda: None), cache)  # a refused cache leaves the file
+    save_timing_cache(SimpleNamespace(get_timing_cache=lambda: None), cache)  # no cache attached: the file stays
     assert cache.read_bytes() == b"tactics" and [p.name for p in cache.parent.iterdir()] == ["timing.cache"]
+
+
+def test_timing_cache_of_earlier_builds_is_merged(tmp_path):
+    from builder.tensorrt_build import reuse_timing_cache
+    merged = []
+    current = SimpleNamespace(combine=lambda old, ignore_mismatch: merged.append((old, ignore_mismatch)) or True)
+    config = SimpleNamespace(create_timing_cache=lambda data: ("cache of", data), get_timing_cache=lambda: current)
+    reuse_timing_cache(config, tmp_path / "timing.cache")  # no file yet: nothing to merge
+    assert merged == []
+    (tmp_path / "timing.cache").write_bytes(b"tactics")
+    reuse_timing_cache(config, tmp_path / "timing.cache")
+    assert merged == [(("cache of", b"tactics"), False)]  # never mixed with another device's timings
 
 
 def test_progress_monitor_never_cancels_a_build():

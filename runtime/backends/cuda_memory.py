@@ -41,9 +41,12 @@ def cuda_device() -> tuple[str, str]:
     """(name, compute capability "major.minor") of the current GPU, read the same way at build and load."""
     rt = cudart()
     err, count = rt.cudaGetDeviceCount()
+    if err == rt.cudaError_t.cudaErrorInsufficientDriver:  # cuda-python 13 needs a CUDA 13 driver (580+)
+        raise FdError("the NVIDIA driver is older than this cuda-python's CUDA: upgrade the driver, or install "
+                      "the cuda-python of your CUDA major version (e.g. pip install 'cuda-python>=12.6,<13')")
     if err != rt.cudaError_t.cudaSuccess or count == 0:
-        raise FdError("no CUDA GPU is visible: TensorRT engines need an NVIDIA GPU and driver "
-                      "(check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+        raise FdError(f"no CUDA GPU is visible ({getattr(err, 'name', err)}): TensorRT engines need an NVIDIA GPU "
+                      "and driver (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
     props = check(rt.cudaGetDeviceProperties(check(rt.cudaGetDevice(), "finding the GPU")), "reading the GPU")
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return name.split("\x00")[0].strip(), f"{props.major}.{props.minor}"

@@ -19,7 +19,7 @@ from runtime.backends.cuda_memory import DeviceBuffer, DeviceView, check, cuda_d
 from runtime.errors import FdError
 from runtime.sizes import rebuild_command
 
-INSTALL = "pip install tensorrt-cu12 cuda-python, or tensorrt-cu13 for CUDA 13"
+INSTALL = "pip install tensorrt-cu12 'cuda-python>=12.6,<13', or tensorrt-cu13 'cuda-python>=13,<14' for CUDA 13"
 
 
 def import_tensorrt(fix: str):
@@ -136,7 +136,8 @@ class TensorRTBackend(Backend):
             graph = check(rt.cudaStreamEndCapture(self.stream), f"ending CUDA graph capture of {component}")
         if not captured:
             raise RuntimeError(f"TensorRT failed to enqueue {component} during CUDA graph capture")
-        executable = check(rt.cudaGraphInstantiate(graph, 0), f"instantiating the {component} CUDA graph")
+        # ...WithFlags has one signature in cuda-python 11.8 to 13; cudaGraphInstantiate changed its in 12
+        executable = check(rt.cudaGraphInstantiateWithFlags(graph, 0), f"instantiating the {component} CUDA graph")
         check(rt.cudaGraphDestroy(graph), "releasing a captured graph")  # the executable graph is independent
         return executable
 
