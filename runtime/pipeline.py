@@ -155,8 +155,10 @@ class FasterDiffusionPipeline:
         check_size(self.manifest, height, width, self.engine_dir)
         expected = (len(prompts), *self.latent_shape_at(height, width))
         if latents is not None and tuple(np.shape(latents)) != expected:
-            raise FdError(f"initial latents have shape {tuple(np.shape(latents))}, this engine folder needs {expected}"
-                          " (batch x channels x height/8 x width/8)")
+            hint = ("; give --height/--width for latents of another size" if self.manifest.get("dynamic_shape")
+                    else "")
+            raise FdError(f"initial latents have shape {tuple(np.shape(latents))}, a {height}x{width} image needs "
+                          f"{expected} (batch x channels x height/8 x width/8){hint}")
         if policy.max_window > self.manifest["limits"]["max_window"]:
             raise FdError(f"window of {policy.max_window} steps is larger than this engine folder's max window "
                           f"{self.manifest['limits']['max_window']}: rebuild with a larger --max-window")

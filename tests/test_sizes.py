@@ -70,3 +70,10 @@ def test_static_folder_refuses_another_size_with_the_rebuild_command(tiny_engine
     message = str(info.value)
     assert "built for 128x128 only, not 256x128" in message
     assert "fd-build --model tiny --backend onnxruntime --precision fp32 --height 256 --width 128" in message
+
+
+def test_latents_of_another_size_point_at_height_and_width(dynamic_pipe):
+    latents = np.zeros((1, 4, 24, 16), np.float32)
+    with pytest.raises(FdError, match=r"a 128x128 image needs \(1, 4, 16, 16\).*give --height/--width"):
+        dynamic_pipe([PROMPT], steps=2, latents=latents)
+    assert dynamic_pipe([PROMPT], steps=2, latents=latents, height=192, width=128).images[0].size == (128, 192)
