@@ -79,9 +79,7 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
 
     `progress(total)` makes a tqdm-like bar; it is made only once every check and load has passed, so
     a settings error stays one line on stderr."""
-    m = pipe.manifest
-    s = dataclasses.replace(s, height=m["height"] if s.height is None else s.height,
-                            width=m["width"] if s.width is None else s.width)
+    s = dataclasses.replace(s, **dict(zip(("height", "width"), pipe.image_size(s.height, s.width))))
     check_settings(pipe, s, policy)
     prompts = [s.prompt] * s.batch_size
     latents = np.random.default_rng(s.seed).standard_normal(

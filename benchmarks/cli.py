@@ -62,11 +62,11 @@ def main(argv=None) -> int:
         pipe = FasterDiffusionPipeline(args.engine_dir)
         policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
                                      uniform=args.uniform)
+        height, width = pipe.image_size(args.height, args.width)  # resolved here: the JSON records the size used
         settings = Settings(prompt=args.prompt, steps=args.steps, scheduler=args.scheduler,
                             batch_size=args.batch_size, guidance_scale=args.guidance_scale, runs=args.runs,
                             warmup=args.warmup, seed=args.seed, compare_diffusers=args.compare == "diffusers",
-                            height=pipe.manifest["height"] if args.height is None else args.height,
-                            width=pipe.manifest["width"] if args.width is None else args.width)
+                            height=height, width=width)
         measured = run_benchmark(pipe, settings, policy,
                                  progress=lambda total: tqdm(total=total, unit="run", desc="fd-bench", leave=False))
         result = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

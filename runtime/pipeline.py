@@ -61,17 +61,16 @@ class FasterDiffusionPipeline:
         tok = self.manifest["tokenizer"]
         self.tokenizer = PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"])
 
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(channels, h, w) of the latents at the size the folder was built for."""
-        return self.latent_shape_at(None, None)
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) in pixels; None stands for the size the folder was built for."""
+        m = self.manifest
+        return m["height"] if height is None else height, m["width"] if width is None else width
 
     def latent_shape_at(self, height: int | None, width: int | None) -> tuple[int, int, int]:
         """(channels, h, w) of the latents of a height x width image (None: the built size)."""
-        m = self.manifest
-        scale = m["vae_scale_factor"]
-        height, width = m["height"] if height is None else height, m["width"] if width is None else width
-        return m["latent_channels"], height // scale, width // scale
+        height, width = self.image_size(height, width)
+        scale = self.manifest["vae_scale_factor"]
+        return self.manifest["latent_channels"], height // scale, width // scale
 
     def default_policy(self, steps: int) -> FasterDiffusionPolicy:
         from runtime.policy import default_key_steps
@@ -87,8 +86,7 @@ class FasterDiffusionPipeline:
         with --dynamic-shape. `callback(i, t, latents)` is called after each scheduler step."""
         # 1. check inputs (all of them, before any heavy work)
         policy = policy or self.default_policy(steps)
-        height = self.manifest["height"] if height is None else height
-        width = self.manifest["width"] if width is None else width
+        height, width = self.image_size(height, width)
         self._check_inputs(prompts, steps, guidance_scale, latents, policy, height, width)
         timer = StageTimer(self.backend.synchronize)
         calls_before = Counter(self.backend.calls)

@@ -41,11 +41,18 @@ def check_size(manifest: dict, height: int, width: int, engine_dir) -> None:
                           f"--dynamic-shape range that holds it")
 
 
-def scaled_shape(shape, built_hw: tuple[int, int], hw: tuple[int, int]) -> list:
-    """A spec shape at another image size: H and W of image-like (NCHW) tensors scale with the image."""
+def scaled_shape(shape, built_hw: tuple[int, int], hw: tuple[int, int], name: str = "tensor") -> list:
+    """A shape at another image size: H and W of image-like (NCHW) tensors scale with the image; a size
+    that would make an axis fractional is a ValueError."""
     if len(shape) != 4:
         return list(shape)
-    return [*shape[:2], shape[2] * hw[0] // built_hw[0], shape[3] * hw[1] // built_hw[1]]
+    scaled = list(shape[:2])
+    for dim, side, built_side in zip(shape[2:], hw, built_hw):
+        if (dim * side) % built_side:
+            raise ValueError(f"{name}: a {dim}-wide axis at {built_side} px is not whole at {side} px "
+                             f"({dim} x {side} / {built_side}); use image sides that the model's downsampling divides")
+        scaled.append(dim * side // built_side)
+    return scaled
 
 
 def rebuild_command(manifest: dict, engine_dir, height: int | None = None, width: int | None = None) -> str:
@@ -53,7 +60,7 @@ def rebuild_command(manifest: dict, engine_dir, height: int | None = None, width
     source = manifest.get("source", {})
     model = source.get("path") or source.get("model", "<model>")
     limits = manifest["limits"]
-    parts = [f"fd-build --model {model} --backend {manifest.get('backend', 'tensorrt')} "
+    parts = [f"fd-build --model {model} --backend {manifest['backend']} "
              f"--precision {manifest['precision']}",
              f"--height {height or manifest['height']} --width {width or manifest['width']}",
              f"--max-batch-size {limits['max_batch_size']} --max-window {limits['max_window']}"]

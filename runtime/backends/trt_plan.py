@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from runtime.errors import FdError
-from runtime.sizes import check_size, rebuild_command
+from runtime.sizes import check_size, rebuild_command, scaled_shape
 
 MIN_TENSORRT = (10, 0)  # name-based I/O, user-managed context memory, progress monitors
 ENGINE_DIR_PLACEHOLDER = "<engine folder>"
@@ -36,28 +36,14 @@ def shape_range(tensor: dict, batch: dict, geometry: dict) -> tuple[tuple, tuple
     side; `opt` stays at the built size, which is what TensorRT tunes its kernels for.
     """
     sides = geometry.get("dynamic_shape")
-    image_like = len(tensor["shape"]) == 4
+    built = (geometry["height"], geometry["width"])
     shapes = []
     for key in ("min", "opt", "max"):
-        side = sides[key] if sides and key != "opt" else None
-        shape = []
-        for axis, dim in enumerate(tensor["shape"]):
-            if dim == "batch":
-                shape.append(batch[key])
-            elif side is not None and image_like and axis >= 2:
-                built = geometry["height"] if axis == 2 else geometry["width"]
-                shape.append(_scaled(dim, side, built, tensor["name"]))
-            else:
-                shape.append(dim)
+        shape = [batch[key] if dim == "batch" else dim for dim in tensor["shape"]]
+        if sides and key != "opt":
+            shape = scaled_shape(shape, built, (sides[key], sides[key]), tensor["name"])
         shapes.append(tuple(shape))
     return tuple(shapes)
-
-
-def _scaled(dim: int, side: int, built_side: int, name: str) -> int:
-    if (dim * side) % built_side:
-        raise ValueError(f"{name}: a {dim}-wide axis at {built_side} px is not whole at {side} px "
-                         f"({dim} x {side} / {built_side}); use image sides that the model's downsampling divides")
-    return dim * side // built_side
 
 
 def profile_shapes(spec: dict, geometry: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
