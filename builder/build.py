@@ -1,17 +1,15 @@
 """fd-build's steps: model → split modules → checked ONNX graphs (torch: checked .pt2 programs) → (TensorRT
 engines) → engine folder.
 
-Everything is written into a hidden temporary folder next to the target and renamed into place only
-when complete, so a failed or interrupted build never leaves a half-written engine folder.
+Everything is written into a hidden folder next to the target and swapped into place only when complete
+(builder/staging.py), so a failed or interrupted build never leaves a half-written engine folder.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import importlib.metadata
-import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from tqdm import tqdm
 
 from builder import export
 from builder.flops import unet_flops
+from builder.staging import staged_folder
 from builder.specs import Limits, TORCH_DTYPE_NAMES, cache_names, component_specs
 from builder.split import check_supported, unet_levels
 from runtime.errors import FdError
@@ -93,26 +92,23 @@ def build(opts: BuildOptions, log=print) -> Path:
     """Run every step and return the finished engine folder."""
     validate_options(opts)
     out = Path(opts.out) if opts.out else default_out(opts)
-    if out.exists() and not opts.force:
-        raise FdError(f"{out} already exists: pass --force to replace it, or choose another --out")
     precision = opts.resolved_precision()
     backend_module = _backend_builder(opts.backend)  # fails early if the backend's libraries are missing
 
     from builder.models import load_components
     started = time.perf_counter()
-    comps = load_components(opts.model)
-    check_supported(comps.unet)
-    log(f"loaded {opts.model} in {time.perf_counter() - started:.1f} s")
-    geometry = model_geometry(comps, opts)
-    limits = Limits(opts.max_batch_size, opts.max_window)
-    export_precision = "fp32" if precision == "tf32" else precision  # tf32 is a TensorRT build flag on fp32 graphs
-    modules = export.graph_modules(comps, export_precision)
-    specs = make_specs(comps, modules, geometry, export_precision, limits)
-
-    with staged_folder(out, opts.force) as stage:
+    with staged_folder(out, opts.force) as stage:  # output problems surface here, before the model loads
+        comps = load_components(opts.model)
+        check_supported(comps.unet)
+        log(f"loaded {opts.model} in {time.perf_counter() - started:.1f} s")
+        geometry = model_geometry(comps, opts)
+        limits = Limits(opts.max_batch_size, opts.max_window)
+        export_precision = "fp32" if precision == "tf32" else precision  # tf32: a TensorRT flag on fp32 graphs
+        modules = export.graph_modules(comps, export_precision)
+        specs = make_specs(comps, modules, geometry, export_precision, limits)
         rng = np.random.default_rng(opts.seed)
         vocab = comps.text_encoder.config.vocab_size
-        for name in tqdm(COMPONENTS, desc="export + check", unit="graph"):
+        for name in tqdm(COMPONENTS, desc="export + check", unit="graph", disable=None):
             spec, module = specs[name], modules[name]
             if opts.backend == "torch":  # the .pt2 programs are the engines: the torch runtime reads no ONNX
                 path, t0 = stage / f"{name}.pt2", time.perf_counter()
@@ -240,25 +236,3 @@ def library_versions() -> dict:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return versions
-
-
-@contextlib.contextmanager
-def staged_folder(final: Path, force: bool):
-    """Yield an empty temporary folder beside `final`; move it into place only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = final.parent / f".{final.name}.building-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        yield stage
-        if final.exists():
-            if not force:
-                raise FdError(f"{final} appeared during the build: pass --force to replace it")
-            retired = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, retired)
-            os.replace(stage, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(stage, final)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
