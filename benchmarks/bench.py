@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmarks.fidelity import compare
 from runtime.errors import FdError
-from runtime.pipeline import MAX_STEPS, STAGES, FasterDiffusionPipeline
+from runtime.pipeline import MAX_STEPS, STAGES, FasterDiffusionPipeline, check_guidance_scale, check_seed
 from runtime.policy import FasterDiffusionPolicy
 from runtime.sizes import check_size
 
@@ -59,13 +59,15 @@ def check_settings(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDif
     if not 1 <= s.steps <= MAX_STEPS:
         raise FdError(f"--steps {s.steps} is out of range: use 1 to {MAX_STEPS}")
     max_batch = pipe.manifest["limits"]["max_batch_size"]
-    if not 1 <= s.batch_size <= max_batch:
+    if s.batch_size < 1:
+        raise FdError(f"--batch-size {s.batch_size} is not allowed: give 1 or more images per generation")
+    if s.batch_size > max_batch:
         raise FdError(f"--batch-size {s.batch_size} does not fit this engine folder (built for 1 to {max_batch} "
                       f"images): use at most {max_batch}, or rebuild with fd-build --max-batch-size {s.batch_size}")
     if s.runs < 1 or s.warmup < 0:
         raise FdError(f"--runs {s.runs} / --warmup {s.warmup}: use at least 1 run and 0 or more warm-up runs")
-    if s.guidance_scale < 0:
-        raise FdError(f"--guidance-scale {s.guidance_scale} must be 0 or more")
+    check_guidance_scale(s.guidance_scale)
+    check_seed(s.seed)
     policy.validate(s.steps)
     check_size(pipe.manifest, s.height, s.width, pipe.engine_dir)
     if policy.max_window > pipe.manifest["limits"]["max_window"]:

@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from benchmarks import report
 from benchmarks.bench import DEFAULT_PROMPT, Settings, run_benchmark
+from runtime.atomic import check_writable
+from runtime.cli import check_engine_dir
 from runtime.cli_common import run_cli
 from runtime.errors import FdError
 from runtime.schedulers import SCHEDULERS
@@ -55,10 +57,14 @@ def main(argv=None) -> int:
     def job():
         from runtime.pipeline import FasterDiffusionPipeline
         from runtime.policy import policy_from_options
+        check_engine_dir(args.engine_dir)
         if args.plot:  # fail now, not after the runs
             report.require_matplotlib()
             if Path(args.plot).suffix.lower() != ".png":
                 raise FdError(f"--plot {args.plot} must end in .png")
+        for option, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+            if path is not None:  # before the engines load and minutes of runs
+                check_writable(path, option)
         pipe = FasterDiffusionPipeline(args.engine_dir)
         policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
                                      uniform=args.uniform)
@@ -78,7 +84,7 @@ def main(argv=None) -> int:
         print(report.format_table(result), end="")
         for path, write in ((args.json, report.write_json), (args.markdown, write_markdown),
                             (args.plot, report.write_plot)):
-            if path:
+            if path is not None:
                 write(path, result)
                 print(f"wrote {path}")
         if not result["complete"]:

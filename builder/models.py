@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,12 @@ def load_components(model: str) -> Components:
         comps = make_tiny_components() if model == TINY else make_sd15_random_components()
         comps.source = {"model": model, "kind": "generated", "seed": TINY_SEED,
                         "note": "random weights from a config in fd's code; its images are noise"}
-    elif Path(model).expanduser().is_dir():
+    elif Path(model).expanduser().exists() or looks_like_path(model):
         path = Path(model).expanduser().resolve()
+        if not path.is_dir():
+            raise FdError(f"--model {model}: {'it is a file, not a folder' if path.exists() else 'no such folder'} "
+                          f"({path}): give a local diffusers pipeline folder, a hub id such as org/name, "
+                          f"or an alias ({', '.join([*ALIASES, *GENERATED])})")
         comps = _load_folder(str(path), what=f"local folder {path}")
         comps.source = {"model": model, "kind": "local", "path": str(path)}
     else:
@@ -60,6 +65,13 @@ def load_components(model: str) -> Components:
                         "revision": Path(folder).name, "path": folder}
     comps.source["weights_sha256"] = weights_fingerprint(comps)
     return comps
+
+
+def looks_like_path(model: str) -> bool:
+    """A local path rather than a hub id: it starts like a path (./ ../ / ~), has more than one slash
+    (hub ids are org/name), or its first part is a folder here. A bare org/name stays a hub id."""
+    return (model.startswith((".", "/", "~")) or model.count("/") > 1
+            or ("/" in model and Path(model.split("/")[0]).is_dir()))
 
 
 def _hub_snapshot(repo_id: str, model: str) -> str:
@@ -87,18 +99,50 @@ def _load_folder(folder: str, what: str) -> Components:
         if not any(next((Path(folder) / sub).glob(pattern), None) for pattern in ("*.safetensors", "*.bin")):
             raise FdError(f"{what} has no weights in {sub}/ (no .safetensors or .bin file): "
                           "copy the complete model folder, weights included")
+    scheduler_config = _read_scheduler_config(Path(folder), what)  # before the slow weight loading
+    for sub in ("text_encoder", "unet", "vae"):
+        _check_safetensors(Path(folder) / sub)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FdError(f"cannot load the weights of {what}: {first_line} "
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        # RuntimeError / UnpicklingError / EOFError: a damaged .bin (torch pickle) file
+        raise FdError(f"cannot load the weights of {what}: {_first_line(exc)} "
                       "(is the folder complete, with its .safetensors files?)") from None
-    with open(Path(folder) / "scheduler" / "scheduler_config.json") as f:
-        scheduler_config = json.load(f)
     return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config)
+
+
+def _read_scheduler_config(folder: Path, what: str) -> dict:
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise FdError(f"{what} has no scheduler/scheduler_config.json: copy the complete model folder, "
+                      "scheduler config included")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FdError(f"{path} is not readable JSON ({exc}): copy it again from the model's source") from None
+    if not isinstance(config, dict):
+        raise FdError(f"{path} is not a scheduler config (a JSON object): copy it again from the model's source")
+    return config
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Open every .safetensors header, so a truncated or damaged file is named (the loaders only say "header")."""
+    from safetensors import SafetensorError, safe_open
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise FdError(f"{path} is damaged or incomplete ({_first_line(exc)}): copy the file again "
+                          "from the model's source") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _quiet_libraries() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import write_atomic
+from runtime.atomic import check_writable, write_atomic
 from runtime.cli_common import run_cli
 from runtime.errors import FdError
 from runtime.policy import policy_from_options
@@ -53,9 +53,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_latents(path: str) -> np.ndarray:
     try:
-        return np.load(path).astype(np.float32)
-    except (OSError, ValueError) as exc:
-        raise FdError(f"cannot read --latents {path}: {exc}") from None
+        latents = np.load(path)  # allow_pickle stays off: a .npy file is data, never code
+    except (OSError, ValueError, EOFError) as exc:
+        raise FdError(f"cannot read --latents {path} ({exc}): give a .npy file written by numpy.save") from None
+    if not isinstance(latents, np.ndarray):  # np.load opens .npz archives too
+        raise FdError(f"--latents {path} is an .npz archive, not a .npy array: save one array with numpy.save")
+    if not (np.issubdtype(latents.dtype, np.floating) or np.issubdtype(latents.dtype, np.integer)):
+        raise FdError(f"--latents {path} holds {latents.dtype} values: save real numbers (float32)")
+    if not np.isfinite(latents).all():
+        raise FdError(f"--latents {path} contains NaN or infinite values: save finite noise, e.g. from a seeded "
+                      "standard normal")
+    return latents.astype(np.float32)
+
+
+def check_engine_dir(path: str) -> None:
+    """A plain file given as the engine folder gets its own message rather than "does not exist"."""
+    if Path(path).is_file():
+        raise FdError(f"--engine-dir {path} is a file, not a folder: give the engine folder fd-build wrote "
+                      "(the one holding manifest.json)")
 
 
 def output_paths(out: str, count: int) -> list[Path]:
@@ -65,6 +80,17 @@ def output_paths(out: str, count: int) -> list[Path]:
     if count == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def check_outputs(args) -> list[Path]:
+    """Every output path checked before the engines load, so no one waits for an image that cannot be saved."""
+    check_writable(args.out, "--out")
+    paths = output_paths(args.out, len(args.prompt))
+    for path in paths:
+        check_writable(path, "--out")
+    if args.save_latents is not None:
+        check_writable(args.save_latents, "--save-latents")
+    return paths
 
 
 def format_timings(result) -> str:
@@ -84,8 +110,9 @@ def main(argv=None) -> int:
         from runtime.pipeline import FasterDiffusionPipeline
         if not args.prompt:
             raise FdError("give at least one --prompt")
-        paths = output_paths(args.out, len(args.prompt))
-        latents = load_latents(args.latents) if args.latents else None
+        check_engine_dir(args.engine_dir)
+        paths = check_outputs(args)
+        latents = load_latents(args.latents) if args.latents is not None else None
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
         policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
                                      uniform=args.uniform, baseline=args.no_fd,
@@ -96,7 +123,7 @@ def main(argv=None) -> int:
         for image, path in zip(result.images, paths):
             write_atomic(path, lambda f: image.save(f, format="PNG"))
             print(f"wrote {path}")
-        if args.save_latents:
+        if args.save_latents is not None:
             write_atomic(Path(args.save_latents), lambda f: np.save(f, result.latents))
             print(f"wrote {args.save_latents}")
         if args.timings:

@@ -5,6 +5,7 @@ timesteps and latents, the denoising loop (window by window), decode. No backend
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -87,7 +88,7 @@ class FasterDiffusionPipeline:
         # 1. check inputs (all of them, before any heavy work)
         policy = policy or self.default_policy(steps)
         height, width = self.image_size(height, width)
-        self._check_inputs(prompts, steps, guidance_scale, latents, policy, height, width)
+        self._check_inputs(prompts, steps, guidance_scale, seed, latents, policy, height, width)
         timer = StageTimer(self.backend.synchronize)
         calls_before = Counter(self.backend.calls)
         started = time.perf_counter()
@@ -137,7 +138,7 @@ class FasterDiffusionPipeline:
         calls = dict(Counter(self.backend.calls) - calls_before)
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), [int(t) for t in timesteps])
 
-    def _check_inputs(self, prompts, steps, guidance_scale, latents, policy, height, width) -> None:
+    def _check_inputs(self, prompts, steps, guidance_scale, seed, latents, policy, height, width) -> None:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise FdError("give at least one prompt (a list of strings)")
         max_batch = self.manifest["limits"]["max_batch_size"]
@@ -146,8 +147,9 @@ class FasterDiffusionPipeline:
                           f"images per generation: rebuild with fd-build --max-batch-size {len(prompts)}")
         if not 1 <= steps <= MAX_STEPS:
             raise FdError(f"--steps {steps} is out of range: use 1 to {MAX_STEPS}")
-        if guidance_scale < 0:
-            raise FdError(f"--guidance-scale {guidance_scale} must be 0 or more (1 or less turns guidance off)")
+        check_guidance_scale(guidance_scale)
+        if latents is None:
+            check_seed(seed)
         if not all(isinstance(side, int) and 0 < side for side in (height, width)):
             raise FdError(f"image size {height}x{width} is not allowed: give positive whole pixels")
         check_size(self.manifest, height, width, self.engine_dir)
@@ -157,6 +159,8 @@ class FasterDiffusionPipeline:
                     else "")
             raise FdError(f"initial latents have shape {tuple(np.shape(latents))}, a {height}x{width} image needs "
                           f"{expected} (batch x channels x height/8 x width/8){hint}")
+        if latents is not None and not np.isfinite(latents).all():
+            raise FdError("initial latents contain NaN or infinite values: give finite noise")
         if policy.max_window > self.manifest["limits"]["max_window"]:
             raise FdError(f"window of {policy.max_window} steps is larger than this engine folder's max window "
                           f"{self.manifest['limits']['max_window']}: rebuild with a larger --max-window")
@@ -164,6 +168,19 @@ class FasterDiffusionPipeline:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def check_guidance_scale(guidance_scale: float) -> None:
+    # NaN passes every comparison and inf overflows the guided prediction: both give black or noise images.
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise FdError(f"--guidance-scale {guidance_scale} is not allowed: give a finite number, 0 or more "
+                      "(1 or less turns guidance off; 7.5 is usual)")
+
+
+def check_seed(seed) -> None:
+    """None draws fresh noise; numpy's generators take whole numbers of 0 or more (negative ones fail deep inside)."""
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
+        raise FdError(f"--seed {seed} is not allowed: give a whole number, 0 or more")
 
 
 def to_pil(pixels: np.ndarray) -> list:

@@ -90,17 +90,26 @@ class FasterDiffusionPolicy:
                 {"alpha": self.noise_injection.alpha, "tau": self.noise_injection.tau}}
 
 
+def parse_key_steps(text: str) -> tuple[int, ...]:
+    """Parse "0,1,2,3" into (0, 1, 2, 3); an empty list is refused rather than silently meaning the default."""
+    example = "e.g. 0,1,2,3,5,10,15,25,35"
+    try:
+        keys = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise FdError(f"--key-steps {text!r} is not a comma-separated list of step indices, {example}") from None
+    if not keys:
+        raise FdError(f"--key-steps {text!r} names no steps: give comma-separated step indices, {example} "
+                      "(or leave --key-steps out for the paper's set)")
+    return keys
+
+
 def policy_from_options(steps: int, max_window: int, *, key_steps: str | None = None, uniform: int | None = None,
                         baseline: bool = False, noise_injection: bool = True) -> FasterDiffusionPolicy:
     """The policy the command-line options describe (--key-steps "0,1,…" | --uniform K | --no-fd)."""
     if baseline:
         return FasterDiffusionPolicy.baseline(steps)
-    if key_steps:
-        try:
-            keys = tuple(int(k) for k in key_steps.split(",") if k.strip())
-        except ValueError:
-            raise FdError(f"--key-steps {key_steps!r} is not a comma-separated list of step indices, "
-                          "e.g. 0,1,2,3,5,10,15,25,35") from None
+    if key_steps is not None:
+        keys = parse_key_steps(key_steps)
     elif uniform is not None:
         keys = uniform_key_steps(steps, uniform)
     else:
