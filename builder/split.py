@@ -2,8 +2,12 @@
 
 The encoder (time embedding, conv_in, down blocks, mid block) runs only at key steps; its outputs, the
 mid-block output and every down-block skip in order, are the cache. The decoder (its own time embedding,
-up blocks, norm, act, conv_out) reads only that cache, the timestep and the text embeddings, never the
-latent: that is what lets a whole window of steps run as one batch with one timestep per row.
+up blocks, norm, act, conv_out) reads only that cache, the timestep and the conditions, never the latent:
+that is what lets a whole window of steps run as one batch with one timestep per row.
+
+SDXL-style UNets (`addition_embed_type == "text_time"`) also take the pooled text embedding and the
+size/crop ids. Both halves add that "aug" embedding to their own time embedding, so a decoder row carries
+its own conditions exactly as its timestep.
 
 Both modules share the UNet's weights (no copies); composed they equal `unet(...).sample`.
 """
@@ -14,26 +18,60 @@ from torch import nn
 
 from runtime.errors import FdError
 
+# SDXL's added conditions, in the order the graphs take them: pooled text embedding (B, proj) and
+# the size/crop ids (B, 6: original size, crop top-left, target size).
+TEXT_TIME_INPUTS = ("text_embeds", "time_ids")
+
+
+def added_condition_names(unet) -> tuple[str, ...]:
+    """The extra inputs both halves take for this UNet: () for SD 1.x/2.x, TEXT_TIME_INPUTS for SDXL."""
+    return TEXT_TIME_INPUTS if unet.config.get("addition_embed_type") == "text_time" else ()
+
+
+def unsupported_features(unet) -> list[str]:
+    """UNet features the split does not carry, each named as the user would find it in the config."""
+    cfg = unet.config
+    found = []
+    for name in ("class_embed_type", "num_class_embeds", "encoder_hid_dim", "encoder_hid_dim_type",
+                 "time_cond_proj_dim"):
+        if cfg.get(name) is not None:
+            found.append(f"{name}={cfg.get(name)!r}")
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        found.append(f"addition_embed_type={cfg.get('addition_embed_type')!r}")
+    if cfg.get("attention_type", "default") != "default":  # GLIGEN's gated attention needs boxes as input
+        found.append(f"attention_type={cfg.get('attention_type')!r}")
+    if getattr(unet, "mid_block", None) is None:
+        found.append("no mid block")
+    return found
+
 
 def check_supported(unet) -> None:
-    """Refuse UNet features the split does not carry (SDXL's added embeddings, class labels, …)."""
-    cfg = unet.config
-    unsupported = {
-        "class_embed_type": cfg.class_embed_type, "num_class_embeds": cfg.num_class_embeds,
-        "addition_embed_type": cfg.addition_embed_type, "encoder_hid_dim": cfg.encoder_hid_dim,
-        "time_cond_proj_dim": cfg.time_cond_proj_dim,
-    }
-    used = [name for name, value in unsupported.items() if value is not None]
-    if used or unet.mid_block is None:
-        what = ", ".join(used) if used else "no mid block"
-        raise FdError(f"this UNet uses {what}, which fd's encoder/decoder split does not support yet: "
-                      "fd supports Stable Diffusion 1.x/2.x-style UNets")
+    """Refuse UNet features the split does not carry (class labels, other added embeddings, …).
+
+    Attention masks are call-time inputs, not config: the split has no mask input, so masked
+    conditioning cannot reach it (the SD and SDXL pipelines pass none).
+    """
+    found = unsupported_features(unet)
+    if found:
+        raise FdError(f"this UNet uses {', '.join(found)}, which fd's encoder/decoder split does not support: "
+                      "fd supports Stable Diffusion 1.x/2.x and SDXL-style UNets")
 
 
-def time_embedding(unet, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The UNet's timestep embedding for one timestep per batch row (timestep: float [B])."""
+def time_embedding(unet, timestep: torch.Tensor, dtype: torch.dtype, text_embeds: torch.Tensor | None = None,
+                   time_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's timestep embedding for one timestep per batch row (timestep: float [B]).
+
+    With SDXL's conditions, the aug embedding is added before the activation, in diffusers' order.
+    """
     t_emb = unet.time_proj(timestep).to(dtype)  # time_proj always returns fp32
     emb = unet.time_embedding(t_emb)
+    if added_condition_names(unet):
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type 'text_time') needs text_embeds and time_ids")
+        emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=None,
+                                       added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+    elif text_embeds is not None or time_ids is not None:
+        raise ValueError("text_embeds/time_ids given to a UNet without addition_embed_type 'text_time'")
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     return emb
@@ -44,16 +82,17 @@ def _cross_kwargs(block, text: torch.Tensor) -> dict:
 
 
 class UNetEncoder(nn.Module):
-    """(sample, timestep[B], text) → (mid, skip_00, …, skip_NN)."""
+    """(sample, timestep[B], text[, text_embeds, time_ids]) → (mid, skip_00, …, skip_NN)."""
 
     def __init__(self, unet):
         super().__init__()
         check_supported(unet)
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None):
         unet = self.unet
-        emb = time_embedding(unet, timestep, sample.dtype)
+        emb = time_embedding(unet, timestep, sample.dtype, text_embeds, time_ids)
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         hidden = unet.conv_in(sample)
@@ -66,7 +105,10 @@ class UNetEncoder(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """(timestep[B], text, mid, (skip_00, …, skip_NN)) → noise prediction. Row r uses timestep[r]."""
+    """(timestep[B], text, mid, (skip_00, …, skip_NN)[, text_embeds, time_ids]) → noise prediction.
+
+    Row r uses timestep[r] and, for SDXL, text_embeds[r] and time_ids[r].
+    """
 
     def __init__(self, unet):
         super().__init__()
@@ -74,9 +116,10 @@ class UNetDecoder(nn.Module):
         self.unet = unet
 
     def forward(self, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, mid: torch.Tensor,
-                skips: tuple[torch.Tensor, ...]):
+                skips: tuple[torch.Tensor, ...], text_embeds: torch.Tensor | None = None,
+                time_ids: torch.Tensor | None = None):
         unet = self.unet
-        emb = time_embedding(unet, timestep, mid.dtype)
+        emb = time_embedding(unet, timestep, mid.dtype, text_embeds, time_ids)
         hidden, remaining = mid, tuple(skips)
         for block in unet.up_blocks:
             n = len(block.resnets)
