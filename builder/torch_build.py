@@ -5,9 +5,14 @@ export and check (no ONNX graph is written): each of the four modules is exporte
 dynamic batch axis, the spec's range), saved as <component>.pt2, and the saved program is reloaded and
 checked against its module. Programs are exported on the CPU; the runtime moves them to the GPU when it
 loads them.
+
+The runtime refuses any program torch would load with pickle or exec (runtime/backends/torch.py,
+check_archive), so programs are saved without example inputs or guard code, with an I/O file naming the
+spec's inputs and outputs, and the check reloads each one through the runtime's own loader.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -15,6 +20,7 @@ import torch
 
 from builder import export
 from builder.specs import names
+from runtime.backends.torch import IO_FILE, load_program
 
 
 def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geometry: dict, log) -> dict:
@@ -40,13 +46,19 @@ def export_program(module, spec: dict, rng, vocab: int, path: Path) -> None:
         for arg in args:
             shapes[arg] = {0: dim}
     program = drop_unused_weights(torch.export.export(module, args, dynamic_shapes=shapes, strict=False))
-    program.example_inputs = None  # saved with the program otherwise: tens of MB of random tensors at SD sizes
-    torch.export.save(program, path)
+    # Example inputs are saved pickled (tens of MB of random tensors at SD sizes, too), and guards_code is
+    # Python source that module() would exec; neither is needed to run the program, and the runtime
+    # refuses both. (Without example inputs torch never builds the guard function anyway.)
+    program.example_inputs = None
+    program._guards_code = []
+    io = {"inputs": names(spec["inputs"]), "outputs": names(spec["outputs"])}
+    torch.export.save(program, path, extra_files={IO_FILE: json.dumps(io)})
 
 
 def check_program(path: Path, module, spec: dict, rng, vocab: int, precision: str) -> dict:
-    """Reload the saved program and compare it with the module at the smallest batch and the traced one."""
-    loaded = torch.export.load(path).module()
+    """Reload the saved program as fd-run will (so a folder fd-run refuses is never built) and compare it
+    with the module at the smallest batch and the traced one."""
+    loaded = load_program(path, "cpu", spec)
     batches = sorted({spec["batch"]["min"], example_batch(spec["batch"])})
     result = {}
     for batch in batches:
