@@ -68,7 +68,7 @@ def test_flop_floor_is_the_formula_on_the_manifest_flops(tiny_report, tiny_engin
 def test_fidelity_of_the_pair_is_finite_and_in_range(tiny_report):
     f = json.loads((tiny_report / "r.json").read_text())["fidelity"]["fasterdiffusion_vs_baseline"]
     assert math.isfinite(f["psnr_db"]) and 0 < f["psnr_db"] < 200  # noise injection: never identical
-    assert -1 <= f["ssim"] <= 1
+    assert 0.9 < f["ssim"] < 1  # close to the baseline (0.9998 on tiny DDIM-20) but not identical
     assert math.isfinite(f["max_abs_latent_diff"]) and f["max_abs_latent_diff"] > 0
 
 

@@ -1,0 +1,197 @@
+"""An independent PyTorch reference of FasterDiffusion sampling, for tests.
+
+It uses none of fd's runtime (runtime/*) nor fd's UNet split (builder/split.py): text conditioning
+comes from diffusers' own pipelines (`encode_prompt`), the samplers are diffusers' schedulers, and the
+UNet is split here, on the diffusers UNet2DConditionModel, into
+
+  encoder  time embedding, conv_in, down blocks, mid block → cache (mid output, every skip)
+  decoder  a fresh time embedding of its own timestep, up blocks consuming the skips, conv_out.
+
+The sampling loop is the plainest correct FasterDiffusion (Li et al., arXiv 2312.09608): the encoder
+runs on the current latent at key steps only; every step decodes the latest cache with that step's own
+timestep, one decoder call per step (no batching); guidance combine; prior noise injection
+z ← z + α·z_T before each scheduler step with t < τ; then the scheduler's step.
+
+SD and SDXL (addition_embed_type "text_time": pooled text embeds and size/crop time ids added to the
+time embedding in both halves) are covered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler"}
+
+
+@dataclass
+class Conditioning:
+    """UNet conditioning with rows [uncond…, cond…] when guided (as diffusers orders them)."""
+
+    text: torch.Tensor
+    added: dict | None = None  # SDXL's added_cond_kwargs {"text_embeds", "time_ids"}, same rows
+
+
+# --- the UNet split ------------------------------------------------------------------------------------
+
+def _check_supported(unet) -> None:
+    config = unet.config
+    unsupported = {"class_embed_type": config.class_embed_type, "encoder_hid_dim_type": config.encoder_hid_dim_type,
+                   "time_cond_proj_dim": config.time_cond_proj_dim, "center_input_sample": config.center_input_sample,
+                   "num_class_embeds": config.num_class_embeds}
+    bad = {k: v for k, v in unsupported.items() if v}
+    if bad or config.addition_embed_type not in (None, "text_time"):
+        raise ValueError(f"the reference split does not handle this UNet config: {bad or config.addition_embed_type}")
+
+
+def embed_time(unet, timesteps: torch.Tensor, cond: Conditioning, dtype: torch.dtype) -> torch.Tensor:
+    """The embedding every ResNet block receives: the timestep's, plus SDXL's text/time-id embedding."""
+    _check_supported(unet)
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype))
+    if unet.config.addition_embed_type == "text_time":
+        emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.text, added_cond_kwargs=cond.added)
+    return emb if unet.time_embed_act is None else unet.time_embed_act(emb)
+
+
+def _text(block, text: torch.Tensor) -> dict:
+    return {"encoder_hidden_states": text} if getattr(block, "has_cross_attention", False) else {}
+
+
+def unet_encode(unet, sample: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning):
+    """Encoder half: (mid-block output, [conv_in output, every down-block output…])."""
+    emb = embed_time(unet, timesteps, cond, sample.dtype)
+    hidden = unet.conv_in(sample)
+    skips = [hidden]
+    for block in unet.down_blocks:
+        hidden, outputs = block(hidden_states=hidden, temb=emb, **_text(block, cond.text))
+        skips.extend(outputs)
+    hidden = unet.mid_block(hidden, emb, **_text(unet.mid_block, cond.text))
+    return hidden, skips
+
+
+def unet_decode(unet, mid: torch.Tensor, skips: list, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """Decoder half: the noise prediction from a cache, with a time embedding of `timesteps` (one per row)."""
+    if any(side % 2 ** unet.num_upsamplers for side in skips[0].shape[-2:]):
+        raise ValueError("latent sides must be multiples of the UNet's total upsampling")
+    emb = embed_time(unet, timesteps, cond, mid.dtype)
+    hidden, remaining = mid, list(skips)
+    for block in unet.up_blocks:
+        count = len(block.resnets)
+        consumed, remaining = tuple(remaining[-count:]), remaining[:-count]
+        hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=consumed, **_text(block, cond.text))
+    if unet.conv_norm_out is not None:
+        hidden = unet.conv_act(unet.conv_norm_out(hidden))
+    return unet.conv_out(hidden)
+
+
+# --- text conditioning from diffusers' pipelines --------------------------------------------------------
+
+def make_scheduler(name: str, config: dict):
+    import diffusers
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+def sd_pipeline(components, scheduler):
+    """diffusers' StableDiffusionPipeline on fd's Components (tokenizer, text_encoder, unet, vae)."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd_conditioning(components, prompts: list[str], negative_prompt: str | None, guided: bool) -> Conditioning:
+    pipe = sd_pipeline(components, make_scheduler("ddim", components.scheduler_config))
+    negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(list(prompts), "cpu", 1, guided, negative)
+    return Conditioning(torch.cat([uncond, cond]) if guided else cond)
+
+
+def sdxl_pipeline(parts, scheduler):
+    """diffusers' StableDiffusionXLPipeline on an object with tokenizer(_2), text_encoder(_2), unet, vae
+    (fd's SDXLComponents has them, and force_zeros_for_empty_prompt)."""
+    import diffusers
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=getattr(parts, "force_zeros_for_empty_prompt", True), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_conditioning(parts, prompts: list[str], negative_prompt: str | None, guided: bool, height: int,
+                      width: int) -> Conditioning:
+    """SDXL's text embeddings, pooled embeddings and time ids (original = target size, no crop), as
+    StableDiffusionXLPipeline builds them. negative_prompt=None gives SDXL's zeroed negative embeddings
+    when parts.force_zeros_for_empty_prompt (the default); "" encodes the empty prompt."""
+    pipe = sdxl_pipeline(parts, make_scheduler("ddim", parts.scheduler_config))
+    negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    with torch.no_grad():
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            list(prompts), device="cpu", do_classifier_free_guidance=guided, negative_prompt=negative)
+    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=cond.dtype,
+                                      text_encoder_projection_dim=parts.text_encoder_2.config.projection_dim)
+    if guided:
+        cond, pooled = torch.cat([uncond, cond]), torch.cat([uncond_pooled, pooled])
+    return Conditioning(cond, {"text_embeds": pooled, "time_ids": time_ids.repeat(len(cond), 1)})
+
+
+# --- the sampling loop ---------------------------------------------------------------------------------
+
+def fd_denoise(unet, scheduler, cond: Conditioning, latents, steps: int, guidance_scale: float, key_steps,
+               noise_injection=None, decode_with_key_timestep: bool = False) -> np.ndarray:
+    """FasterDiffusion sampling from unit noise `latents`; returns the final latents (float32 numpy).
+
+    `decode_with_key_timestep=True` is a deliberately wrong variant (every step of a window decoded with
+    its key step's timestep) that tests use to show a comparison can fail."""
+    keys = set(key_steps) | {0}
+    guided = guidance_scale > 1.0
+    noise = torch.as_tensor(np.asarray(latents, dtype=np.float32))
+    z = noise * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    rows = 2 * len(noise) if guided else len(noise)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            if i in keys:
+                t_key = t
+                model_input = scheduler.scale_model_input(torch.cat([z, z]) if guided else z, t)
+                mid, skips = unet_encode(unet, model_input, torch.full((rows,), int(t)), cond)
+            t_decode = t_key if decode_with_key_timestep else t
+            prediction = unet_decode(unet, mid, skips, torch.full((rows,), int(t_decode)), cond)
+            if guided:
+                uncond, text = prediction.chunk(2)
+                prediction = uncond + guidance_scale * (text - uncond)
+            if noise_injection is not None and t < noise_injection[1]:
+                z = z + noise_injection[0] * noise
+            z = scheduler.step(prediction, t, z, return_dict=False)[0]
+    return z.float().numpy()
+
+
+def reference_fd_sample(components, prompts, negative_prompt, latents, scheduler_name: str, steps: int,
+                        guidance_scale: float, key_steps, noise_injection=None, max_window: int | None = None,
+                        decode_with_key_timestep: bool = False) -> np.ndarray:
+    """FasterDiffusion on SD components (fd's Components: tokenizer, text_encoder, unet, scheduler_config).
+
+    `noise_injection` is (alpha, tau) or None. `max_window` only splits fd's batched decoder calls,
+    which all read the same cache, so the result must not depend on it: it is accepted for symmetry with
+    fd's policy and ignored here (this reference decodes one step per call)."""
+    cond = sd_conditioning(components, prompts, negative_prompt, guidance_scale > 1.0)
+    return fd_denoise(components.unet, make_scheduler(scheduler_name, components.scheduler_config), cond, latents,
+                      steps, guidance_scale, key_steps, noise_injection, decode_with_key_timestep)
+
+
+def reference_fd_sample_sdxl(parts, prompts, negative_prompt, latents, scheduler_name: str, steps: int,
+                             guidance_scale: float, key_steps, noise_injection=None, height: int | None = None,
+                             width: int | None = None) -> np.ndarray:
+    """FasterDiffusion on SDXL parts (tokenizer, tokenizer_2, text_encoder, text_encoder_2 with projection,
+    unet, vae, scheduler_config); height/width default to the latents' size times the VAE's scale."""
+    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    height = height or np.shape(latents)[-2] * scale
+    width = width or np.shape(latents)[-1] * scale
+    cond = sdxl_conditioning(parts, prompts, negative_prompt, guidance_scale > 1.0, height, width)
+    return fd_denoise(parts.unet, make_scheduler(scheduler_name, parts.scheduler_config), cond, latents, steps,
+                      guidance_scale, key_steps, noise_injection)
