@@ -80,11 +80,11 @@ class TinySDXL:
     """SDXL's structure at toy width: two CLIP text encoders (the second with a projection), text_time
     added conditioning, no attention at the first level, more transformer layers deeper down."""
 
-    def __init__(self):
+    def __init__(self, sd_components):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from builder.models import SD_SCHEDULER_CONFIG, make_tiny_components, make_tiny_tokenizer
+        from builder.models import make_tiny_tokenizer
         self.tokenizer, self.tokenizer_2 = make_tiny_tokenizer(), make_tiny_tokenizer()
         torch.manual_seed(0)
         text_config = dict(vocab_size=len(self.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -102,13 +102,13 @@ class TinySDXL:
             addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text + 6 time ids × 8
         ).eval()
-        self.vae = make_tiny_components().vae
-        self.scheduler_config = dict(SD_SCHEDULER_CONFIG)
+        self.vae = sd_components.vae  # only read for its scale factor: the outputs are latents
+        self.scheduler_config = dict(sd_components.scheduler_config)
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl():
-    return TinySDXL()
+def tiny_sdxl(tiny_components):
+    return TinySDXL(tiny_components)
 
 
 def test_reference_split_equals_unet_forward_sdxl_tiny(tiny_sdxl):
