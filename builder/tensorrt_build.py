@@ -1,12 +1,14 @@
-"""fd-build's TensorRT step: each checked ONNX graph → one serialized engine, <component>.plan.
+"""fd-build's TensorRT step: each checked ONNX graph of the manifest's specs → one serialized engine,
+<graph>.plan, with one optimization profile from the specs' named axes (runtime/backends/trt_plan.py).
 
 Polygraphy's loaders do the work (NetworkFromOnnxPath → CreateConfig → EngineBytesFromNetwork). Every
 network is strongly typed, so each tensor keeps the type its ONNX graph gives it:
-  fp16  the UNet and VAE graphs are fp16. The text encoder graph is fp32 in every precision (see
-        export.graph_modules) and its engine stays fp32 too: it runs once per prompt, so fp16 would save
-        little, and letting TensorRT pick fp16 kernels for it needs the weak-typing FP16 flag (below).
-        The timestep input stays fp32 (the sinusoid needs it). TF32 is allowed for these fp32 parts, as
-        TensorRT does by default.
+  fp16  the UNet graphs are fp16, and the VAE's unless its config forces fp32 (SDXL's force_upcast). The
+        text encoder graphs compute in fp32 in every precision and only cast their outputs for the UNet
+        (builder/families: text_graphs), and their engines stay fp32 inside too: they run once per prompt,
+        so fp16 would save little, and letting TensorRT pick fp16 kernels for them needs the weak-typing
+        FP16 flag (below). The timestep input stays fp32 (the sinusoid needs it). TF32 is allowed for
+        these fp32 parts, as TensorRT does by default.
   fp32  fp32 graphs, TF32 off: full fp32 products.
   tf32  fp32 graphs, TF32 on: products of 10-bit mantissas, fp32 sums.
 Strong typing is the only typing TensorRT 11 has (it removed the weak-typing FP16 flag, and ignores the
@@ -24,7 +26,6 @@ from runtime.atomic import write_atomic
 from runtime.backends.cuda_memory import cuda_device
 from runtime.backends.tensorrt import import_tensorrt
 from runtime.errors import FdError
-from runtime.manifest import COMPONENTS
 
 NOT_INSTALLED_FIX = "or build for --backend onnxruntime"
 
@@ -41,7 +42,7 @@ def require_tensorrt() -> None:
 
 
 def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geometry: dict, log) -> dict:
-    """Replace each ONNX graph in `stage` by its engine; return manifest["backend_info"].
+    """Replace each ONNX graph in `stage` (every graph of `specs`) by its engine; return manifest["backend_info"].
 
     `modules` is unused: the graphs were checked against them before this step."""
     trt = import_tensorrt(NOT_INSTALLED_FIX)
@@ -49,7 +50,7 @@ def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geomet
     level = options.get("optimization_level")  # None: TensorRT's default (3)
     cache = Path(options.get("timing_cache") or stage.parent / "timing.cache")  # shared by the folders beside
     profiles, seconds = {}, {}
-    for name in COMPONENTS:
+    for name in specs:
         graph = stage / specs[name]["file"]
         shapes = trt_plan.profile_shapes(specs[name], geometry)
         started = time.perf_counter()

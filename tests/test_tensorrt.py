@@ -1,7 +1,8 @@
-"""TensorRT: profiles and compatibility rules (CPU), the backend's buffer logic on a CPU stand-in for
+"""TensorRT: profiles and compatibility rules (CPU), the runner's buffer logic on a CPU stand-in for
 tensorrt + cuda-python, clear errors where TensorRT is missing, and real engines where it is not."""
 from __future__ import annotations
 
+import copy
 import ctypes
 import enum
 import functools
@@ -12,18 +13,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from builder.specs import Limits, component_specs
 from runtime import sizes
 from runtime.backends import trt_plan
+from runtime.batch import Limits, batch_range
 from runtime.errors import FdError
 from runtime.pipeline import FasterDiffusionPipeline
 from runtime.policy import FasterDiffusionPolicy
 from tests.conftest import run_fd
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
-# the tiny UNet's cache: (channels, downsampling relative to the latent) of mid, then each skip
-TINY_CACHE = [(64, 8), (32, 1), (32, 1), (32, 1), (32, 2), (32, 2), (32, 2), (32, 4), (64, 4), (64, 4),
-              (64, 8), (64, 8), (64, 8)]
 
 
 def tensorrt_absent() -> str | None:
@@ -45,26 +43,45 @@ GPU_SKIP = tensorrt_absent()
 needs_gpu = pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
 
 
-def tiny_specs(max_batch=1, max_window=15, hw=(128, 128)):
-    lh, lw = hw[0] // 8, hw[1] // 8
-    return component_specs(text_len=77, text_dim=32, latent_channels=4, latent_hw=(lh, lw), image_hw=hw,
-                           cache_shapes=[(c, lh // f, lw // f) for c, f in TINY_CACHE], unet_dtype="float16",
-                           text_dtype="float32", limits=Limits(max_batch, max_window))
+@pytest.fixture(scope="module")
+def specs_at(tiny_components):
+    """specs_at(max_batch, max_window, hw): the tiny model's graph specs, as the SD family writes them
+    into a manifest (fp32: one encoder pass on the CPU tells the cache shapes)."""
+    from builder.families import FAMILIES
+    family = FAMILIES["sd"]
+    modules = family.graph_modules(tiny_components, "fp32")
+
+    @functools.cache
+    def at_size(hw):
+        geometry = {"height": hw[0], "width": hw[1], "latent_channels": 4, "latent_height": hw[0] // 8,
+                    "latent_width": hw[1] // 8}
+        return family.specs(tiny_components, modules, geometry, "fp32", Limits(1, 15))
+
+    def specs(max_batch=1, max_window=15, hw=(128, 128)):
+        result = copy.deepcopy(at_size(hw))
+        for graph, spec in result.items():
+            spec["batch"] = batch_range(graph, Limits(max_batch, max_window))
+        return result
+    return specs
 
 
-def tiny_manifest(dynamic=None, hw=(128, 128), trt_version="10.7.0.23", capability="9.0"):
-    return {"backend": "tensorrt", "precision": "fp16", "height": hw[0], "width": hw[1], "dynamic_shape": dynamic,
-            "limits": {"max_batch_size": 1, "max_window": 15}, "source": {"model": "tiny"},
-            "components": tiny_specs(hw=hw),
-            "backend_info": trt_plan.backend_info(
-                tensorrt_version=trt_version, gpu_name="NVIDIA H200", compute_capability=capability, profiles={},
-                build_seconds={}, optimization_level=None, strongly_typed=True, precision="fp16", timing_cache=None)}
+@pytest.fixture
+def tiny_manifest(specs_at):
+    def manifest(dynamic=None, hw=(128, 128), trt_version="10.7.0.23", capability="9.0"):
+        return {"backend": "tensorrt", "precision": "fp16", "height": hw[0], "width": hw[1],
+                "dynamic_shape": dynamic, "limits": {"max_batch_size": 1, "max_window": 15},
+                "source": {"model": "tiny"}, "components": specs_at(hw=hw),
+                "backend_info": trt_plan.backend_info(
+                    tensorrt_version=trt_version, gpu_name="NVIDIA H200", compute_capability=capability,
+                    profiles={}, build_seconds={}, optimization_level=None, strongly_typed=True, precision="fp16",
+                    timing_cache=None)}
+    return manifest
 
 
 # --- profiles ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch,window", [(1, 15), (2, 3), (4, 1)])
-def test_static_profiles_follow_the_batch_ranges(batch, window):
-    specs, geometry = tiny_specs(batch, window), {"height": 128, "width": 128, "dynamic_shape": None}
+def test_static_profiles_follow_the_batch_ranges(specs_at, batch, window):
+    specs, geometry = specs_at(batch, window), {"height": 128, "width": 128, "dynamic_shape": None}
     decoder = trt_plan.profile_shapes(specs["unet_decoder"], geometry)
     assert decoder["timestep"] == ((2,), (2 * min(5, window),), (2 * batch * window,))
     assert decoder["skip_00"] == ((2, 32, 16, 16), (2 * min(5, window), 32, 16, 16), (2 * batch * window, 32, 16, 16))
@@ -75,13 +92,13 @@ def test_static_profiles_follow_the_batch_ranges(batch, window):
                                                                     "image": (batch, 3, 128, 128)}
 
 
-def test_dynamic_profiles_scale_image_like_tensors_with_the_side():
-    specs = tiny_specs(hw=(128, 192))
+def test_dynamic_profiles_scale_the_height_and_width_axes(specs_at):
+    specs = specs_at(hw=(128, 192))
     geometry = {"height": 128, "width": 192, "dynamic_shape": {"min": 64, "max": 256}}
     encoder = trt_plan.profile_shapes(specs["unet_encoder"], geometry)
     assert encoder["sample"] == ((1, 4, 8, 8), (2, 4, 16, 24), (2, 4, 32, 32))
     assert encoder["timestep"] == ((1,), (2,), (2,))
-    assert encoder["encoder_hidden_states"] == ((1, 77, 32), (2, 77, 32), (2, 77, 32))
+    assert encoder["encoder_hidden_states"] == ((1, 77, 32), (2, 77, 32), (2, 77, 32))  # "sequence" stays
     decoder = trt_plan.profile_shapes(specs["unet_decoder"], geometry)
     assert decoder["mid"] == ((2, 64, 1, 1), (10, 64, 2, 3), (30, 64, 4, 4))
     assert trt_plan.max_shapes(specs["vae_decoder"], geometry)["image"] == (1, 3, 256, 256)
@@ -90,15 +107,15 @@ def test_dynamic_profiles_scale_image_like_tensors_with_the_side():
     assert json.loads(json.dumps(record)) == record
 
 
-def test_sides_the_downsampling_does_not_divide_are_refused():
+def test_sides_the_downsampling_does_not_divide_are_refused(specs_at):
     geometry = {"height": 128, "width": 128, "dynamic_shape": {"min": 96, "max": 256}}
     with pytest.raises(ValueError, match="not whole"):
-        trt_plan.profile_shapes(tiny_specs()["unet_decoder"], geometry)  # mid: 2 x 96 / 128
+        trt_plan.profile_shapes(specs_at()["unet_decoder"], geometry)  # mid: 2 x 96 / 128
 
 
-def test_side_step_is_vae_times_unet_downsampling():
+def test_side_step_is_vae_times_unet_downsampling(specs_at):
     geometry = {"height": 128, "width": 128}
-    assert sizes.side_step(tiny_specs(), geometry, 2) == sizes.side_step(tiny_specs(), geometry, 3) == 64
+    assert sizes.side_step(specs_at(), geometry, "height") == sizes.side_step(specs_at(), geometry, "width") == 64
 
 
 def test_names_and_versions():
@@ -118,24 +135,24 @@ def refused(manifest, **overrides) -> str:
     return message
 
 
-def test_same_machine_and_version_is_compatible():
+def test_same_machine_and_version_is_compatible(tiny_manifest):
     trt_plan.check_compatible(tiny_manifest(), "10.7.0.30", "NVIDIA H200", "9.0", 128, 128)  # another build number
     trt_plan.check_compatible(tiny_manifest(), "10.7.0.23", "NVIDIA H100 80GB HBM3", "9.0", 128, 128)  # same SM
 
 
-def test_other_tensorrt_version_is_refused_with_the_rebuild_command():
+def test_other_tensorrt_version_is_refused_with_the_rebuild_command(tiny_manifest):
     message = refused(tiny_manifest(), trt_version="10.8.0.43")
     assert "10.7.0.23" in message and "10.8.0.43" in message
     assert "fd-build --model tiny --backend tensorrt --precision fp16" in message
     assert message.endswith("--out engines/x --force`")
 
 
-def test_other_compute_capability_is_refused():
+def test_other_compute_capability_is_refused(tiny_manifest):
     message = refused(tiny_manifest(capability="8.0"), gpu_name="NVIDIA H200")
     assert "sm_80" in message and "sm_90" in message and "fd-build" in message
 
 
-def test_sizes_outside_the_engines_are_refused():
+def test_sizes_outside_the_engines_are_refused(tiny_manifest):
     assert "built for 128x128 only" in refused(tiny_manifest(), height=256)
     dynamic = tiny_manifest(dynamic={"min": 64, "max": 256})
     trt_plan.check_compatible(dynamic, "10.7.0.23", "NVIDIA H200", "9.0", 192, 64)
@@ -143,11 +160,11 @@ def test_sizes_outside_the_engines_are_refused():
     assert "width 160" in refused(dynamic, width=160)  # inside the range, not a multiple of 64
 
 
-def test_batch_rows_outside_the_profile_are_refused():
+def test_batch_rows_outside_the_profile_are_refused(tiny_manifest):
     assert "--max-window" in refused(tiny_manifest(), batch_rows={"unet_decoder": 32})
 
 
-def test_folder_without_a_build_record_is_refused():
+def test_folder_without_a_build_record_is_refused(tiny_manifest):
     manifest = tiny_manifest()
     manifest["backend_info"] = {}
     assert "does not record" in refused(manifest)
@@ -178,7 +195,7 @@ def test_loading_a_tensorrt_folder_without_tensorrt_says_so(fake_trt_folder):
         FasterDiffusionPipeline(fake_trt_folder)
 
 
-# --- the backend's logic on a CPU stand-in --------------------------------------------------------------
+# --- the runner's logic on a CPU stand-in -----------------------------------------------------------------
 class FakeCuda:
     """cuda-python's runtime calls over host memory (device pointers are real host addresses)."""
     cudaError_t = enum.IntEnum("cudaError_t", {"cudaSuccess": 0, "cudaErrorMemoryAllocation": 2,
@@ -186,10 +203,12 @@ class FakeCuda:
     cudaMemcpyKind = enum.IntEnum("cudaMemcpyKind", {"cudaMemcpyHostToDevice": 1, "cudaMemcpyDeviceToHost": 2,
                                                      "cudaMemcpyDeviceToDevice": 3})
     cudaStreamCaptureMode = enum.IntEnum("cudaStreamCaptureMode", {"cudaStreamCaptureModeGlobal": 0})
+    TOTAL = 1 << 40
 
     def __init__(self):
         self.ok = self.cudaError_t.cudaSuccess
         self.blocks, self.capture, self.launches = {}, None, 0
+        self.taken_by_tensorrt = 0  # what the fake TensorRT "allocates" itself, seen only in cudaMemGetInfo
 
     def cudaMalloc(self, nbytes):
         block = np.zeros(nbytes, np.uint8)
@@ -200,9 +219,25 @@ class FakeCuda:
         del self.blocks[ptr]
         return (self.ok,)
 
+    def cudaMemGetInfo(self):
+        used = sum(block.nbytes for block in self.blocks.values()) + self.taken_by_tensorrt
+        return self.ok, self.TOTAL - used, self.TOTAL
+
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
         assert self.capture is None, "copies must stay outside captured graphs"
         ctypes.memmove(dst, src, nbytes)
+        return (self.ok,)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        assert self.capture is None and kind == self.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        assert width <= dpitch and width <= spitch
+        for row in range(height):
+            ctypes.memmove(dst + row * dpitch, src + row * spitch, width)
+        return (self.ok,)
+
+    def cudaMemsetAsync(self, ptr, value, nbytes, stream):
+        assert self.capture is None
+        ctypes.memset(ptr, value, nbytes)
         return (self.ok,)
 
     def cudaStreamBeginCapture(self, stream, mode):
@@ -241,12 +276,13 @@ class FakeCuda:
 
 
 class FakeTensorRT:
-    """The slice of tensorrt the backend uses; an engine "plan" is an ONNX graph that ONNX Runtime runs."""
+    """The slice of tensorrt the runner uses; an engine "plan" is an ONNX graph that ONNX Runtime runs."""
     __version__ = "10.7.0.23"
     ExecutionContextAllocationStrategy = SimpleNamespace(USER_MANAGED=2)
     Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
     DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
               "tensor(int64)": np.dtype(np.int64)}
+    ENGINE_BYTES = 1 << 20  # device memory each fake engine takes, as weights would
 
     def __init__(self, cuda):
         self.cuda = cuda
@@ -263,6 +299,7 @@ class FakeEngine:
         self.session, self.cuda = ort.InferenceSession(data, providers=["CPUExecutionProvider"]), cuda
         self.tensors = {t.name: t for t in self.session.get_inputs() + self.session.get_outputs()}
         self.num_io_tensors, self.device_memory_size_v2 = len(self.tensors), 4096
+        cuda.taken_by_tensorrt += FakeTensorRT.ENGINE_BYTES
 
     def get_tensor_name(self, index):
         return list(self.tensors)[index]
@@ -312,11 +349,9 @@ class FakeContext:
             ctypes.memmove(addresses[meta.name], value.ctypes.data, value.nbytes)
 
 
-@pytest.fixture
-def fake_trt_folder(tiny_engine, tmp_path):
-    """The tiny ONNX Runtime folder dressed as a TensorRT one (plans are the ONNX graphs)."""
-    folder = tmp_path / "tiny-fake-tensorrt"
-    shutil.copytree(tiny_engine, folder)
+def dressed_as_tensorrt(source, folder):
+    """An ONNX Runtime folder copied and dressed as a TensorRT one (plans are the ONNX graphs)."""
+    shutil.copytree(source, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     for name, spec in manifest["components"].items():
         (folder / spec["file"]).rename(folder / trt_plan.engine_filename(name))
@@ -330,14 +365,40 @@ def fake_trt_folder(tiny_engine, tmp_path):
 
 
 @pytest.fixture
+def fake_trt_folder(tiny_engine, tmp_path):
+    return dressed_as_tensorrt(tiny_engine, tmp_path / "tiny-fake-tensorrt")
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_engine(tmp_path_factory):
+    """tiny-xl (two text encoders, text_embeds and time_ids) built for ONNX Runtime."""
+    from builder.build import BuildOptions, build
+    return build(BuildOptions(model="tiny-xl", out=str(tmp_path_factory.mktemp("xl") / "tiny-xl")),
+                 log=lambda *_: None)
+
+
+@pytest.fixture
 def fake_cuda(monkeypatch):
     import runtime.backends.cuda_memory as cuda_memory
-    import runtime.backends.tensorrt as backend_module
+    import runtime.backends.tensorrt as runner_module
     cuda = FakeCuda()
     monkeypatch.setattr(cuda_memory, "cudart", lambda: cuda)
-    monkeypatch.setattr(backend_module, "cudart", lambda: cuda)
-    monkeypatch.setattr(backend_module, "import_tensorrt", lambda fix: FakeTensorRT(cuda))
+    monkeypatch.setattr(runner_module, "cudart", lambda: cuda)
+    monkeypatch.setattr(runner_module, "import_tensorrt", lambda fix: FakeTensorRT(cuda))
     return cuda
+
+
+@pytest.fixture
+def runner(fake_trt_folder, fake_cuda):
+    from runtime.backends import load_runner
+    from runtime.manifest import load_manifest
+    loaded = load_runner(fake_trt_folder, load_manifest(fake_trt_folder))
+    yield loaded
+    loaded.close()
+
+
+def rng_array(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def test_driver_older_than_cuda_python_says_which_to_install(fake_cuda, monkeypatch):
@@ -348,9 +409,10 @@ def test_driver_older_than_cuda_python_says_which_to_install(fake_cuda, monkeypa
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_backend_logic_reproduces_onnxruntime(fake_trt_folder, fake_cuda, tiny_engine, cuda_graphs):
+def test_runner_logic_reproduces_onnxruntime(fake_trt_folder, fake_cuda, tiny_engine, cuda_graphs):
     reference = FasterDiffusionPipeline(tiny_engine)
     pipe = FasterDiffusionPipeline(fake_trt_folder, cuda_graphs=cuda_graphs)
+    assert type(pipe.runner).__name__ == "TensorRTRunner"
     for seed in (3, 4):  # the second run replays every graph the first one captured
         want, got = reference([PROMPT], steps=20, seed=seed), pipe([PROMPT], steps=20, seed=seed)
         np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5 * np.abs(want.latents).max())
@@ -358,8 +420,8 @@ def test_backend_logic_reproduces_onnxruntime(fake_trt_folder, fake_cuda, tiny_e
         assert got.calls == want.calls == {"text_encoder": 1, "unet_encoder": 7, "unet_decoder": 7, "vae_decoder": 1}
     if cuda_graphs:
         # encoder: one key; decoder: windows of 1 read the encoder's buffers, of 2 and 5 their own rows
-        assert len(pipe.backend.graphs) == 1 + 1 + 3 + 1
-        assert fake_cuda.launches == 2 * 16 - len(pipe.backend.graphs)
+        assert len(pipe.runner.graphs) == 1 + 1 + 3 + 1
+        assert fake_cuda.launches == 2 * 16 - len(pipe.runner.graphs)
     baseline = pipe([PROMPT], steps=6, seed=1, policy=FasterDiffusionPolicy.baseline(6))
     want = reference([PROMPT], steps=6, seed=1, policy=FasterDiffusionPolicy.baseline(6))
     np.testing.assert_allclose(baseline.latents, want.latents, rtol=0, atol=1e-5 * np.abs(want.latents).max())
@@ -367,18 +429,145 @@ def test_backend_logic_reproduces_onnxruntime(fake_trt_folder, fake_cuda, tiny_e
     assert not fake_cuda.blocks  # every buffer freed
 
 
-def test_backend_primitives_round_trip(fake_trt_folder, fake_cuda):
-    pipe = FasterDiffusionPipeline(fake_trt_folder)
-    backend, array = pipe.backend, np.arange(24, dtype=np.float64).reshape(2, 3, 4)
-    view = backend.upload(array, "float32")
-    assert view.dtype == np.float32 and np.array_equal(backend.download(view), array.astype(np.float32))
-    cache = backend.buffers["unet_encoder"]["mid"].view((2, 64, 2, 2), np.float32, "mid")
-    rows = np.random.default_rng(0).standard_normal((2, 64, 2, 2)).astype(np.float32)
-    backend._copy_in(rows, cache)
-    assert np.array_equal(backend.download(backend.repeat(cache, 3)), np.concatenate([rows] * 3))
-    with pytest.raises(FdError, match="larger than this engine folder's profiles allow"):
-        backend.repeat(cache, 16)  # 32 rows; the decoder takes at most 2 x 1 x 15
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_sdxl_graphs_and_concats_reproduce_onnxruntime(tiny_xl_engine, tmp_path, fake_cuda, cuda_graphs):
+    """tiny-xl: graphs from the manifest (text_encoder_2), hidden states joined on the last axis, zero
+    unconditional rows, time_ids shared by both UNet halves, all on the device."""
+    folder = dressed_as_tensorrt(tiny_xl_engine, tmp_path / "tiny-xl-fake-tensorrt")
+    reference, pipe = FasterDiffusionPipeline(tiny_xl_engine), FasterDiffusionPipeline(folder, cuda_graphs=cuda_graphs)
+    assert set(pipe.runner.engines) == {"text_encoder", "text_encoder_2", "unet_encoder", "unet_decoder",
+                                        "vae_decoder"}
+    captured = None
+    for negative in (None, None, "blurry"):  # no negative prompt: zero rows; then a negative prompt's text
+        want = reference([PROMPT], steps=8, seed=5, negative_prompt=negative)
+        got = pipe([PROMPT], steps=8, seed=5, negative_prompt=negative)
+        np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5 * np.abs(want.latents).max())
+        assert got.calls == want.calls and got.calls["text_encoder_2"] == 1
+        if cuda_graphs and captured is None:
+            captured = len(pipe.runner.graphs)
+        elif cuda_graphs and negative is None:  # same call again: same addresses, every graph replayed
+            assert len(pipe.runner.graphs) == captured
     pipe.close()
+    assert not fake_cuda.blocks
+
+
+def test_host_arrays_go_into_the_graphs_own_input_buffers(runner):
+    ids = np.arange(2 * 77).reshape(2, 77) % 100
+    outputs = runner.run("text_encoder", {"input_ids": ids})
+    context = runner.contexts["text_encoder"]
+    assert context.addresses["input_ids"] == runner.buffers["text_encoder"]["input_ids"].ptr
+    assert outputs["text_embeddings"].buffer is runner.buffers["text_encoder"]["text_embeddings"]
+    assert outputs["text_embeddings"].shape == (2, 77, 32) and runner.calls["text_encoder"] == 1
+    shared = runner.upload_input("unet_encoder", "timestep", np.array([3.0, 4.0]))
+    assert shared.buffer is runner.buffers["unet_encoder"]["timestep"] and shared.dtype == np.float32
+    np.testing.assert_array_equal(runner.download(shared), [3.0, 4.0])
+    with pytest.raises(FdError, match="larger than this engine folder's profiles allow"):
+        runner.run("text_encoder", {"input_ids": np.zeros((3, 77), np.int64)})  # 2 rows at most
+
+
+def test_inputs_of_another_dtype_are_refused(runner):
+    wrong = runner.upload(np.zeros((2, 77, 32)), "float16")
+    with pytest.raises(FdError, match="unet_encoder.encoder_hidden_states is given float16.*rebuild"):
+        runner.run("unet_encoder", {"sample": np.zeros((2, 4, 16, 16)), "timestep": np.zeros(2),
+                                    "encoder_hidden_states": wrong})
+
+
+def test_upload_and_download_round_trip(runner):
+    array = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
+    view = runner.upload(array, "float32")
+    assert view.dtype == np.float32 and np.array_equal(runner.download(view), array.astype(np.float32))
+
+
+def test_concat_along_rows_lands_in_the_decoders_input_buffer(runner):
+    rows = rng_array(2, 64, 2, 2)
+    mid = runner.upload(rows, "float32")
+    out = runner.concat([mid] * 3, key="unet_decoder.mid")
+    assert out.buffer is runner.buffers["unet_decoder"]["mid"]
+    np.testing.assert_array_equal(runner.download(out), np.concatenate([rows] * 3))
+    np.testing.assert_array_equal(runner.download(mid), rows)  # the source is intact
+    with pytest.raises(FdError, match="larger than this engine folder's profiles allow"):
+        runner.concat([mid] * 16, key="unet_decoder.mid")  # 32 rows; the decoder takes at most 2 x 1 x 15
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 2])
+def test_concat_along_inner_axes_copies_every_row(runner, axis):
+    a, b = rng_array(2, 3, 4, 5, seed=1), rng_array(2, 3, 4, 5, seed=2)
+    b = np.concatenate([b, b], axis=axis)  # parts of different widths along the axis
+    out = runner.concat([runner.upload(a, "float32"), runner.upload(b, "float32")], axis=axis)
+    np.testing.assert_array_equal(runner.download(out), np.concatenate([a, b], axis=axis))
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        runner.concat([runner.upload(a, "float32"), runner.upload(a[:1], "float32")], axis=axis)
+
+
+def test_concat_never_writes_where_an_input_lies(runner):
+    x, y = rng_array(2, 64, 2, 2, seed=1), rng_array(2, 64, 2, 2, seed=2)
+    key, target = "unet_decoder.mid", runner.buffers["unet_decoder"]["mid"]
+    first = runner.concat([runner.upload(x, "float32")] * 2, key=key)  # in the decoder's buffer
+    grown = runner.concat([first, runner.upload(y, "float32")], key=key)  # first part already in place
+    assert grown.buffer is target
+    np.testing.assert_array_equal(runner.download(grown), np.concatenate([x, x, y]))
+    second = runner.upload(y, "float32")
+    after = runner.concat([second, grown], key=key)  # the target holds a later part: a scratch buffer instead
+    assert after.buffer is not target
+    np.testing.assert_array_equal(runner.download(after), np.concatenate([y, x, x, y]))
+    np.testing.assert_array_equal(runner.download(grown), np.concatenate([x, x, y]))  # untouched
+    side = runner.concat([grown, grown], axis=-1, key=key)  # an inner axis is never "in place"
+    assert side.buffer is not target and side.buffer is not after.buffer
+    np.testing.assert_array_equal(runner.download(side), np.concatenate([runner.download(grown)] * 2, axis=-1))
+
+
+def test_scratch_buffers_keep_their_addresses(runner):
+    def parts(seed, rows=2):
+        return [runner.upload(rng_array(rows, 77, 8, seed=seed + k), "float32") for k in range(2)]
+    first = runner.concat(parts(0), axis=-1)
+    again_parts = parts(10)
+    again = runner.concat(again_parts, axis=-1)  # same shapes, no key: the same buffer
+    assert again.ptr == first.ptr
+    other = runner.concat(parts(20, rows=1), axis=-1)  # other shapes: another buffer, the first one intact
+    assert other.ptr != first.ptr
+    np.testing.assert_array_equal(runner.download(again), np.concatenate([runner.download(v) for v in again_parts], -1))
+    small = runner.concat(parts(30, rows=1), key="conditions")
+    big = runner.concat(parts(40, rows=4), key="conditions")  # grown once...
+    smaller = runner.concat(parts(50, rows=1), key="conditions")  # ...then kept
+    assert big.ptr == smaller.ptr and small.shape == (2, 77, 8) and big.shape == (8, 77, 8)
+    parts_in_scratch = [smaller, *parts(60, rows=1)]
+    expected = np.concatenate([runner.download(v) for v in parts_in_scratch])
+    moved = runner.concat(parts_in_scratch, key="conditions")  # an input lies in that key's buffer
+    assert moved.ptr != smaller.ptr
+    np.testing.assert_array_equal(runner.download(moved), expected)
+    assert runner.concat(parts(70, rows=1), key="conditions").ptr == big.ptr  # the first one is free again
+
+
+def test_zeros_like_gives_zeros_at_a_stable_address(runner):
+    value = runner.upload(rng_array(2, 77, 32), "float32")
+    zeros = runner.zeros_like(value)
+    assert zeros.shape == value.shape and zeros.dtype == value.dtype and zeros.buffer is not value.buffer
+    assert not runner.download(zeros).any()
+    ctypes.memset(zeros.ptr, 1, zeros.nbytes)  # even if something wrote there, the next call is zeros again
+    again = runner.zeros_like(value)
+    assert again.ptr == zeros.ptr and not runner.download(again).any()
+
+
+def test_peak_memory_counts_the_engines_and_each_runs_own_buffers(runner, fake_cuda):
+    assert runner.capabilities.peak_memory and runner.capabilities.on_gpu
+    assert runner.tensorrt_bytes == len(runner.engines) * FakeTensorRT.ENGINE_BYTES
+    held = sum(block.nbytes for block in fake_cuda.blocks.values())  # every buffer allocated at load
+    assert runner.peak_memory_bytes() == runner.tensorrt_bytes + held
+    upload = runner.upload(np.zeros(1000, np.float32), "float32")
+    del upload  # freed: still part of this run's peak
+    assert runner.peak_memory_bytes() == runner.tensorrt_bytes + held + 4000
+    runner.reset_peak_memory()  # the next run starts from what is held now
+    assert runner.peak_memory_bytes() == runner.tensorrt_bytes + held
+
+
+def test_close_frees_every_buffer_even_uploads_still_referenced(fake_trt_folder, fake_cuda):
+    pipe = FasterDiffusionPipeline(fake_trt_folder)
+    runner = pipe.runner
+    kept = [runner.upload(np.ones(8), "float32"), runner.concat([runner.upload(np.ones(8), "float32")] * 2),
+            runner.zeros_like(runner.upload(np.ones(8), "float32"))]
+    pipe.close()
+    assert not fake_cuda.blocks and len(kept) == 3
+    pipe.close()  # twice is harmless
 
 
 def test_load_refuses_engines_from_another_tensorrt(fake_trt_folder, fake_cuda):
@@ -388,6 +577,14 @@ def test_load_refuses_engines_from_another_tensorrt(fake_trt_folder, fake_cuda):
     with pytest.raises(FdError, match="built for Fake GPU .sm_90. with TensorRT 10.3.0.26.*fd-build"):
         FasterDiffusionPipeline(fake_trt_folder)
     assert not fake_cuda.blocks  # refused before anything was allocated
+
+
+def test_load_refuses_an_engine_whose_tensors_differ_from_the_manifest(fake_trt_folder, fake_cuda):
+    manifest = json.loads((fake_trt_folder / "manifest.json").read_text())
+    manifest["components"]["vae_decoder"]["outputs"][0]["dtype"] = "float16"
+    (fake_trt_folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FdError, match="vae_decoder.plan does not match its manifest.*rebuild with `fd-build"):
+        FasterDiffusionPipeline(fake_trt_folder)
 
 
 def test_timing_cache_is_written_whole(tmp_path):
@@ -450,6 +647,23 @@ def test_tensorrt_matches_onnxruntime_and_calls_the_encoder_at_key_steps(trt_bui
             got = pipe([PROMPT], steps=50, seed=3)
             assert got.calls == {"text_encoder": 1, "unet_encoder": 9, "unet_decoder": 9, "vae_decoder": 1}
             assert np.abs(got.latents - want.latents).max() <= tolerance * np.abs(want.latents).max()
+        assert pipe.runner.peak_memory_bytes() >= pipe.runner.meter.held > 0
+        pipe.close()
+
+
+@pytest.mark.tensorrt
+@needs_gpu
+def test_tensorrt_sdxl_matches_onnxruntime(tiny_xl_engine, tmp_path):
+    from builder.build import BuildOptions, build
+    folder = build(BuildOptions(model="tiny-xl", backend="tensorrt", precision="fp32", out=str(tmp_path / "xl")),
+                   log=lambda *_: None)
+    want = FasterDiffusionPipeline(tiny_xl_engine)([PROMPT], steps=20, seed=3)
+    for cuda_graphs in (False, True):
+        pipe = FasterDiffusionPipeline(folder, cuda_graphs=cuda_graphs)
+        for _ in range(2):
+            got = pipe([PROMPT], steps=20, seed=3)
+            assert got.calls == want.calls
+            assert np.abs(got.latents - want.latents).max() <= 1e-3 * np.abs(want.latents).max()
         pipe.close()
 
 
@@ -457,10 +671,10 @@ def test_tensorrt_matches_onnxruntime_and_calls_the_encoder_at_key_steps(trt_bui
 @needs_gpu
 def test_tensorrt_folder_from_another_version_is_refused_before_loading(trt_build, tmp_path):
     _, folder, _ = trt_build
-    copy = tmp_path / "copy"
-    shutil.copytree(folder, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
+    copied = tmp_path / "copy"
+    shutil.copytree(folder, copied)
+    manifest = json.loads((copied / "manifest.json").read_text())
     manifest["backend_info"]["tensorrt_version"] = "9.9.9"
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copied / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FdError, match="TensorRT 9.9.9.*rebuild with `fd-build --model tiny --backend tensorrt"):
-        FasterDiffusionPipeline(copy)
+        FasterDiffusionPipeline(copied)

@@ -1,4 +1,4 @@
-"""CUDA through cuda-python for the TensorRT backend: device buffers, views into them, error checks.
+"""CUDA through cuda-python for the TensorRT runner: device buffers, views into them, error checks.
 
 Call shapes follow cuda-python's runtime module (every call returns (error, *values)). Imported lazily.
 """
@@ -52,12 +52,38 @@ def cuda_device() -> tuple[str, str]:
     return name.split("\x00")[0].strip(), f"{props.major}.{props.minor}"
 
 
+def device_free_bytes() -> int:
+    """Free memory of the current GPU (device-wide: other processes' allocations show here too)."""
+    free, _total = check(cudart().cudaMemGetInfo(), "reading the GPU's free memory")
+    return int(free)
+
+
+class MemoryMeter:
+    """Bytes held in the DeviceBuffers that name it, and their peak since the last reset."""
+
+    def __init__(self):
+        self.held = self.peak = 0
+
+    def add(self, nbytes: int) -> None:
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+
+    def remove(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+    def reset(self) -> None:
+        self.peak = self.held
+
+
 class DeviceBuffer:
     """One cudaMalloc'd block (256-byte aligned, as TensorRT requires)."""
 
-    def __init__(self, nbytes: int, what: str):
-        self.nbytes = max(int(nbytes), 1)
+    def __init__(self, nbytes: int, what: str, meter: MemoryMeter | None = None):
+        self.nbytes, self.what, self.meter = max(int(nbytes), 1), what, None
         self.ptr = int(check(cudart().cudaMalloc(self.nbytes), f"allocating {self.nbytes / 2**20:.1f} MiB for {what}"))
+        if meter is not None:
+            self.meter = meter
+            meter.add(self.nbytes)
 
     def view(self, shape, dtype, name: str) -> DeviceView:
         view = DeviceView(self, tuple(int(d) for d in shape), np.dtype(dtype), name)
@@ -69,9 +95,11 @@ class DeviceBuffer:
     def free(self) -> None:
         if self.ptr:
             ptr, self.ptr = self.ptr, 0
+            if self.meter is not None:
+                self.meter.remove(self.nbytes)
             check(cudart().cudaFree(ptr), "freeing GPU memory")
 
-    def __del__(self):  # buffers of a backend that failed half-way through construction
+    def __del__(self):  # buffers of a runner that failed half-way through construction, dropped scratch
         try:
             self.free()
         except Exception:
@@ -80,8 +108,9 @@ class DeviceBuffer:
 
 @dataclass(frozen=True)
 class DeviceView:
-    """A backend-native value: `shape` elements of `dtype` at the start of `buffer`. It stays valid until
-    the component that produced it runs again (the pipeline uses a cache only within its window)."""
+    """A runner-native value: `shape` elements of `dtype` at the start of `buffer`. A graph's output stays
+    valid until that graph runs again (the pipeline uses a cache only within its window); other values
+    until their buffer is written again (see TensorRTRunner.concat)."""
     buffer: DeviceBuffer
     shape: tuple
     dtype: np.dtype

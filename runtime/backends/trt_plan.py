@@ -31,9 +31,9 @@ def parse_version(text: str) -> tuple[int, int, int]:
 def shape_range(tensor: dict, batch: dict, geometry: dict) -> tuple[tuple, tuple, tuple]:
     """(min, opt, max) shape of one spec tensor.
 
-    The batch axis takes the component's batch range. In a dynamic-shape build (geometry["dynamic_shape"]
-    = {"min", "max"} image side in pixels) the H and W of image-like NCHW tensors scale with the image
-    side; `opt` stays at the built size, which is what TensorRT tunes its kernels for.
+    The "batch" axis takes the graph's batch range. In a dynamic-shape build (geometry["dynamic_shape"]
+    = {"min", "max"} image side in pixels) the axes named "height" and "width" scale with the image side;
+    `opt` stays at the built size, which is what TensorRT tunes its kernels for.
     """
     sides = geometry.get("dynamic_shape")
     built = (geometry["height"], geometry["width"])
@@ -41,13 +41,13 @@ def shape_range(tensor: dict, batch: dict, geometry: dict) -> tuple[tuple, tuple
     for key in ("min", "opt", "max"):
         shape = [batch[key] if dim == "batch" else dim for dim in tensor["shape"]]
         if sides and key != "opt":
-            shape = scaled_shape(shape, built, (sides[key], sides[key]), tensor["name"])
+            shape = scaled_shape(shape, tensor["axes"], built, (sides[key], sides[key]), tensor["name"])
         shapes.append(tuple(shape))
     return tuple(shapes)
 
 
 def profile_shapes(spec: dict, geometry: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """The one optimization profile of a component: (min, opt, max) per input.
+    """The one optimization profile of a graph: (min, opt, max) per input.
 
     `geometry` is the builder's geometry or a manifest (which holds the same keys)."""
     return {t["name"]: shape_range(t, spec["batch"], geometry) for t in spec["inputs"]}
