@@ -93,7 +93,7 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
     interrupted, rss_after_load, bar = False, None, None
     try:
         if s.compare_diffusers:
-            arms[DIFFUSERS] = diffusers_arm(pipe.manifest, s, prompts, latents, engine_on_gpu(pipe.backend))
+            arms[DIFFUSERS] = diffusers_arm(pipe.manifest, s, prompts, latents, pipe.runner.capabilities.on_gpu)
         rss_after_load = _proc_status("VmRSS")  # every model loaded, nothing run yet
         phases = ["warmup"] * s.warmup + ["measure"] * s.runs
         bar = progress(len(phases) * len(arms)) if progress else None
@@ -114,18 +114,17 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
     result = summarize(pipe.manifest, s, policy, measured, last, interrupted, rss_after_load)
     for name, arm in arms.items():
         result["arms"][name].update(getattr(arm, "info", {}))
-    if hasattr(pipe.backend, "peak_memory_bytes"):  # without a reset, later runs inherit earlier peaks
-        result["memory"]["device_peak"] = ("per run" if hasattr(pipe.backend, "reset_peak_memory") else
-                                           "since the folder was loaded (the backend cannot reset it)")
+    if pipe.runner.capabilities.peak_memory:
+        result["memory"]["device_peak"] = "per run"
     return result
 
 
 def fd_arm(pipe, s: Settings, policy, prompts, latents):
     def run() -> Sample:
-        reset = _reset_peaks(pipe.backend)
+        reset = _reset_peaks(pipe.runner)
         result = pipe(prompts, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
                       latents=latents, policy=policy, height=s.height, width=s.width)
-        device = getattr(pipe.backend, "peak_memory_bytes", None)
+        device = pipe.runner.peak_memory_bytes if pipe.runner.capabilities.peak_memory else None
         stages = {k: result.timings[k] for k in STAGES}
         stages["other"] = max(result.timings["total"] - sum(stages.values()), 0.0)  # untimed glue
         images = np.stack([np.asarray(image) for image in result.images])
@@ -134,17 +133,13 @@ def fd_arm(pipe, s: Settings, policy, prompts, latents):
     return run
 
 
-def engine_on_gpu(backend) -> bool:
-    return (backend.name == "tensorrt" or "CUDAExecutionProvider" in (getattr(backend, "providers", None) or [])
-            or str(getattr(backend, "device", "")).startswith("cuda"))
-
-
 def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
-    """diffusers' StableDiffusionPipeline on the weights the engine folder was built from."""
+    """diffusers' own pipeline of the folder's family on the weights the engine folder was built from."""
     try:
         import diffusers
         import torch
         import transformers
+        from builder.families import FAMILIES
         from builder.models import load_components
     except ImportError:
         raise FdError("--compare diffusers needs torch and diffusers: pip install 'fd[build]'") from None
@@ -165,10 +160,7 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         raise FdError("--compare diffusers: the engine runs on a GPU but this torch has no CUDA: install a CUDA torch")
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.float16 if device == "cuda" and manifest["precision"] == "fp16" else torch.float32
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=cls.from_config(manifest["scheduler_config"]), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+    pipe = FAMILIES[comps.family].diffusers_pipeline(comps, cls.from_config(manifest["scheduler_config"]))
     if (device, dtype) != ("cpu", torch.float32):  # the components load as fp32 on the CPU already
         pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -203,11 +195,11 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
 
 # --- memory ---------------------------------------------------------------------------------------------
 
-def _reset_peaks(backend) -> bool:
+def _reset_peaks(runner) -> bool:
     """Reset the peaks so each run reports its own. Linux resets a process's peak RSS (VmHWM) when 5 is
     written to /proc/self/clear_refs; elsewhere the peak stays the process's since its start."""
-    if hasattr(backend, "reset_peak_memory"):
-        backend.reset_peak_memory()
+    if runner is not None:
+        runner.reset_peak_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -100,7 +100,7 @@ def write_markdown(path: str, result: dict) -> None:
 def engine_info(pipe) -> dict:
     m = pipe.manifest
     return {"dir": str(pipe.engine_dir), "backend": m["backend"], "precision": m["precision"],
-            "providers": getattr(pipe.backend, "providers", None),
+            "providers": getattr(pipe.runner, "providers", None),
             "model": m["source"].get("model"), "model_kind": m["source"].get("kind"),
             "height": m["height"], "width": m["width"], "dynamic_shape": m.get("dynamic_shape"),
             "max_batch_size": m["limits"]["max_batch_size"], "max_window": m["limits"]["max_window"],

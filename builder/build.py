@@ -1,5 +1,7 @@
-"""fd-build's steps: model → split modules → checked ONNX graphs (torch: checked .pt2 programs) → (TensorRT
-engines) → engine folder.
+"""fd-build: options, then a chain of steps, each in its own module:
+
+  model (models.py) → family modules and specs (families/) → checked graphs (graphs.py)
+  → engines (tensorrt_build.py, torch_build.py) → engine folder with its manifest (staging.py, here)
 
 Everything is written into a hidden folder next to the target and swapped into place only when complete
 (builder/staging.py), so a failed or interrupted build never leaves a half-written engine folder.
@@ -14,26 +16,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from builder import export
 from builder.flops import unet_flops
+from builder.graphs import export_and_check
 from builder.staging import staged_folder
-from builder.specs import Limits, TORCH_DTYPE_NAMES, cache_names, component_specs
+from builder.specs import Limits
 from builder.split import check_supported, unet_levels
+from runtime.backends import BACKENDS, backend_info
 from runtime.errors import FdError
-from runtime.manifest import BACKENDS, COMPONENTS, MANIFEST_NAME, MANIFEST_VERSION, write_json_atomic
+from runtime.manifest import MANIFEST_NAME, MANIFEST_VERSION, write_json_atomic
 
 MAX_SIDE = 2048
-PRECISIONS = ("fp32", "fp16", "tf32")
 
 
 @dataclass
 class BuildOptions:
     model: str
     backend: str = "onnxruntime"
-    precision: str | None = None  # None: fp16 for GPU backends, fp32 for onnxruntime
+    precision: str | None = None  # None: the backend's default (fp32 for onnxruntime, fp16 for GPU backends)
     height: int | None = None  # None: the model's native size
     width: int | None = None
     max_batch_size: int = 1
@@ -44,17 +43,16 @@ class BuildOptions:
     backend_options: dict | None = None  # backend-specific knobs (TensorRT: opt level, dynamic shape, …)
 
     def resolved_precision(self) -> str:
-        return self.precision or ("fp32" if self.backend == "onnxruntime" else "fp16")
+        return self.precision or backend_info(self.backend).default_precision
 
 
 def validate_options(opts: BuildOptions) -> None:
     """Checks that need no model: all of them run before anything heavy is loaded."""
-    if opts.backend not in BACKENDS:
-        raise FdError(f"unknown backend '{opts.backend}': choose one of {', '.join(BACKENDS)}")
+    info = backend_info(opts.backend)
     precision = opts.resolved_precision()
-    if precision not in PRECISIONS or (precision == "tf32" and opts.backend != "tensorrt"):
-        raise FdError(f"precision '{precision}' is not available for {opts.backend}: use fp32 or fp16"
-                      + (" (tf32 is TensorRT-only)" if precision == "tf32" else ""))
+    if precision not in info.precisions:
+        raise FdError(f"precision '{precision}' is not available for {opts.backend}: use "
+                      f"{' or '.join(info.precisions)}")
     for name in ("height", "width"):
         value = getattr(opts, name)
         if value is not None and (value <= 0 or value % 8 or value > MAX_SIDE):
@@ -63,9 +61,10 @@ def validate_options(opts: BuildOptions) -> None:
         raise FdError(f"--max-batch-size {opts.max_batch_size} is out of range: use 1 to 64")
     if not 1 <= opts.max_window <= 1000:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
-    if dynamic_range(opts) and opts.backend == "torch":
-        raise FdError("--dynamic-shape is for TensorRT and ONNX Runtime folders (torch folders are built for one "
-                      "size): drop it, or build for --backend tensorrt or onnxruntime")
+    if dynamic_range(opts) and not info.dynamic_shapes:
+        able = " or ".join(b.name for b in BACKENDS.values() if b.dynamic_shapes)
+        raise FdError(f"--dynamic-shape is for {able} folders ({opts.backend} folders are built for one size): "
+                      f"drop it, or build for --backend {able}")
 
 
 def dynamic_range(opts: BuildOptions) -> tuple[int, int] | None:
@@ -93,64 +92,41 @@ def build(opts: BuildOptions, log=print) -> Path:
     validate_options(opts)
     out = Path(opts.out) if opts.out else default_out(opts)
     precision = opts.resolved_precision()
+    export_precision = "fp32" if precision == "tf32" else precision  # tf32: a TensorRT flag on fp32 graphs
     backend_module = _backend_builder(opts.backend)  # fails early if the backend's libraries are missing
 
+    from builder.families import FAMILIES
     from builder.models import load_components
     started = time.perf_counter()
     with staged_folder(out, opts.force) as stage:  # output problems surface here, before the model loads
         comps = load_components(opts.model)
+        family = FAMILIES[comps.family]
         check_supported(comps.unet)
-        log(f"loaded {opts.model} in {time.perf_counter() - started:.1f} s")
+        log(f"loaded {opts.model} ({family.name} family) in {time.perf_counter() - started:.1f} s")
         geometry = model_geometry(comps, opts)
         limits = Limits(opts.max_batch_size, opts.max_window)
-        export_precision = "fp32" if precision == "tf32" else precision  # tf32: a TensorRT flag on fp32 graphs
-        modules = export.graph_modules(comps, export_precision)
-        specs = make_specs(comps, modules, geometry, export_precision, limits)
-        rng = np.random.default_rng(opts.seed)
-        vocab = comps.text_encoder.config.vocab_size
-        for name in tqdm(COMPONENTS, desc="export + check", unit="graph", disable=None):
-            spec, module = specs[name], modules[name]
-            if opts.backend == "torch":  # the .pt2 programs are the engines: the torch runtime reads no ONNX
-                path, t0 = stage / f"{name}.pt2", time.perf_counter()
-                backend_module.export_program(module, spec, rng, vocab, path)
-                seconds = time.perf_counter() - t0
-                check = backend_module.check_program(path, module, spec, rng, vocab, export_precision)
-            else:
-                path = stage / f"{name}.onnx"
-                feeds = export.random_inputs(spec, spec["batch"]["min"] + 1, rng, vocab)
-                t0 = time.perf_counter()
-                export.export_onnx(module, spec, feeds, path,
-                                   dynamic_spatial=geometry["dynamic_shape"] is not None)
-                seconds = time.perf_counter() - t0
-                check = export.check_onnx(path, module, spec, feeds, export_precision)
-                if geometry["dynamic_shape"] and has_image_axes(spec):
-                    check = check_other_size(path, module, spec, geometry, check, rng, vocab, export_precision)
-            spec.update(file=path.name, export_seconds=round(seconds, 2), check=check)
-            tqdm.write(f"  {name}: {export.file_size(path) / 1e6:.1f} MB, max relative error vs PyTorch "
-                       f"{check['max_rel_error']:.2e} (tolerance {check['tolerance']:g})"
-                       + "".join(f", checked at {h}x{w}" for h, w in check.get("sizes", [])))
+        modules = family.graph_modules(comps, export_precision)
+        specs = family.specs(comps, modules, geometry, export_precision, limits)
+        vocab = min(encoder.config.vocab_size for encoder in (comps.text_encoder, comps.text_encoder_2) if encoder)
+        export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed)
         flops = unet_flops(modules, specs)
-        backend_info = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
-        comps.tokenizer.save_pretrained(str(stage / "tokenizer"))
-        manifest = make_manifest(opts, comps, geometry, specs, limits, precision, backend_info)
+        engines = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
+        tokenizers = save_tokenizers(comps, stage)
+        manifest = make_manifest(opts, comps, geometry, specs, limits, precision, engines, tokenizers)
         manifest["flops_per_sample"] = flops
         write_json_atomic(stage / MANIFEST_NAME, manifest)
     log(f"built {out} in {time.perf_counter() - started:.1f} s")
     return out
 
 
-def has_image_axes(spec: dict) -> bool:
-    return any(len(t["shape"]) == 4 for t in spec["inputs"] + spec["outputs"])
-
-
-def check_other_size(path, module, spec, geometry, check, rng, vocab, precision) -> dict:
-    """Check a dynamic-size graph again at the smallest side of its range: a size baked into the graph
-    by tracing would pass at the built size and fail here."""
-    built, side = (geometry["height"], geometry["width"]), geometry["dynamic_shape"]["min"]
-    feeds = export.random_inputs(spec, spec["batch"]["min"], rng, vocab, resize=(built, (side, side)))
-    other = export.check_onnx(path, module, spec, feeds, precision)
-    return {**check, "max_rel_error": max(check["max_rel_error"], other["max_rel_error"]),
-            "sizes": [list(built), [side, side]]}
+def save_tokenizers(comps, stage: Path) -> list[dict]:
+    """Each tokenizer as tokenizer.json (what the runtime's `tokenizers` library reads), with its padding."""
+    records = []
+    for folder, tokenizer in zip(("tokenizer", "tokenizer_2"), comps.tokenizers):
+        tokenizer.save_pretrained(str(stage / folder))
+        records.append({"file": f"{folder}/tokenizer.json", "max_length": tokenizer.model_max_length,
+                        "pad_token_id": tokenizer.pad_token_id})
+    return records
 
 
 def _backend_builder(backend: str):
@@ -192,26 +168,12 @@ def model_geometry(comps, opts: BuildOptions) -> dict:
             "dynamic_shape": {"min": side_range[0], "max": side_range[1]} if side_range else None}
 
 
-def make_specs(comps, modules, geometry, precision, limits) -> dict:
-    import torch
-    unet_dtype = TORCH_DTYPE_NAMES[precision]
-    lh, lw = geometry["latent_height"], geometry["latent_width"]
-    text_len = comps.tokenizer.model_max_length
-    text_dim = comps.text_encoder.config.hidden_size
-    with torch.no_grad():  # one tiny encoder pass tells the shapes of the cache
-        dtype = next(comps.unet.parameters()).dtype
-        cache = modules["unet_encoder"](torch.zeros(1, geometry["latent_channels"], lh, lw, dtype=dtype),
-                                        torch.zeros(1), torch.zeros(1, text_len, text_dim, dtype=dtype))
-    return component_specs(
-        text_len=text_len, text_dim=text_dim, latent_channels=geometry["latent_channels"], latent_hw=(lh, lw),
-        image_hw=(geometry["height"], geometry["width"]), cache_shapes=[tuple(t.shape[1:]) for t in cache],
-        unet_dtype=unet_dtype, text_dtype="float32", limits=limits)
-
-
-def make_manifest(opts, comps, geometry, specs, limits, precision, backend_info) -> dict:
+def make_manifest(opts, comps, geometry, specs, limits, precision, engines: dict, tokenizers: list) -> dict:
     return {
         "manifest_version": MANIFEST_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "family": comps.family,
+        "family_options": comps.options,
         "source": comps.source,
         "backend": opts.backend,
         "precision": precision,
@@ -220,11 +182,10 @@ def make_manifest(opts, comps, geometry, specs, limits, precision, backend_info)
         "limits": {"max_batch_size": limits.max_batch_size, "max_window": limits.max_window},
         "scheduler_config": comps.scheduler_config,
         "prediction_type": comps.scheduler_config.get("prediction_type", "epsilon"),
-        "tokenizer": {"file": "tokenizer/tokenizer.json", "max_length": comps.tokenizer.model_max_length,
-                      "pad_token_id": comps.tokenizer.pad_token_id},
-        "cache": cache_names(len(specs["unet_encoder"]["outputs"])),
+        "tokenizers": tokenizers,
+        "cache": [t["name"] for t in specs["unet_encoder"]["outputs"]],
         "components": specs,
-        "backend_info": backend_info,
+        "backend_info": engines,
         "versions": library_versions(),
         "host": {"machine": platform.machine(), "python": platform.python_version()},
     }

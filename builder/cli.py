@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from runtime.cli_common import run_cli
-from runtime.manifest import BACKENDS
+from runtime.backends import BACKENDS
 
 EXAMPLES = """examples:
   fd-build --model tiny                                   # toy model, ONNX Runtime, engines/tiny-fp32-onnxruntime

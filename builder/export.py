@@ -1,12 +1,11 @@
 """Modules → ONNX graphs, and the check of each graph against its PyTorch module.
 
-The legacy TorchScript exporter (opset 17) is used on purpose: it exports our four modules in ~1 s each
+The legacy TorchScript exporter (opset 17) is used on purpose: it exports our modules in ~1 s each
 where the dynamo exporter takes ~15 s on the tiny model, it is the path TensorRT's own demos use, and
 dynamic axes need no symbolic-shape constraints. Graphs over 2 GB are re-saved with one external data file.
 """
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import warnings
@@ -16,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from builder.specs import names
-from builder.split import UNetDecoder, UNetEncoder
+from builder.specs import SPATIAL_AXES, names
 from runtime.errors import FdError
 from runtime.sizes import scaled_shape
 
@@ -28,83 +26,16 @@ CHECK_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
-class TextEncoderGraph(nn.Module):
-    """input_ids → last hidden state (what Stable Diffusion conditions on)."""
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids):
-        return self.text_encoder(input_ids)[0]
-
-
-class VaeDecoderGraph(nn.Module):
-    """latent (already divided by the VAE scaling factor) → image in [-1, 1]."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        return self.vae.decode(latent, return_dict=False)[0]
-
-
-class FlatDecoder(nn.Module):
-    """The decoder with the cache as separate positional inputs, as the graph takes them."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.decoder = UNetDecoder(unet)
-
-    def forward(self, timestep, encoder_hidden_states, mid, *skips):
-        return self.decoder(timestep, encoder_hidden_states, mid, skips)
-
-
-def graph_modules(comps, precision: str) -> dict[str, nn.Module]:
-    """The four modules to export, on CPU in the build precision.
-
-    The text encoder stays fp32 in every precision: it runs once per image, and the legacy exporter
-    produces an invalid graph (mixed LayerNorm types) for transformers 5's CLIP in fp16.
-    """
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    unet, vae = _cast(comps.unet, dtype), _cast(comps.vae, dtype)
-    return {
-        "text_encoder": TextEncoderGraph(comps.text_encoder.float()).eval(),
-        "unet_encoder": UNetEncoder(unet).eval(),
-        "unet_decoder": FlatDecoder(unet).eval(),
-        "vae_decoder": VaeDecoderGraph(vae).eval(),
-    }
-
-
-def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast only when needed, without diffusers' "modules ... that should be kept in float32: []" warning.
-
-    diffusers' ModelMixin.to prints it on every dtype cast, even a no-op one or with that list empty (SD's UNet
-    and VAE); load_components quiets diffusers only for loaded folders, not for the generated tiny/sd15-random.
-    """
-    if next(module.parameters()).dtype == dtype:
-        return module
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    level = logger.level
-    if not getattr(module, "_keep_in_fp32_modules", None):
-        logger.setLevel(logging.ERROR)
-    try:
-        return module.to(dtype)
-    finally:
-        logger.setLevel(level)
-
-
 def random_inputs(spec: dict, batch: int, rng: np.random.Generator, vocab_size: int,
                   resize: tuple[tuple[int, int], tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
     """Random inputs of a spec's shapes: ids in the vocabulary, timesteps in [0, 1000), the rest N(0, 1).
 
-    `resize=(built_hw, hw)` scales image-like tensors from the built image size to another one."""
+    `resize=(built_hw, hw)` scales the height/width axes from the built image size to another one."""
     feeds = {}
     for tensor in spec["inputs"]:
         shape = [batch if d == "batch" else d for d in tensor["shape"]]
         if resize:
-            shape = scaled_shape(shape, *resize)
+            shape = scaled_shape(shape, tensor["axes"], *resize)
         if tensor["dtype"] == "int64":
             feeds[tensor["name"]] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
         elif tensor["name"] == "timestep":
@@ -122,12 +53,13 @@ def run_torch(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray]) -> li
 
 
 def dynamic_axes(spec: dict, spatial: bool) -> dict[str, dict[int, str]]:
-    """Batch is always dynamic; image-like (NCHW) tensors also get dynamic height/width when asked."""
+    """Batch is always dynamic; the height/width axes too when asked (a --dynamic-shape build)."""
     axes = {}
     for tensor in spec["inputs"] + spec["outputs"]:
         axes[tensor["name"]] = {0: "batch"}
-        if spatial and len(tensor["shape"]) == 4:
-            axes[tensor["name"]].update({2: f"{tensor['name']}_height", 3: f"{tensor['name']}_width"})
+        if spatial:
+            axes[tensor["name"]].update({i: f"{tensor['name']}_{axis}" for i, axis in enumerate(tensor["axes"])
+                                         if axis in SPATIAL_AXES})
     return axes
 
 

@@ -1,71 +1,36 @@
-"""One spec per component: tensor names, dtypes, shapes and batch ranges.
+"""Tensors with named axes, and the batch range of each graph.
 
-Export, checks, engine builds and the runtime all read these (the runtime through the manifest), so a
-name or an axis is defined once. Shapes use the string "batch" for the dynamic batch axis.
+A tensor record (what the manifest stores for every graph input and output):
+  {"name": "sample", "dtype": "float16", "shape": ["batch", 4, 64, 64], "axes": ["batch", null, "height", "width"]}
+`shape` holds the sizes at the built image size ("batch" for the dynamic batch axis); `axes` names the axes
+that can vary: "batch" always, "height" / "width" with the image in a --dynamic-shape build (their scale to
+the image is size / built image side), "sequence" for token positions. Export's dynamic axes, TensorRT's
+profiles and the runtime's size checks all read `axes`, never the tensor's rank.
 
-Batch ranges, with B = max batch size (images) and N = max window (steps per decoder call):
-  text_encoder, unet_encoder: 1 … 2B (classifier-free guidance doubles the batch)
-  unet_decoder: 2 … 2·B·N (one row per guidance half, image and step of the window)
-  vae_decoder: 1 … B
+Batch ranges come from runtime/batch.py (the runtime checks a folder's limits with the same rule).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PAPER_TYPICAL_WINDOW = 5  # median window of the paper's key steps for DDIM-50 (1,1,1,2,5,5,10,10,15)
-TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
+from runtime.batch import Limits, batch_range  # noqa: F401 - re-exported for the families
+
+SPATIAL_AXES = ("height", "width")
 
 
 @dataclass(frozen=True)
-class Limits:
-    max_batch_size: int
-    max_window: int
+class Axis:
+    """A named axis and its size at the built image size."""
+
+    name: str
+    size: int
 
 
-def batch_ranges(limits: Limits) -> dict[str, dict[str, int]]:
-    """min/opt/max batch per component; `opt` is what TensorRT tunes kernels for."""
-    b, n = limits.max_batch_size, limits.max_window
-    return {
-        "text_encoder": {"min": 1, "opt": 2, "max": 2 * b},
-        "unet_encoder": {"min": 1, "opt": 2, "max": 2 * b},
-        "unet_decoder": {"min": 2, "opt": 2 * min(PAPER_TYPICAL_WINDOW, n), "max": 2 * b * n},
-        "vae_decoder": {"min": 1, "opt": 1, "max": b},
-    }
-
-
-def _tensor(name: str, dtype: str, shape: list) -> dict:
-    return {"name": name, "dtype": dtype, "shape": ["batch", *shape]}
-
-
-def component_specs(*, text_len: int, text_dim: int, latent_channels: int, latent_hw: tuple[int, int],
-                    image_hw: tuple[int, int], cache_shapes: list[tuple[int, ...]], unet_dtype: str,
-                    text_dtype: str, limits: Limits) -> dict[str, dict]:
-    """Specs of the four graphs. cache_shapes: per-sample shapes of mid then every skip, in order."""
-    lh, lw = latent_hw
-    cache = [_tensor(name, unet_dtype, list(shape)) for name, shape in zip(cache_names(len(cache_shapes)), cache_shapes)]
-    text = _tensor("encoder_hidden_states", unet_dtype, [text_len, text_dim])
-    timestep = _tensor("timestep", "float32", [])  # fp32 even in fp16 engines: the sinusoid needs it
-    specs = {
-        "text_encoder": {
-            "inputs": [_tensor("input_ids", "int64", [text_len])],
-            "outputs": [_tensor("text_embeddings", text_dtype, [text_len, text_dim])],
-        },
-        "unet_encoder": {
-            "inputs": [_tensor("sample", unet_dtype, [latent_channels, lh, lw]), timestep, text],
-            "outputs": cache,
-        },
-        "unet_decoder": {
-            "inputs": [timestep, text, *cache],
-            "outputs": [_tensor("noise_pred", unet_dtype, [latent_channels, lh, lw])],
-        },
-        "vae_decoder": {
-            "inputs": [_tensor("latent", unet_dtype, [latent_channels, lh, lw])],
-            "outputs": [_tensor("image", unet_dtype, [3, *image_hw])],
-        },
-    }
-    for name, batch in batch_ranges(limits).items():
-        specs[name]["batch"] = batch
-    return specs
+def tensor(name: str, dtype: str, dims: list) -> dict:
+    """A tensor record; `dims` are the per-row dimensions, each an int (fixed) or an Axis (named)."""
+    return {"name": name, "dtype": dtype,
+            "shape": ["batch", *(d.size if isinstance(d, Axis) else int(d) for d in dims)],
+            "axes": ["batch", *(d.name if isinstance(d, Axis) else None for d in dims)]}
 
 
 def cache_names(count: int) -> list[str]:
@@ -75,3 +40,8 @@ def cache_names(count: int) -> list[str]:
 
 def names(tensors: list[dict]) -> list[str]:
     return [t["name"] for t in tensors]
+
+
+def has_spatial_axes(spec: dict) -> bool:
+    """Whether any of a graph's tensors scales with the image (checked again at another size when dynamic)."""
+    return any(axis in SPATIAL_AXES for t in spec["inputs"] + spec["outputs"] for axis in t["axes"])

@@ -107,7 +107,9 @@ def clean_leftovers(out: Path) -> None:
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _new_stage(out: Path) -> Path:
+def _new_stage(out: Path, created: list) -> Path:
+    """The stage beside `out`; the parent folders it had to create are added to `created` (innermost first)."""
+    created.extend(p for p in [out.parent, *out.parent.parents] if not p.exists())
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.{STAGE_TAG}-{os.getpid()}-", dir=out.parent))
@@ -144,7 +146,8 @@ def staged_folder(out: Path, force: bool):
     """Check `out`, then yield an empty stage beside it; swap it into place if the block completes."""
     check_target(out, force)
     clean_leftovers(out)
-    stage, committed = _new_stage(out), []
+    created, committed = [], []
+    stage = _new_stage(out, created)
     try:
         yield stage
         _swap_into_place(stage, out, force, committed)
@@ -154,3 +157,7 @@ def staged_folder(out: Path, force: bool):
         raise Interrupted(exc.signum, detail) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if not committed:  # a failed build leaves no trace, not even the empty engines/ it made
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()

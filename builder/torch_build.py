@@ -20,7 +20,7 @@ import torch
 
 from builder import export
 from builder.specs import names
-from runtime.backends.torch import IO_FILE, load_program
+from runtime.backends.torch_archive import IO_FILE, load_program
 
 
 def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geometry: dict, log) -> dict:

@@ -27,13 +27,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine-dir", required=True, help="engine folder made by fd-build")
     p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for several images")
-    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: empty)")
+    p.add_argument("--negative-prompt", help="what to steer away from (default: none; as diffusers, SD then encodes "
+                                             "the empty prompt and SDXL conditions on zeros)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--height", type=int, help="image height in pixels (default: the size the folder was built for; "
                                               "others need a folder built with --dynamic-shape)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the size the folder was built for)")
+    p.add_argument("--original-size", metavar="H,W", help="SDXL size conditioning: the size the image is said to come "
+                                                           "from (default: the image size)")
+    p.add_argument("--crops-coords-top-left", metavar="Y,X", help="SDXL crop conditioning (default: 0,0)")
     noise = p.add_mutually_exclusive_group()
     noise.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     noise.add_argument("--latents", help="initial noise as float32 .npy of shape batch x channels x h x w")
@@ -97,10 +101,28 @@ def format_timings(result) -> str:
     rows = [f"{'stage':<14}{'seconds':>10}"]
     rows += [f"{stage:<14}{seconds:>10.3f}" for stage, seconds in result.timings.items()]
     calls = result.calls
-    rows.append(f"calls: text encoder {calls.get('text_encoder', 0)}, UNet encoder {calls.get('unet_encoder', 0)}, "
-                f"UNet decoder {calls.get('unet_decoder', 0)}, VAE decoder {calls.get('vae_decoder', 0)}")
+    rows.append("calls: " + ", ".join(f"{graph.replace('_', ' ')} {count}" for graph, count in calls.items()))
     rows.append(f"key steps: {result.policy['key_steps']}")
     return "\n".join(rows)
+
+
+def sdxl_size_options(args, family: str) -> dict:
+    """--original-size / --crops-coords-top-left as the pipeline's keyword arguments (SDXL folders only)."""
+    options = {}
+    for flag, key in (("--original-size", "original_size"), ("--crops-coords-top-left", "crops_coords_top_left")):
+        text = getattr(args, key)
+        if text is None:
+            continue
+        if family != "sdxl":
+            raise FdError(f"{flag} is SDXL's size conditioning; this engine folder is a {family} model: drop it")
+        try:
+            first, second = (int(part) for part in text.split(","))
+        except ValueError:
+            raise FdError(f"{flag} {text!r} is not two whole numbers, e.g. {flag} 1024,1024") from None
+        if min(first, second) < 0 or (key == "original_size" and min(first, second) == 0):
+            raise FdError(f"{flag} {text} is out of range: give sizes above 0 (offsets 0 or more)")
+        options[key] = (first, second)
+    return options
 
 
 def main(argv=None) -> int:
@@ -117,9 +139,10 @@ def main(argv=None) -> int:
         policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
                                      uniform=args.uniform, baseline=args.no_fd,
                                      noise_injection=not args.no_noise_injection)
+        size_conditioning = sdxl_size_options(args, pipe.family.name)
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
-                      latents=latents, policy=policy, height=args.height, width=args.width)
+                      latents=latents, policy=policy, height=args.height, width=args.width, **size_conditioning)
         for image, path in zip(result.images, paths):
             write_atomic(path, lambda f: image.save(f, format="PNG"))
             print(f"wrote {path}")

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from runtime.backends import load_backend
+from runtime import stages
+from runtime.backends import load_runner
 from runtime.errors import FdError
+from runtime.families import PromptRequest, family_of
 from runtime.manifest import load_manifest
 from runtime.policy import FasterDiffusionPolicy
 from runtime.schedulers import make_scheduler
@@ -58,9 +60,10 @@ class FasterDiffusionPipeline:
     def __init__(self, engine_dir: str | Path, **backend_options):
         self.engine_dir = Path(engine_dir)
         self.manifest = load_manifest(engine_dir)
-        self.backend = load_backend(engine_dir, self.manifest, **backend_options)
-        tok = self.manifest["tokenizer"]
-        self.tokenizer = PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"])
+        self.family = family_of(self.manifest)
+        self.runner = load_runner(engine_dir, self.manifest, **backend_options)
+        self.tokenizers = [PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"])
+                           for tok in self.manifest["tokenizers"]]
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) in pixels; None stands for the size the folder was built for."""
@@ -77,27 +80,32 @@ class FasterDiffusionPipeline:
         from runtime.policy import default_key_steps
         return FasterDiffusionPolicy(default_key_steps(steps), self.manifest["limits"]["max_window"])
 
-    def __call__(self, prompts: list[str], *, negative_prompt: str = "", steps: int = 50, scheduler: str = "ddim",
-                 guidance_scale: float = 7.5, seed: int | None = 0, latents: np.ndarray | None = None,
-                 policy: FasterDiffusionPolicy | None = None, height: int | None = None, width: int | None = None,
-                 callback=None) -> GenerationResult:
+    def __call__(self, prompts: list[str], *, negative_prompt: str | None = None, steps: int = 50,
+                 scheduler: str = "ddim", guidance_scale: float = 7.5, seed: int | None = 0,
+                 latents: np.ndarray | None = None, policy: FasterDiffusionPolicy | None = None,
+                 height: int | None = None, width: int | None = None, original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] = (0, 0), callback=None) -> GenerationResult:
         """Generate one image per prompt. `policy=None` uses the paper's key steps for `steps`;
         `FasterDiffusionPolicy.baseline(steps)` runs every step in full (the diffusers baseline).
+        `negative_prompt=None` is "no negative prompt" (SD: "", SDXL: zero embeddings, as diffusers).
         `height`/`width` default to the size the folder was built for; other sizes need a folder built
-        with --dynamic-shape. `callback(i, t, latents)` is called after each scheduler step."""
+        with --dynamic-shape. `original_size`/`crops_coords_top_left` are SDXL's size conditioning
+        (default: the image size and (0, 0)). `callback(i, t, latents)` is called after each scheduler step."""
         # 1. check inputs (all of them, before any heavy work)
         policy = policy or self.default_policy(steps)
         height, width = self.image_size(height, width)
         self._check_inputs(prompts, steps, guidance_scale, seed, latents, policy, height, width)
-        timer = StageTimer(self.backend.synchronize)
-        calls_before = Counter(self.backend.calls)
+        timer = StageTimer(self.runner.synchronize)
+        calls_before = Counter(self.runner.calls)
         started = time.perf_counter()
         batch, guided = len(prompts), guidance_scale > 1.0
 
-        # 2. encode the prompt: [negative…, positive…] when guided, as diffusers does
+        # 2. encode the prompt: the family's conditioning, rows [negative…, positive…] when guided
         with timer("text_encoder"):
-            ids = self.tokenizer(([negative_prompt] * batch if guided else []) + list(prompts))
-            text = self.backend.encode_text(ids)
+            request = PromptRequest(list(prompts), negative_prompt, guided, height, width, original_size,
+                                    tuple(crops_coords_top_left))
+            conditions = self.family.encode_prompt(self.runner, self.tokenizers, request,
+                                                   self.manifest.get("family_options", {}))
 
         # 3. timesteps and initial latents
         sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])
@@ -106,7 +114,7 @@ class FasterDiffusionPipeline:
         if latents is None:
             latents = np.random.default_rng(seed).standard_normal((batch, *self.latent_shape_at(height, width)),
                                                                   dtype=np.float32)
-        noise = np.asarray(latents, dtype=np.float32)  # z_T, reused by prior noise injection
+        noise = np.asarray(latents, dtype=np.float32)  # unit initial noise, reused by prior noise injection
         z = noise * np.float32(sampler.init_noise_sigma)
 
         # 4. denoising loop: one encoder call per window, one decoder call per chunk of the window
@@ -115,10 +123,10 @@ class FasterDiffusionPipeline:
             t_key = timesteps[window.key_step]
             with timer("unet_encoder"):
                 model_input = sampler.scale_model_input(np.concatenate([z, z]) if guided else z, t_key)
-                cache = self.backend.encode_unet(model_input, np.full(len(model_input), t_key, np.float32), text)
+                cache = stages.encode_unet(self.runner, model_input, t_key, conditions)
             for chunk in window.chunks:
                 with timer("unet_decoder"):
-                    predictions = self.backend.decode_unet(cache, timesteps[list(chunk)], text)
+                    predictions = stages.decode_unet(self.runner, cache, timesteps[list(chunk)], conditions)
                 with timer("scheduler"):
                     for prediction, i in zip(predictions, chunk):
                         t = timesteps[i]
@@ -133,9 +141,9 @@ class FasterDiffusionPipeline:
 
         # 5. decode
         with timer("vae_decoder"):
-            pixels = self.backend.decode_vae(z / np.float32(self.manifest["vae_scaling_factor"]))
+            pixels = stages.decode_vae(self.runner, z / np.float32(self.manifest["vae_scaling_factor"]))
         timings = dict(timer.seconds, total=time.perf_counter() - started)
-        calls = dict(Counter(self.backend.calls) - calls_before)
+        calls = dict(Counter(self.runner.calls) - calls_before)
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), [int(t) for t in timesteps])
 
     def _check_inputs(self, prompts, steps, guidance_scale, seed, latents, policy, height, width) -> None:
@@ -167,7 +175,7 @@ class FasterDiffusionPipeline:
         policy.validate(steps)
 
     def close(self) -> None:
-        self.backend.close()
+        self.runner.close()
 
 
 def check_guidance_scale(guidance_scale: float) -> None:

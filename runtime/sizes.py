@@ -11,15 +11,16 @@ import math
 from runtime.errors import FdError
 
 
-def side_step(specs: dict, geometry: dict, axis: int) -> int:
-    """The multiple an image height (axis 2) or width (axis 3) must be for every NCHW tensor to scale
-    to whole sizes: lcm over tensors of built_side / gcd(dim, built_side) (VAE x UNet downsampling)."""
-    built = geometry["height"] if axis == 2 else geometry["width"]
+def side_step(specs: dict, geometry: dict, axis: str) -> int:
+    """The multiple an image side ("height" or "width") must be for every tensor axis of that name to scale
+    to a whole size: lcm over such axes of built_side / gcd(size, built_side) (VAE x UNet downsampling)."""
+    built = geometry[axis]
     step = 1
     for spec in specs.values():
         for tensor in spec["inputs"] + spec["outputs"]:
-            if len(tensor["shape"]) == 4:
-                step = math.lcm(step, built // math.gcd(tensor["shape"][axis], built))
+            for size, name in zip(tensor["shape"], tensor["axes"]):
+                if name == axis:
+                    step = math.lcm(step, built // math.gcd(size, built))
     return step
 
 
@@ -33,25 +34,27 @@ def check_size(manifest: dict, height: int, width: int, engine_dir) -> None:
                           f"{height}x{width}: rebuild with `{rebuild_command(manifest, engine_dir, height, width)}`"
                           + hint)
         return
-    for name, value, axis in (("height", height, 2), ("width", width, 3)):
-        step = side_step(manifest["components"], manifest, axis)
+    for name, value in (("height", height), ("width", width)):
+        step = side_step(manifest["components"], manifest, name)
         if not sides["min"] <= value <= sides["max"] or value % step:
             raise FdError(f"{name} {value} is outside what the engines in {engine_dir} accept (multiples of {step} "
                           f"from {sides['min']} to {sides['max']} px): choose such a size, or rebuild with a "
                           f"--dynamic-shape range that holds it")
 
 
-def scaled_shape(shape, built_hw: tuple[int, int], hw: tuple[int, int], name: str = "tensor") -> list:
-    """A shape at another image size: H and W of image-like (NCHW) tensors scale with the image; a size
-    that would make an axis fractional is a ValueError."""
-    if len(shape) != 4:
-        return list(shape)
-    scaled = list(shape[:2])
-    for dim, side, built_side in zip(shape[2:], hw, built_hw):
-        if (dim * side) % built_side:
-            raise ValueError(f"{name}: a {dim}-wide axis at {built_side} px is not whole at {side} px "
-                             f"({dim} x {side} / {built_side}); use image sides that the model's downsampling divides")
-        scaled.append(dim * side // built_side)
+def scaled_shape(shape, axes, built_hw: tuple[int, int], hw: tuple[int, int], name: str = "tensor") -> list:
+    """A shape at another image size: the "height" and "width" axes scale with the image; a size that
+    would make an axis fractional is a ValueError."""
+    scaled = []
+    for dim, axis in zip(shape, axes):
+        if axis in ("height", "width"):
+            side, built_side = (hw[0], built_hw[0]) if axis == "height" else (hw[1], built_hw[1])
+            if (dim * side) % built_side:
+                raise ValueError(f"{name}: a {dim}-wide axis at {built_side} px is not whole at {side} px "
+                                 f"({dim} x {side} / {built_side}); use image sides that the model's downsampling "
+                                 "divides")
+            dim = dim * side // built_side
+        scaled.append(dim)
     return scaled
 
 

@@ -13,7 +13,12 @@ class PromptTokenizer:
     """Pads every prompt to the text encoder's fixed length, as diffusers' pipelines do."""
 
     def __init__(self, tokenizer_json: str | Path, max_length: int, pad_token_id: int):
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception for bad files
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise FdError(f"cannot read the tokenizer {tokenizer_json}: {reason}: "
+                          "rebuild the engine folder with fd-build --force") from None
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_length = max_length

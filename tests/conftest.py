@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_components():
-    from builder.models import make_tiny_components
+    from builder.families.sd import make_tiny_components
     return make_tiny_components()
 
 
@@ -27,7 +27,7 @@ def tiny_engine(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny_components) -> Path:
     """The tiny model saved as a diffusers pipeline folder (what `fd-build --model DIR` loads)."""
-    from builder.models import save_pipeline_folder
+    from builder.families import save_pipeline_folder
     folder = tmp_path_factory.mktemp("models") / "tiny-sd"
     save_pipeline_folder(tiny_components, str(folder))
     return folder

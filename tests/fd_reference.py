@@ -113,12 +113,12 @@ def sd_conditioning(components, prompts: list[str], negative_prompt: str | None,
 
 def sdxl_pipeline(parts, scheduler):
     """diffusers' StableDiffusionXLPipeline on an object with tokenizer(_2), text_encoder(_2), unet, vae
-    (fd's SDXLComponents has them, and force_zeros_for_empty_prompt)."""
+    (fd's Components of the sdxl family have them, and options["force_zeros_for_empty_prompt"])."""
     import diffusers
     pipe = diffusers.StableDiffusionXLPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
         tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet, scheduler=scheduler,
-        force_zeros_for_empty_prompt=getattr(parts, "force_zeros_for_empty_prompt", True), add_watermarker=False)
+        force_zeros_for_empty_prompt=getattr(parts, "options", {}).get("force_zeros_for_empty_prompt", True), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -127,7 +127,7 @@ def sdxl_conditioning(parts, prompts: list[str], negative_prompt: str | None, gu
                       width: int) -> Conditioning:
     """SDXL's text embeddings, pooled embeddings and time ids (original = target size, no crop), as
     StableDiffusionXLPipeline builds them. negative_prompt=None gives SDXL's zeroed negative embeddings
-    when parts.force_zeros_for_empty_prompt (the default); "" encodes the empty prompt."""
+    when options["force_zeros_for_empty_prompt"] (the default); "" encodes the empty prompt."""
     pipe = sdxl_pipeline(parts, make_scheduler("ddim", parts.scheduler_config))
     negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
     with torch.no_grad():

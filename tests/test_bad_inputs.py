@@ -148,5 +148,5 @@ def test_pipeline_checks_the_same_inputs(tiny_engine, kwargs, fragment):
     pipe = FasterDiffusionPipeline(tiny_engine)
     with pytest.raises(FdError, match=fragment):
         pipe(["a cat"], steps=2, **kwargs)
-    assert sum(pipe.backend.calls.values()) == 0
+    assert sum(pipe.runner.calls.values()) == 0
     pipe.close()

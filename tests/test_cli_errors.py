@@ -55,7 +55,7 @@ def test_bad_build_sizes(tmp_path, flag, value, fragment):
 def test_dynamic_shape_refused_for_torch_folders(tmp_path):
     done = run_fd("builder.cli", "--model", "tiny", "--backend", "torch", "--dynamic-shape", "64:256",
                   "--out", str(tmp_path / "engines" / "x"))
-    assert_one_line_error(done, "--dynamic-shape is for TensorRT and ONNX Runtime folders")
+    assert_one_line_error(done, "--dynamic-shape is for onnxruntime or tensorrt folders")
     assert_nothing_left(tmp_path / "engines")
 
 

@@ -8,7 +8,10 @@ import pytest
 
 from builder import export
 from builder.specs import names
-from runtime.manifest import COMPONENTS
+from builder.families import FAMILIES
+from runtime.families import FAMILIES as RUNTIME_FAMILIES
+
+COMPONENTS = RUNTIME_FAMILIES["sd"].graphs
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,7 @@ def manifest(tiny_engine):
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_onnx_graph_equals_pytorch(tiny_engine, manifest, tiny_components, component):
     spec = manifest["components"][component]
-    module = export.graph_modules(tiny_components, "fp32")[component]
+    module = FAMILIES["sd"].graph_modules(tiny_components, "fp32")[component]
     feeds = export.random_inputs(spec, 3, np.random.default_rng(123), tiny_components.text_encoder.config.vocab_size)
     session = ort.InferenceSession(str(tiny_engine / spec["file"]), providers=["CPUExecutionProvider"])
     got = session.run(names(spec["outputs"]), feeds)
@@ -45,7 +48,7 @@ def test_onnx_decoder_batch_of_timesteps_equals_separate_calls(tiny_engine, mani
 
 
 def test_manifest_records_the_build(tiny_engine, manifest):
-    assert manifest["manifest_version"] == 1
+    assert manifest["manifest_version"] == 2 and manifest["family"] == "sd"
     assert manifest["backend"] == "onnxruntime" and manifest["precision"] == "fp32"
     assert manifest["source"]["model"] == "tiny" and len(manifest["source"]["weights_sha256"]) == 64
     assert (manifest["height"], manifest["width"], manifest["vae_scale_factor"]) == (128, 128, 8)
@@ -59,7 +62,11 @@ def test_manifest_records_the_build(tiny_engine, manifest):
         # The build raises when a check is over tolerance, so only what was recorded can be wrong here.
         assert manifest["components"][component]["check"]["tolerance"] == export.CHECK_TOLERANCE["fp32"]
         assert (tiny_engine / manifest["components"][component]["file"]).is_file()
+    assert manifest["tokenizers"] == [{"file": "tokenizer/tokenizer.json", "max_length": 77, "pad_token_id": 553}]
     assert (tiny_engine / "tokenizer" / "tokenizer.json").is_file()
+    sample = manifest["components"]["unet_encoder"]["inputs"][0]
+    assert sample == {"name": "sample", "dtype": "float32", "shape": ["batch", 4, 16, 16],
+                      "axes": ["batch", None, "height", "width"]}
     assert not list(tiny_engine.parent.glob(".*building*"))  # the staging folder is gone
 
 

@@ -57,12 +57,12 @@ def test_baseline_equals_diffusers_pipeline(pipe, tiny_components, scheduler, st
 def count_backend_calls(pipe, monkeypatch):
     """Count executions where the backend runs a graph (below the pipeline's own bookkeeping)."""
     counts = {}
-    original = pipe.backend._run
+    original = pipe.runner._execute
 
     def spy(component, feeds):
         counts.setdefault(component, []).append(len(feeds["timestep"]) if "timestep" in feeds else None)
         return original(component, feeds)
-    monkeypatch.setattr(pipe.backend, "_run", spy)
+    monkeypatch.setattr(pipe.runner, "_execute", spy)
     return counts
 
 

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from builder.families.sd_v import make_tiny_v_components
+from builder.families.sd import make_tiny_v_components
 from builder.families.sdxl import (
-    TextEncoder2XLGraph, TextEncoderXLGraph, load_sdxl_folder, make_tiny_xl_components, save_sdxl_folder,
+    TextEncoder2XLGraph, TextEncoderXLGraph, make_tiny_xl_components,
     text_time_sizes,
 )
 from builder.split import UNetDecoder, UNetEncoder, added_condition_names
+from builder.families import save_pipeline_folder as save_sdxl_folder
+from builder.models import load_folder
 from runtime.errors import FdError
 
 PROMPTS = ["a photo of an astronaut riding a horse", "a cat on the moon!"]
@@ -28,7 +30,7 @@ def tiny_xl():
 @pytest.fixture(scope="module")
 def tiny_xl_folder(tmp_path_factory):
     comps = make_tiny_xl_components()
-    comps.force_zeros_for_empty_prompt = False  # not the default, so the round trip shows it was read
+    comps.options["force_zeros_for_empty_prompt"] = False  # not the default, so the round trip shows it was read
     folder = tmp_path_factory.mktemp("models") / "tiny-xl"
     save_sdxl_folder(comps, str(folder))
     return folder
@@ -186,7 +188,7 @@ def test_unsupported_unet_feature_is_refused_by_name(config, feature):
 # --- folders -----------------------------------------------------------------------------------------
 
 def test_sdxl_folder_round_trip_keeps_weights_and_settings(tiny_xl, tiny_xl_folder):
-    loaded = load_sdxl_folder(str(tiny_xl_folder))
+    loaded = load_folder(str(tiny_xl_folder), "tiny-xl")
     for name, module in tiny_xl.torch_modules().items():
         want, got = module.state_dict(), loaded.torch_modules()[name].state_dict()
         assert want.keys() == got.keys(), name
@@ -195,7 +197,7 @@ def test_sdxl_folder_round_trip_keeps_weights_and_settings(tiny_xl, tiny_xl_fold
         assert torch.equal(ids(getattr(loaded, attr), PROMPTS), ids(getattr(tiny_xl, attr), PROMPTS))
     assert loaded.tokenizer_2.pad_token == "!"
     assert {k: loaded.scheduler_config[k] for k in tiny_xl.scheduler_config} == tiny_xl.scheduler_config
-    assert loaded.force_zeros_for_empty_prompt is False
+    assert loaded.options["force_zeros_for_empty_prompt"] is False
     assert type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
 
 
@@ -204,7 +206,7 @@ def test_sdxl_folder_with_only_fp16_variant_weights_loads(tmp_path, tiny_xl, tin
     shutil.copytree(tiny_xl_folder, folder)
     for sub, name in (("unet", "diffusion_pytorch_model"), ("text_encoder_2", "model")):
         (folder / sub / f"{name}.safetensors").rename(folder / sub / f"{name}.fp16.safetensors")
-    loaded = load_sdxl_folder(str(folder))
+    loaded = load_folder(str(folder), "tiny-xl")
     for name in ("unet", "text_encoder_2"):
         want, got = tiny_xl.torch_modules()[name].state_dict(), loaded.torch_modules()[name].state_dict()
         assert all(torch.equal(want[key], got[key]) for key in want), name
@@ -214,15 +216,16 @@ def test_sdxl_folder_with_only_fp16_variant_weights_loads(tmp_path, tiny_xl, tin
     (lambda folder: shutil.rmtree(folder / "text_encoder_2"), "'text_encoder_2'"),
     (lambda folder: (folder / "text_encoder_2" / "model.safetensors").unlink(), "text_encoder_2/"),
     (lambda folder: (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights"),
-     "cannot load"),
-    (lambda folder: (folder / "text_encoder_2" / "model.safetensors").write_bytes(b"not weights"), "cannot load"),
+     "unet/diffusion_pytorch_model.safetensors is damaged"),
+    (lambda folder: (folder / "text_encoder_2" / "model.safetensors").write_bytes(b"not weights"),
+     "text_encoder_2/model.safetensors is damaged"),
 ])
 def test_incomplete_sdxl_folder_is_one_line_error(tmp_path, tiny_xl_folder, damage, named):
     folder = tmp_path / "broken"
     shutil.copytree(tiny_xl_folder, folder)
     damage(folder)
     with pytest.raises(FdError) as err:
-        load_sdxl_folder(str(folder))
+        load_folder(str(folder), "tiny-xl")
     assert named in str(err.value) and "\n" not in str(err.value)
 
 

@@ -9,6 +9,7 @@ missing file after fd's refusal means something.
 """
 import contextlib
 import json
+import re
 import pickle
 import shutil
 import warnings
@@ -99,9 +100,11 @@ def example_inputs(entries, payload):
 
 def size_expression(entries, payload_path):  # sympy.sympify evals the symbolic batch size
     text = entries["models/model.json"].decode()
-    symbol = "Symbol('s72', positive=True, integer=True)"
-    assert symbol in text
-    entries["models/model.json"] = text.replace(symbol, f"open('{payload_path}', 'w')").encode()
+    symbols = set(re.findall(r"Symbol\('s\d+', positive=True, integer=True\)", text))  # the batch size
+    assert symbols, "the program has no symbolic size to rewrite"
+    for symbol in symbols:
+        text = text.replace(symbol, f"open('{payload_path}', 'w')")
+    entries["models/model.json"] = text.encode()
 
 
 PAYLOAD_ROUTES = {"pickled weight": pickled_weight, "pickled constant": pickled_constant,

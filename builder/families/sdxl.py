@@ -8,16 +8,16 @@ and six size/crop ids (`time_ids`) feed the UNet's added "text_time" embedding.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from builder.models import _quiet_libraries, make_tiny_tokenizer
+from builder.families.base import BuildFamily, CastOutputs, Components
+from builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
+from builder.specs import Axis, tensor
 from runtime.errors import FdError
 
-TINY_XL_SEED = 0
 TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 
 # SDXL base 1.0's scheduler config (scheduler/scheduler_config.json).
@@ -30,26 +30,6 @@ SDXL_SCHEDULER_CONFIG = {
 }
 SDXL_VAE_SCALING_FACTOR = 0.13025
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
-WEIGHT_SUBFOLDERS = ("text_encoder", "text_encoder_2", "unet", "vae")
-
-
-@dataclass
-class SDXLComponents:
-    """The loaded pieces of an SDXL pipeline that fd builds engines from."""
-
-    tokenizer: object
-    tokenizer_2: object
-    text_encoder: object  # CLIPTextModel
-    text_encoder_2: object  # CLIPTextModelWithProjection
-    unet: object
-    vae: object
-    scheduler_config: dict
-    force_zeros_for_empty_prompt: bool = True  # negative conditioning is zeros when no negative prompt
-    source: dict = field(default_factory=dict)  # what was loaded, for the manifest
-
-    def torch_modules(self):
-        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "unet": self.unet,
-                "vae": self.vae}
 
 
 def text_time_sizes(unet, text_encoder_2) -> dict[str, int]:
@@ -95,7 +75,7 @@ class TextEncoder2XLGraph(nn.Module):
 
 # --- generated models --------------------------------------------------------------------------------
 
-def make_tiny_xl_components(seed: int = TINY_XL_SEED) -> SDXLComponents:
+def make_tiny_xl_components(seed: int = TINY_SEED) -> Components:
     """A random-weight pipeline with SDXL's structure at toy width, 128 px native.
 
     As SDXL: two CLIP text encoders (the second with a projection, its tokenizer padding with "!"),
@@ -126,11 +106,10 @@ def make_tiny_xl_components(seed: int = TINY_XL_SEED) -> SDXLComponents:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128,
         scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True,
     )
-    return SDXLComponents(tokenizer, tokenizer_2, text_encoder.eval(), text_encoder_2.eval(), unet.eval(),
-                          vae.eval(), dict(SDXL_SCHEDULER_CONFIG))
+    return _components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, dict(SDXL_SCHEDULER_CONFIG))
 
 
-def make_sdxl_random_components(seed: int = TINY_XL_SEED) -> SDXLComponents:
+def make_sdxl_random_components(seed: int = TINY_SEED) -> Components:
     """SDXL base 1.0's real UNet, VAE and text-encoder configs with random weights (no download).
 
     For benchmarks: the FLOPs and memory of SDXL (about 3.5 B parameters), images of noise. The tokenizers
@@ -161,8 +140,7 @@ def make_sdxl_random_components(seed: int = TINY_XL_SEED) -> SDXLComponents:
         layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=SDXL_VAE_SCALING_FACTOR,
         force_upcast=True,
     )
-    return SDXLComponents(tokenizer, tokenizer_2, text_encoder.eval(), text_encoder_2.eval(), unet.eval(),
-                          vae.eval(), dict(SDXL_SCHEDULER_CONFIG))
+    return _components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, dict(SDXL_SCHEDULER_CONFIG))
 
 
 def _clip_config(config_class, tokenizer, hidden: int, *, layers: int, act: str, projection: int, heads: int = 4,
@@ -183,57 +161,66 @@ def _open_clip_style(tokenizer):
 
 # --- folders -----------------------------------------------------------------------------------------
 
-def load_sdxl_folder(folder: str) -> SDXLComponents:
-    """Load a local diffusers StableDiffusionXLPipeline folder on the CPU (never downloads)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors import SafetensorError
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    _quiet_libraries()
-    root = Path(folder)
-    for sub in SUBFOLDERS:
-        if not (root / sub).is_dir():
-            raise FdError(f"SDXL folder {root} has no '{sub}' folder: pass a diffusers Stable Diffusion XL "
-                          f"pipeline folder (with {'/, '.join(SUBFOLDERS)}/)")
-    variants = {sub: _weights_variant(root / sub) for sub in WEIGHT_SUBFOLDERS}
-    try:
-        def load(cls, sub):
-            return cls.from_pretrained(folder, subfolder=sub, local_files_only=True, variant=variants.get(sub))
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True)
-        text_encoder = load(CLIPTextModel, "text_encoder")
-        text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
-        unet = load(UNet2DConditionModel, "unet")
-        vae = load(AutoencoderKL, "vae")
-        scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    # transformers lets a damaged .safetensors file's SafetensorError through; json errors are ValueErrors
-    except (OSError, ValueError, SafetensorError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FdError(f"cannot load the SDXL folder {root}: {first_line} "
-                      "(is the folder complete, with its .safetensors files?)") from None
-    index = root / "model_index.json"
-    force_zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
-    return SDXLComponents(tokenizer, tokenizer_2, text_encoder.eval(), text_encoder_2.eval(), unet.eval(),
-                          vae.eval(), scheduler_config, bool(force_zeros))
+def _components(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler_config,
+                force_zeros_for_empty_prompt: bool = True) -> Components:
+    return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config, family="sdxl",
+                      tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2.eval(),
+                      # no negative prompt: zeros as the unconditional embeddings (diffusers' default for SDXL)
+                      options={"force_zeros_for_empty_prompt": bool(force_zeros_for_empty_prompt)})
 
 
-def _weights_variant(sub: Path) -> str | None:
-    """None for plain weight files; "fp16" when the folder holds only fp16-variant files (a common download)."""
-    files = [p.name for pattern in ("*.safetensors", "*.bin") for p in sub.glob(pattern)]
-    if not files:
-        raise FdError(f"SDXL folder {sub.parent} has no weights in {sub.name}/ (no .safetensors or .bin file): "
-                      "copy the complete model folder, weights included")
-    plain = [name for name in files if ".fp16." not in name]
-    return None if plain else "fp16"
+class StableDiffusionXLFamily(BuildFamily):
+    name = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    aliases = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+    generated = {"tiny-xl": make_tiny_xl_components, "sdxl-random": make_sdxl_random_components}
+    subfolders = SUBFOLDERS
+
+    def load_folder(self, folder: str, what: str) -> Components:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        parts = load_weights(folder, what, {
+            "tokenizer": CLIPTokenizer, "tokenizer_2": CLIPTokenizer, "text_encoder": CLIPTextModel,
+            "text_encoder_2": CLIPTextModelWithProjection, "unet": UNet2DConditionModel, "vae": AutoencoderKL})
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+        comps = _components(parts["tokenizer"], parts["tokenizer_2"], parts["text_encoder"], parts["text_encoder_2"],
+                            parts["unet"], parts["vae"], {}, index.get("force_zeros_for_empty_prompt", True))
+        text_time_sizes(comps.unet, comps.text_encoder_2)  # refuse the refiner's layout in one line
+        return comps
+
+    def diffusers_pipeline(self, comps, scheduler):
+        from diffusers import StableDiffusionXLPipeline
+        return StableDiffusionXLPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=comps.options["force_zeros_for_empty_prompt"], add_watermarker=False)
+
+    def text_graphs(self, comps, unet_dtype):
+        # fp32 inside (as SD's text encoder), outputs cast for the UNet
+        return {"text_encoder": CastOutputs(TextEncoderXLGraph(comps.text_encoder.float()), unet_dtype).eval(),
+                "text_encoder_2": CastOutputs(TextEncoder2XLGraph(comps.text_encoder_2.float()), unet_dtype).eval()}
+
+    def text_specs(self, comps, unet_dtype):
+        def ids(tokenizer):
+            return tensor("input_ids", "int64", [Axis("sequence", tokenizer.model_max_length)])
+
+        def hidden(tokenizer, encoder):
+            return tensor("hidden_states", unet_dtype, [Axis("sequence", tokenizer.model_max_length),
+                                                        encoder.config.hidden_size])
+        pooled = text_time_sizes(comps.unet, comps.text_encoder_2)["text_embeds"]
+        return {
+            "text_encoder": {"inputs": [ids(comps.tokenizer)], "outputs": [hidden(comps.tokenizer, comps.text_encoder)]},
+            "text_encoder_2": {"inputs": [ids(comps.tokenizer_2)],
+                               "outputs": [hidden(comps.tokenizer_2, comps.text_encoder_2),
+                                           tensor("text_embeds", unet_dtype, [pooled])]},
+        }
+
+    def conditions(self, comps, unet_dtype):
+        sizes = text_time_sizes(comps.unet, comps.text_encoder_2)
+        width = comps.text_encoder.config.hidden_size + comps.text_encoder_2.config.hidden_size
+        return [tensor("encoder_hidden_states", unet_dtype, [Axis("sequence", comps.tokenizer.model_max_length), width]),
+                tensor("text_embeds", unet_dtype, [sizes["text_embeds"]]),
+                tensor("time_ids", "float32", [sizes["time_ids"]])]  # sizes like 1024 go through a sinusoid
 
 
-def save_sdxl_folder(comps: SDXLComponents, folder: str) -> None:
-    """Write components as a diffusers StableDiffusionXLPipeline folder (what diffusers and fd load)."""
-    import diffusers
-    scheduler_class = getattr(diffusers, comps.scheduler_config.get("_class_name", "EulerDiscreteScheduler"))
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
-        tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.unet,
-        scheduler=scheduler_class.from_config(comps.scheduler_config),
-        force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt, add_watermarker=False)
-    pipe.save_pretrained(folder)
+FAMILY = StableDiffusionXLFamily()

@@ -1,13 +1,21 @@
-"""ONNX Runtime backend: the portable one (CPU everywhere; CUDA with onnxruntime-gpu)."""
+"""ONNX Runtime runner: the portable one (CPU everywhere; CUDA with onnxruntime-gpu).
+
+Each graph's session is checked against the manifest when it opens (names, dtypes, ranks and fixed sizes
+of its inputs and outputs), so a corrupt or foreign .onnx file is one line at load, not an error mid-run.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-from runtime.backends.base import NUMPY_DTYPES, Backend
+from runtime.backends.runner import NUMPY_DTYPES, Capabilities, Runner
 from runtime.errors import FdError
 
+REBUILD = "rebuild the engine folder with fd-build --force"
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32"}
 
-class OnnxRuntimeBackend(Backend):
+
+class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, engine_dir, manifest: dict, providers: list[str] | None = None, threads: int | None = None,
@@ -22,17 +30,18 @@ class OnnxRuntimeBackend(Backend):
         available = ort.get_available_providers()
         wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        self.capabilities = Capabilities(on_gpu=self.providers[0] == "CUDAExecutionProvider", peak_memory=False,
+                                         cuda_graphs=False, dynamic_shapes=True)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.sessions = {
-            name: ort.InferenceSession(str(self.engine_dir / spec["file"]), options, providers=self.providers)
-            for name, spec in self.specs.items()
-        }
+        self.sessions = {name: open_session(ort, self.engine_dir / spec["file"], name, spec, options, self.providers)
+                         for name, spec in self.specs.items()}
         self.output_names = {name: [t["name"] for t in spec["outputs"]] for name, spec in self.specs.items()}
 
-    def _run(self, component, feeds):
-        return self.sessions[component].run(self.output_names[component], feeds)
+    def _execute(self, graph, feeds):
+        names = self.output_names[graph]
+        return dict(zip(names, self.sessions[graph].run(names, feeds)))
 
     def upload(self, array, dtype):
         return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype])
@@ -40,8 +49,57 @@ class OnnxRuntimeBackend(Backend):
     def download(self, value):
         return value
 
-    def repeat(self, value, times):
-        return np.concatenate([value] * times)
+    def concat(self, values, axis=0, key=None):
+        return np.concatenate(values, axis=axis)
+
+    def zeros_like(self, value):
+        return np.zeros_like(value)
 
     def close(self):
         self.sessions.clear()
+
+
+def open_session(ort, path, component: str, spec: dict, options, providers: list[str]):
+    """A session for one graph, refused in one line if the file is not the graph the manifest describes."""
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT's exceptions (InvalidProtobuf, Fail, ...) share no base
+        raise FdError(f"ONNX Runtime {ort.__version__} cannot load {path} (components.{component}.file): "
+                      f"{_reason(exc)}; {REBUILD}") from None
+    problem = signature_mismatch(session, spec)
+    if problem:
+        raise FdError(f"{path} is not the graph that components.{component} describes ({problem}): {REBUILD}")
+    return session
+
+
+def signature_mismatch(session, spec: dict) -> str | None:
+    """How a session's inputs and outputs differ from a component spec (names, dtypes, ranks, fixed sizes);
+    None when they agree. The graph may have outputs the spec does not ask for, but no unfed inputs."""
+    for side, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        graph = {arg.name: (ORT_DTYPES.get(arg.type, arg.type), arg.shape) for arg in args}
+        for index, tensor in enumerate(spec[side]):
+            key = f"{side}[{index}]"
+            if tensor["name"] not in graph:
+                return f"{key} {tensor['name']!r} is not among the graph's {side}: {', '.join(graph) or 'none'}"
+            dtype, shape = graph[tensor["name"]]
+            if dtype != tensor["dtype"]:
+                return f"{key} {tensor['name']!r} is {dtype} in the graph, {tensor['dtype']} in the manifest"
+            if not _same_shape(shape, tensor["shape"]):
+                return f"{key} {tensor['name']!r} has shape {shape} in the graph, {tensor['shape']} in the manifest"
+        if side == "inputs":
+            unfed = [name for name in graph if name not in {t["name"] for t in spec["inputs"]}]
+            if unfed:
+                return f"the graph also needs inputs {', '.join(unfed)}"
+    return None
+
+
+def _same_shape(graph: list, spec: list) -> bool:
+    """Same rank, and equal sizes where both fix one (dynamic axes are names or None in the graph)."""
+    fixed = [(g, w) for g, w in zip(graph, spec) if isinstance(g, int) and isinstance(w, int)]
+    return len(graph) == len(spec) and all(g == w for g, w in fixed)
+
+
+def _reason(exc: Exception) -> str:
+    """ORT's message, first line, without the 'Load model from PATH failed:' preamble (the path is shown)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text.split(" failed:", 1)[-1].strip().rstrip(".") if "Load model from" in text else text

@@ -1,0 +1,173 @@
+"""What every build-side family shares: the loaded components, and the UNet and VAE graphs.
+
+A family file (sd.py, sdxl.py) adds what differs: how a folder loads, its generated models, its text
+graphs and their tensors, and the UNet's conditioning tensors. Everything else (export, checks, TensorRT
+profiles, the manifest) reads the specs these produce; the runtime reads them from the manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from builder.specs import Axis, Limits, batch_range, cache_names, tensor
+from builder.split import UNetDecoder, UNetEncoder, added_condition_names
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class Components:
+    """The loaded pieces of a pipeline that fd builds engines from (SDXL also fills the *_2 fields)."""
+
+    tokenizer: object
+    text_encoder: object
+    unet: object
+    vae: object
+    scheduler_config: dict
+    source: dict = field(default_factory=dict)  # what was loaded, for the manifest
+    family: str = "sd"
+    tokenizer_2: object = None
+    text_encoder_2: object = None
+    options: dict = field(default_factory=dict)  # family options the runtime needs (manifest "family_options")
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    def torch_modules(self) -> dict:
+        modules = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "unet": self.unet,
+                   "vae": self.vae}
+        return {name: module for name, module in modules.items() if module is not None}
+
+
+class CastOutputs(nn.Module):
+    """A module whose floating outputs are cast to the UNet's dtype, so a text encoder that computes in fp32
+    hands an fp16 UNet its inputs on the device, with no host round trip at run time."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args):
+        out = self.module(*args)
+        return tuple(o.to(self.dtype) for o in out) if isinstance(out, tuple) else out.to(self.dtype)
+
+
+class FlatDecoder(nn.Module):
+    """The decoder with every input positional, in the order its spec lists them: timestep, the
+    conditions (text, then any added ones), mid, then the skips."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.decoder = UNetDecoder(unet)
+        self.added = added_condition_names(unet)
+
+    def forward(self, timestep, encoder_hidden_states, *rest):
+        added = dict(zip(self.added, rest[:len(self.added)]))
+        mid, *skips = rest[len(self.added):]
+        return self.decoder(timestep, encoder_hidden_states, mid, tuple(skips), **added)
+
+
+class VaeDecoderGraph(nn.Module):
+    """latent (already divided by the VAE scaling factor) → image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class BuildFamily:
+    """One model family on the build side. Subclasses set the class attributes and the text-side methods."""
+
+    name: str
+    pipeline_classes: tuple[str, ...]  # model_index.json "_class_name" values this family loads
+    aliases: dict[str, str] = {}  # short name → hub id
+    generated: dict = {}  # name → function(seed) → Components (random weights from configs in code)
+
+    def load_folder(self, folder: str, what: str) -> Components:
+        raise NotImplementedError
+
+    def text_graphs(self, comps: Components, unet_dtype: torch.dtype) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def text_specs(self, comps: Components, unet_dtype: str) -> dict[str, dict]:
+        """Inputs and outputs of the text graphs (no batch range: the generic part adds it)."""
+        raise NotImplementedError
+
+    def conditions(self, comps: Components, unet_dtype: str) -> list[dict]:
+        """The tensors both UNet halves take besides sample / timestep and the cache, in input order."""
+        raise NotImplementedError
+
+    def diffusers_pipeline(self, comps: Components, scheduler):
+        """diffusers' own pipeline for these components and scheduler: the oracle fd is tested and
+        benchmarked against."""
+        raise NotImplementedError
+
+    def vae_precision(self, comps: Components, precision: str) -> str:
+        """A VAE whose config asks for it (SDXL's force_upcast) stays fp32 in fp16 folders: it overflows in fp16."""
+        return "fp32" if precision == "fp16" and comps.vae.config.get("force_upcast", False) else precision
+
+    # --- written once for every UNet family ----------------------------------------------------------
+    def graph_modules(self, comps: Components, precision: str) -> dict[str, nn.Module]:
+        """Every graph's torch module, on the CPU in the build precision."""
+        dtype = TORCH_DTYPES[precision]
+        unet, vae = _cast(comps.unet, dtype), _cast(comps.vae, TORCH_DTYPES[self.vae_precision(comps, precision)])
+        return {**self.text_graphs(comps, dtype), "unet_encoder": UNetEncoder(unet).eval(),
+                "unet_decoder": FlatDecoder(unet).eval(), "vae_decoder": VaeDecoderGraph(vae).eval()}
+
+    def specs(self, comps: Components, modules: dict, geometry: dict, precision: str, limits: Limits) -> dict:
+        """Every graph's tensors, named axes and batch range."""
+        unet_dtype = DTYPE_NAMES[precision]
+        vae_dtype = DTYPE_NAMES[self.vae_precision(comps, precision)]
+        channels, lh, lw = geometry["latent_channels"], geometry["latent_height"], geometry["latent_width"]
+        latent = [channels, Axis("height", lh), Axis("width", lw)]
+        conditions = self.conditions(comps, unet_dtype)
+        shapes = _cache_shapes(modules["unet_encoder"], (channels, lh, lw), conditions, unet_dtype)
+        cache = [tensor(name, unet_dtype, [c, Axis("height", h), Axis("width", w)])
+                 for name, (c, h, w) in zip(cache_names(len(shapes)), shapes)]
+        timestep = tensor("timestep", "float32", [])  # fp32 even in fp16 engines: the sinusoid needs it
+        image = [3, Axis("height", geometry["height"]), Axis("width", geometry["width"])]
+        specs = {
+            **self.text_specs(comps, unet_dtype),
+            "unet_encoder": {"inputs": [tensor("sample", unet_dtype, latent), timestep, *conditions], "outputs": cache},
+            "unet_decoder": {"inputs": [timestep, *conditions, *cache],
+                             "outputs": [tensor("noise_pred", unet_dtype, latent)]},
+            "vae_decoder": {"inputs": [tensor("latent", vae_dtype, latent)], "outputs": [tensor("image", vae_dtype, image)]},
+        }
+        for graph, spec in specs.items():
+            spec["batch"] = batch_range(graph, limits)
+        return specs
+
+
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
+
+
+def _cache_shapes(encoder: nn.Module, latent: tuple, conditions: list[dict], unet_dtype: str) -> list[tuple]:
+    """One tiny encoder pass tells the cache's per-row shapes (mid, then every skip)."""
+    def zeros(shape, dtype_name):
+        return torch.zeros(1, *shape, dtype=TORCH_DTYPES["fp16" if dtype_name == "float16" else "fp32"])
+    with torch.no_grad():
+        cache = encoder(zeros(latent, unet_dtype), torch.zeros(1),
+                        *(zeros(t["shape"][1:], t["dtype"]) for t in conditions))
+    return [tuple(t.shape[1:]) for t in cache]
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast only when needed, without diffusers' "modules ... that should be kept in float32: []" warning
+    (ModelMixin.to prints it on every dtype cast, even a no-op one or with that list empty)."""
+    import logging
+    if next(module.parameters()).dtype == dtype:
+        return module
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    if not getattr(module, "_keep_in_fp32_modules", None):
+        logger.setLevel(logging.ERROR)
+    try:
+        return module.to(dtype)
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,21 @@
+"""Model families on the runtime side, by the name the manifest records. A new family is one file here and
+one line below (and its build side in builder/families/)."""
+from __future__ import annotations
+
+from runtime.errors import FdError
+from runtime.families.base import Family, PromptRequest
+from runtime.families.sd import StableDiffusion
+from runtime.families.sdxl import StableDiffusionXL
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL())}
+
+
+def family_of(manifest: dict) -> Family:
+    family = FAMILIES.get(manifest.get("family"))
+    if family is None:
+        raise FdError(f"this engine folder is for the model family {manifest.get('family')!r}, which this fd does "
+                      f"not know (it knows {', '.join(FAMILIES)}): upgrade fd, or rebuild the folder with fd-build --force")
+    return family
+
+
+__all__ = ["FAMILIES", "Family", "PromptRequest", "family_of"]

@@ -1,0 +1,38 @@
+"""What a model family tells the runtime: the graphs of its engine folder and how prompts become the UNet's
+conditioning. Tensor names, dtypes and axes are not here: they are in the manifest, written by the build
+side of the same family (builder/families/)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+UNET_GRAPHS = ("unet_encoder", "unet_decoder", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    prompts: list[str]
+    negative_prompt: str | None  # None: no negative prompt given (SDXL then conditions on zeros)
+    guided: bool  # classifier-free guidance: rows are [unconditional…, conditional…]
+    height: int
+    width: int
+    original_size: tuple[int, int] | None = None  # SDXL size conditioning; None: (height, width)
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+
+
+class Family:
+    name: str
+    text_graphs: tuple[str, ...]
+    conditions: tuple[str, ...]  # tensors the prompt stage hands to both UNet halves (besides sample, timestep)
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        return (*self.text_graphs, *UNET_GRAPHS)
+
+    def encode_prompt(self, runner, tokenizers: list, request: PromptRequest, options: dict) -> dict:
+        """{condition name: runner-native value} with one row per prompt (two per prompt when guided)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def rows(request: PromptRequest, negative: str) -> list[str]:
+        """The texts of the prompt rows: [negative…, positive…] when guided, as diffusers orders them."""
+        return ([negative] * len(request.prompts) if request.guided else []) + list(request.prompts)

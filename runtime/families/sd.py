@@ -1,0 +1,15 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder whose last hidden state conditions the UNet."""
+from __future__ import annotations
+
+from runtime.families.base import Family, PromptRequest
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    text_graphs = ("text_encoder",)
+    conditions = ("encoder_hidden_states",)
+
+    def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
+        (tokenizer,) = tokenizers
+        ids = tokenizer(self.rows(request, request.negative_prompt or ""))  # no negative prompt: "", as diffusers
+        return {"encoder_hidden_states": runner.run("text_encoder", {"input_ids": ids})["text_embeddings"]}

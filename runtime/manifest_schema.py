@@ -1,0 +1,148 @@
+"""What manifest.json must hold, declared as data and checked at load, so a bad key is named exactly.
+
+A schema node is one of:
+  int, float, str, dict, list     the JSON type (an int is a float; true/false is neither)
+  {key: node}                     an object with these keys; other keys are allowed (records come and go)
+  Optional(node)                  as a value in {key: node}: the key may be absent
+  Nullable(node)                  the value may be null
+  ListOf(node), MapOf(node)       a list, an object, whose every value matches node
+  Rule(type, test, expected)      a value of that JSON type (None: any) for which test(value) holds
+  FILE                            a path the loader opens: collected, then checked against the folder
+Problems are `SchemaError(key_path, problem)`, key_path like `components.unet_decoder.batch.max`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from runtime.backends.runner import NUMPY_DTYPES
+
+# The graphs every family's folder lists; the family's own (text encoders) are checked against it by
+# runtime/manifest.py, and every listed graph is checked like these.
+REQUIRED_COMPONENTS = ("unet_encoder", "unet_decoder", "vae_decoder")
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
+
+
+class SchemaError(ValueError):
+    def __init__(self, key_path: str, problem: str):
+        super().__init__(f"{key_path or 'the manifest'} {problem}")
+        self.key_path = key_path
+
+
+@dataclass(frozen=True)
+class Optional:
+    node: Any
+
+
+@dataclass(frozen=True)
+class Nullable:
+    node: Any
+
+
+@dataclass(frozen=True)
+class ListOf:
+    node: Any
+
+
+@dataclass(frozen=True)
+class MapOf:
+    node: Any
+    required: tuple = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    node: type | None
+    test: Callable[[Any], bool]
+    expected: str
+
+
+class File:
+    """A path the runtime opens; `check` returns every one it meets, for the loader to check on disk."""
+
+
+FILE = File()
+POSITIVE = Rule(int, lambda v: v > 0, "a positive integer")
+COUNT = Rule(int, lambda v: v >= 0, "an integer of 0 or more")
+SCALE = Rule(float, lambda v: 0 < v < float("inf"), "a positive number")  # NaN fails too
+DIM = Rule(None, lambda v: v == "batch" or (_is(v, int) and v > 0), 'a positive integer or "batch"')
+TENSOR = {"name": str, "dtype": Rule(str, lambda v: v in NUMPY_DTYPES, f"one of {', '.join(NUMPY_DTYPES)}"),
+          "shape": ListOf(DIM), "axes": ListOf(Nullable(str))}
+TOKENIZER = {"file": FILE, "max_length": POSITIVE, "pad_token_id": COUNT}
+COMPONENT = {"file": FILE, "inputs": ListOf(TENSOR), "outputs": ListOf(TENSOR),
+             "batch": {"min": POSITIVE, "opt": POSITIVE, "max": POSITIVE}}
+MANIFEST = {
+    "manifest_version": int,
+    "backend": str,
+    "precision": str,
+    "source": Optional(dict),
+    "height": POSITIVE, "width": POSITIVE,
+    "vae_scale_factor": POSITIVE, "latent_channels": POSITIVE,
+    "dynamic_shape": Optional(Nullable({"min": POSITIVE, "max": POSITIVE})),
+    "vae_scaling_factor": SCALE,
+    "limits": {"max_batch_size": POSITIVE, "max_window": POSITIVE},
+    "scheduler_config": dict,
+    "family": str,
+    "family_options": dict,
+    "tokenizers": ListOf(TOKENIZER),  # one per text graph (SDXL: two)
+    "cache": ListOf(str),
+    "components": MapOf(COMPONENT, required=REQUIRED_COMPONENTS),
+    "backend_info": Optional(dict),
+    "flops_per_sample": Optional(MapOf(float)),
+}
+
+
+def check(value, node=MANIFEST, key_path: str = "") -> list[tuple[str, str]]:
+    """Raise SchemaError at the first mismatch; return the FILE values as (key_path, path)."""
+    files: list[tuple[str, str]] = []
+    _check(value, node, key_path, files)
+    return files
+
+
+def _check(value, node, key_path: str, files: list) -> None:
+    if isinstance(node, Nullable):
+        if value is not None:
+            _check(value, node.node, key_path, files)
+    elif isinstance(node, Rule):
+        if (node.node is not None and not _is(value, node.node)) or not node.test(value):
+            raise SchemaError(key_path, f"is {_show(value)}, expected {node.expected}")
+    elif isinstance(node, File):
+        _check(value, str, key_path, files)
+        files.append((key_path, value))
+    elif isinstance(node, (dict, MapOf)):
+        _check(value, dict, key_path, files)
+        if isinstance(node, MapOf):
+            required = node.required
+        else:
+            required = [key for key, item_node in node.items() if not isinstance(item_node, Optional)]
+        for key in required:
+            if key not in value:
+                raise SchemaError(_join(key_path, key), "is missing")
+        for key, item in value.items():
+            item_node = node.node if isinstance(node, MapOf) else node.get(key)
+            if isinstance(item_node, Optional):
+                item_node = item_node.node
+            if item_node is not None:  # keys the schema does not name are informational
+                _check(item, item_node, _join(key_path, key), files)
+    elif isinstance(node, ListOf):
+        _check(value, list, key_path, files)
+        for index, item in enumerate(value):
+            _check(item, node.node, f"{key_path}[{index}]", files)
+    elif not _is(value, node):
+        raise SchemaError(key_path, f"is {_show(value)}, expected {TYPE_NAMES[node]}")
+
+
+def _is(value, json_type) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, never to a manifest
+        return False
+    return isinstance(value, (int, float) if json_type is float else json_type)
+
+
+def _join(key_path: str, key: str) -> str:
+    return f"{key_path}.{key}" if key_path else key
+
+
+def _show(value) -> str:
+    text = json.dumps(value) if not isinstance(value, (dict, list)) else TYPE_NAMES[type(value)]
+    return text if len(text) <= 40 else text[:37] + "..."
