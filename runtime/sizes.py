@@ -1,7 +1,7 @@
 """Which image sizes an engine folder accepts, and the fd-build command that rebuilds it for another.
 
 A folder is built for one height x width, or (`fd-build --dynamic-shape MIN:MAX`, TensorRT and ONNX
-Runtime) for any side from MIN to MAX pixels that keeps every image-like tensor a whole size. The rule is
+Runtime) for any side from MIN to MAX pixels that keeps every height/width axis a whole size. The rule is
 the same for every backend, so it lives here as plain Python on manifest data.
 """
 from __future__ import annotations
@@ -29,7 +29,9 @@ def check_size(manifest: dict, height: int, width: int, engine_dir) -> None:
     sides = manifest.get("dynamic_shape")
     if sides is None:
         if (height, width) != (manifest["height"], manifest["width"]):
-            hint = "" if manifest.get("backend") == "torch" else " (or add --dynamic-shape MIN:MAX for a range of sizes)"
+            from runtime.backends import BACKENDS
+            info = BACKENDS.get(manifest.get("backend"))
+            hint = " (or add --dynamic-shape MIN:MAX for a range of sizes)" if info and info.dynamic_shapes else ""
             raise FdError(f"engines in {engine_dir} are built for {manifest['height']}x{manifest['width']} only, not "
                           f"{height}x{width}: rebuild with `{rebuild_command(manifest, engine_dir, height, width)}`"
                           + hint)
