@@ -19,16 +19,23 @@ SD_SCHEDULER_CONFIG = {
 
 def make_tiny_components(seed: int = TINY_SEED) -> Components:
     """A random-weight pipeline with SD1.5's structure (4 UNet levels, 12 skips, 8x VAE) at toy width."""
+    return _toy_sd(seed, dict(SD_SCHEDULER_CONFIG), unet=dict(block_out_channels=(32, 32, 64, 64), attention_head_dim=8),
+                   text=dict(hidden_act="quick_gelu"))
+
+
+def _toy_sd(seed: int, scheduler_config: dict, unet: dict, text: dict, pad_token: str | None = None) -> Components:
+    """SD's 4-level UNet, 8x VAE and a 2-layer CLIP at toy width; `unet` / `text` set what a version changes."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = make_tiny_tokenizer()
+    if pad_token:
+        tokenizer.add_special_tokens({"pad_token": pad_token})
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 32, 64, 64), norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=8, cross_attention_dim=32,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **unet,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
@@ -36,10 +43,10 @@ def make_tiny_components(seed: int = TINY_SEED) -> Components:
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32, **text,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), dict(SD_SCHEDULER_CONFIG))
+    return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config)
 
 
 def make_sd15_random_components(seed: int = TINY_SEED) -> Components:
@@ -81,31 +88,13 @@ SD2_V_SCHEDULER_CONFIG = {
 
 
 def make_tiny_v_components(seed: int = TINY_SEED) -> Components:
-    """SD 2.x's structure (4 UNet levels, 12 skips, 8x VAE, v-prediction) at toy width, 128 px native."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = make_tiny_tokenizer()
-    tokenizer.add_special_tokens({"pad_token": "!"})  # SD 2.x's OpenCLIP tokenizer pads with "!"
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(16, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
-        attention_head_dim=(1, 2, 4, 4),  # heads per level, head width 16: SD2's pattern scaled down
-        use_linear_projection=True, upcast_attention=True,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=128,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), dict(SD2_V_SCHEDULER_CONFIG))
+    """SD 2.x's structure (4 UNet levels, 12 skips, 8x VAE, v-prediction) at toy width, 128 px native: upcast
+    attention, linear projections, heads growing with the channels (SD2's (5, 10, 20, 20) scaled down), GELU
+    text encoder, and a tokenizer padding with "!" as SD 2.x's OpenCLIP one does."""
+    return _toy_sd(seed, dict(SD2_V_SCHEDULER_CONFIG),
+                   unet=dict(block_out_channels=(16, 32, 64, 64), attention_head_dim=(1, 2, 4, 4),
+                             use_linear_projection=True, upcast_attention=True),
+                   text=dict(hidden_act="gelu"), pad_token="!")
 
 
 class TextEncoderGraph(nn.Module):
