@@ -83,7 +83,8 @@ def _x(spread):
 
 def headline(r: dict) -> str:
     e, st = r["engine"], r["settings"]
-    return (f"{Path(e['dir']).name}: {e['backend']} {e['precision']}, {st.get('width', e['width'])}x{st.get('height', e['height'])}, "
+    size = f"{st.get('width', e['width'])}x{st.get('height', e['height'])}"
+    return (f"{Path(e['dir']).name}: {e['backend']} {e['precision']}, {size}, "
             f"{st['scheduler']} {st['steps']} steps, batch {st['batch_size']}, guidance {st['guidance_scale']:g}, "
             f"{r['arms']['baseline']['runs_measured']}/{st['runs']} runs after {st['warmup']} warm-up, "
             f"FD key steps {st['key_steps']}")

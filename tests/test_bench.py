@@ -101,6 +101,46 @@ def test_compare_diffusers_adds_a_third_arm(tiny_engine, tmp_path, one_torch_thr
     assert same["max_abs_latent_diff"] < 1e-3
 
 
+@pytest.fixture(scope="module")
+def tiny_xl_engine(tmp_path_factory):
+    from builder.build import BuildOptions, build
+    out = tmp_path_factory.mktemp("engines") / "tiny-xl-fp32-onnxruntime"
+    return build(BuildOptions(model="tiny-xl", out=str(out)), log=lambda *_: None)
+
+
+def test_sdxl_baseline_equals_diffusers_sdxl_pipeline(tiny_xl_engine, tmp_path, one_torch_thread):
+    """On an SDXL folder the diffusers arm is StableDiffusionXLPipeline with no negative prompt (zero
+    unconditional embeddings); fd's baseline, from the same latents, must give its latents and pixels."""
+    code = cli.main(["--engine-dir", str(tiny_xl_engine), "--runs", "1", "--warmup", "0", "--steps", "4",
+                     "--compare", "diffusers", "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["engine"]["family"] == "sdxl"
+    arm = r["arms"]["diffusers"]
+    assert arm["pipeline"] == "StableDiffusionXLPipeline" and arm["calls"] == {"unet": 4}
+    assert r["arms"]["baseline"]["calls"]["text_encoder_2"] == 1
+    same = r["fidelity"]["diffusers_vs_baseline"]
+    assert same["psnr_db"] == "inf" or same["psnr_db"] > 40
+    assert same["max_abs_latent_diff"] < 1e-3
+    differs = r["fidelity"]["fasterdiffusion_vs_baseline"]  # FD skips the encoder: the check can tell them apart
+    assert differs["max_abs_latent_diff"] > 1e-2
+
+
+def test_sdxl_diffusers_arm_with_an_empty_negative_prompt_differs(tiny_xl_engine, monkeypatch, one_torch_thread):
+    """The check above can fail: diffusers given "" as negative prompt (not zeros) no longer equals fd."""
+    from diffusers import StableDiffusionXLPipeline
+    call = StableDiffusionXLPipeline.__call__
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__",
+                        lambda self, *a, **k: call(self, *a, **{**k, "negative_prompt": ""}))
+    from runtime.pipeline import FasterDiffusionPipeline
+    from runtime.policy import FasterDiffusionPolicy
+    pipe = FasterDiffusionPipeline(tiny_xl_engine)
+    s = bench.Settings(steps=4, runs=1, warmup=0, compare_diffusers=True)
+    r = bench.run_benchmark(pipe, s, FasterDiffusionPolicy.baseline(4))
+    pipe.close()
+    assert r["fidelity"]["diffusers_vs_baseline"]["max_abs_latent_diff"] > 1e-2
+
+
 def test_compare_diffusers_without_the_source_model_is_one_clear_error(tiny_engine, tmp_path, capsys):
     moved = tmp_path / "engine"
     shutil.copytree(tiny_engine, moved)
@@ -192,3 +232,44 @@ def test_batch_ssim_is_the_mean_over_images_and_shapes_are_checked():
         fidelity.psnr(image(0), image(0, (32, 32, 3)))
     with pytest.raises(ValueError):
         fidelity.ssim(np.zeros((8, 8)), np.zeros((8, 8)))
+
+
+# --- flop_split: the encoder/decoder FLOP split of a generated model -------------------------------------
+
+def test_flop_split_on_meta_equals_a_real_count_with_attention(tiny_components):
+    """Counting on the meta device (no memory) gives the FLOPs of real tensors, attention scores included."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    from builder.split import UNetEncoder
+    from benchmarks import flop_split
+
+    counted = flop_split.count_split(flop_split.make_on_meta("tiny"), 128, 128)
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:  # no formula for it in torch
+                lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as real:
+        UNetEncoder(tiny_components.unet)(torch.zeros(1, 4, 16, 16), torch.tensor([500.0]), torch.zeros(1, 77, 32))
+    encoder = counted["unet_encoder"]
+    assert encoder["flops"] == real.get_total_flops()
+    assert 0 < encoder["attention_scores"] < encoder["flops"]
+
+
+def test_flop_split_json_floor_and_halves(tiny_engine, tmp_path):
+    from benchmarks import flop_split
+    code = flop_split.main(["--model", "tiny", "--size", "128", "--json", str(tmp_path / "s.json")])
+    assert code == 0
+    row = json.loads((tmp_path / "s.json").read_text())["sizes"][0]
+    e, d, whole = row["unet_encoder"], row["unet_decoder"], row["unet"]["flops"]
+    assert row["latent"] == [4, 16, 16]
+    assert row["decoder_share"] == pytest.approx(d["flops"] / (e["flops"] + d["flops"]))
+    assert row["floor"] == pytest.approx(50 / (9 + 41 * row["decoder_share"]))
+    assert 0 < e["flops"] + d["flops"] - whole < 0.01 * whole  # only the time embedding runs in both halves
+    manifest = json.loads((tiny_engine / "manifest.json").read_text())["flops_per_sample"]
+    for name, half in (("unet_encoder", e), ("unet_decoder", d)):  # fd-build counts on CPU tensors, where
+        assert manifest[name] in (half["flops"], half["flops"] - half["attention_scores"])  # SDPA is uncounted
+
+
+def test_flop_split_unknown_model_is_one_line(capsys):
+    from benchmarks import flop_split
+    code = flop_split.main(["--model", "sd99", "--size", "128"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a generated model" in err[0] and "sdxl-random" in err[0]
