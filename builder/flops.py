@@ -5,7 +5,13 @@ fd-bench turns them into the FLOP floor: the speedup that skipping the encoder a
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+# On CPU tensors scaled_dot_product_attention runs a kernel the counter has no formula for (it would count
+# 0 FLOPs and leave attention out of the split); count it as the attention it is.
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                 lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}  # shapes
 
 
 def unet_flops(modules: dict, specs: dict) -> dict[str, int]:
@@ -21,7 +27,7 @@ def unet_flops(modules: dict, specs: dict) -> dict[str, int]:
     counts = {}
     with torch.no_grad():
         for name in ("unet_encoder", "unet_decoder"):
-            with FlopCounterMode(display=False) as counter:
+            with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
                 modules[name](*ones(specs[name]))
             counts[name] = int(counter.get_total_flops())
     return counts
