@@ -41,6 +41,8 @@ class BuildOptions:
     force: bool = False
     seed: int = 0
     backend_options: dict | None = None  # backend-specific knobs (TensorRT: opt level, dynamic shape, …)
+    controlnets: tuple[str, ...] = ()  # --controlnet: tiny-controlnet, local folders or hub ids, applied in order
+    img2img: bool = False  # --img2img: also build the VAE encoder (fd-run --init-image)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -61,6 +63,8 @@ def validate_options(opts: BuildOptions) -> None:
         raise FdError(f"--max-batch-size {opts.max_batch_size} is out of range: use 1 to 64")
     if not 1 <= opts.max_window <= 1000:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
+    from builder.controlnet import check_controlnet_options
+    check_controlnet_options(list(opts.controlnets))
     if dynamic_range(opts) and not info.dynamic_shapes:
         able = " or ".join(b.name for b in BACKENDS.values() if b.dynamic_shapes)
         raise FdError(f"--dynamic-shape is for {able} folders ({opts.backend} folders are built for one size): "
@@ -107,6 +111,7 @@ def build(opts: BuildOptions, log=print) -> Path:
         limits = Limits(opts.max_batch_size, opts.max_window)
         modules = family.graph_modules(comps, export_precision)
         specs = family.specs(comps, modules, geometry, export_precision, limits)
+        controlnets = add_image_input_graphs(opts, comps, family, modules, specs, geometry, export_precision, limits)
         vocab = min(encoder.config.vocab_size for encoder in (comps.text_encoder, comps.text_encoder_2) if encoder)
         export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed)
         flops = unet_flops(modules, specs)
@@ -114,9 +119,26 @@ def build(opts: BuildOptions, log=print) -> Path:
         tokenizers = save_tokenizers(comps, stage)
         manifest = make_manifest(opts, comps, geometry, specs, limits, precision, engines, tokenizers)
         manifest["flops_per_sample"] = flops
+        if controlnets:
+            manifest["controlnets"] = controlnets
         write_json_atomic(stage / MANIFEST_NAME, manifest)
     log(f"built {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def add_image_input_graphs(opts, comps, family, modules: dict, specs: dict, geometry: dict, precision: str,
+                           limits: Limits) -> list[dict]:
+    """Add the optional graphs: one per --controlnet (builder/controlnet.py) and, with --img2img, the VAE
+    encoder. Returns the ControlNets' manifest records."""
+    records = []
+    if opts.controlnets:
+        from builder.controlnet import controlnet_graphs
+        more, more_specs, records = controlnet_graphs(comps, list(opts.controlnets), specs, geometry, precision)
+        modules.update(more)
+        specs.update(more_specs)
+    if opts.img2img:
+        modules["vae_encoder"], specs["vae_encoder"] = family.vae_encoder_graph(comps, geometry, precision, limits)
+    return records
 
 
 def save_tokenizers(comps, stage: Path) -> list[dict]:

@@ -11,6 +11,7 @@ EXAMPLES = """examples:
   fd-build --model tiny                                   # toy model, ONNX Runtime, engines/tiny-fp32-onnxruntime
   fd-build --model sd15 --precision fp16 --backend tensorrt
   fd-build --model ./my-sd-folder --height 768 --width 512 --out engines/mine --force
+  fd-build --model tiny --controlnet tiny-controlnet --img2img --out engines/tiny-control
 """
 
 
@@ -32,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dynamic-shape", metavar="MIN:MAX",
                    help="image side range in pixels that fd-run --height/--width may choose from (TensorRT and "
                         "ONNX Runtime; default: only --height x --width)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="ID_OR_FOLDER",
+                   help="also build this ControlNet (tiny-controlnet, a local diffusers ControlNet folder, or a hub "
+                        "id in the local cache); repeat for several, whose residuals add up")
+    p.add_argument("--img2img", action="store_true",
+                   help="also build the VAE encoder, for fd-run --init-image (image to image)")
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default: TensorRT's, 3)")
@@ -49,7 +55,8 @@ def main(argv=None) -> int:
             width=args.width, max_batch_size=args.max_batch_size, max_window=args.max_window, out=args.out,
             force=args.force, backend_options={"dynamic_shape": args.dynamic_shape,
                                                "optimization_level": args.builder_optimization_level,
-                                               "timing_cache": args.timing_cache})
+                                               "timing_cache": args.timing_cache},
+            controlnets=tuple(args.controlnet), img2img=args.img2img)
         out = build(opts)
         print(f"engine folder: {out}")
 

@@ -96,8 +96,12 @@ def inside(path: Path, folder: Path) -> bool:
 def check_graphs(manifest: dict, path: Path) -> None:
     """The folder holds exactly the graphs of its family, and a tokenizer per text graph."""
     from runtime.families import family_of
+    from runtime.control import image_graph_problem, is_image_input_graph
     family = family_of(manifest)
-    listed = list(manifest["components"])
+    listed = [name for name in manifest["components"] if not is_image_input_graph(name)]  # optional graphs
+    problem = image_graph_problem(manifest)
+    if problem:
+        raise FdError(f"{path}: {problem}: {REBUILD}")
     if sorted(listed) != sorted(family.graphs):
         raise FdError(f"{path}: components lists {_list(listed)}, a {family.name} folder has {_list(list(family.graphs))}: "
                       f"{REBUILD}")

@@ -72,6 +72,7 @@ TENSOR = {"name": str, "dtype": Rule(str, lambda v: v in NUMPY_DTYPES, f"one of 
 TOKENIZER = {"file": FILE, "max_length": POSITIVE, "pad_token_id": COUNT}
 COMPONENT = {"file": FILE, "inputs": ListOf(TENSOR), "outputs": ListOf(TENSOR),
              "batch": {"min": POSITIVE, "opt": POSITIVE, "max": POSITIVE}}
+CONTROLNET = {"graph": str, "source": dict, "conditioning_channels": POSITIVE, "conditioning_size": ListOf(POSITIVE)}
 MANIFEST = {
     "manifest_version": int,
     "backend": str,
@@ -90,6 +91,7 @@ MANIFEST = {
     "components": MapOf(COMPONENT, required=REQUIRED_COMPONENTS),
     "backend_info": Optional(dict),
     "flops_per_sample": Optional(MapOf(float)),
+    "controlnets": Optional(ListOf(CONTROLNET)),  # fd-build --controlnet, in the order they apply
 }
 
 

@@ -81,6 +81,21 @@ class VaeDecoderGraph(nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
+class VaeEncoderGraph(nn.Module):
+    """image in [-1, 1] → the mean and standard deviation of the VAE's latent distribution (img2img).
+
+    The runtime samples mean + std · noise with its own seeded noise, as diffusers' latent_dist.sample does
+    with its generator, then multiplies by the scaling factor."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        distribution = self.vae.encode(image, return_dict=False)[0]
+        return distribution.mean, distribution.std
+
+
 class BuildFamily:
     """One model family on the build side. Subclasses set the class attributes and the text-side methods."""
 
@@ -142,6 +157,18 @@ class BuildFamily:
         for graph, spec in specs.items():
             spec["batch"] = batch_range(graph, limits)
         return specs
+
+    def vae_encoder_graph(self, comps: Components, geometry: dict, precision: str, limits: Limits) -> tuple:
+        """(module, spec) of the img2img graph `vae_encoder`, in the VAE decoder's precision."""
+        vae_precision = self.vae_precision(comps, precision)
+        vae_dtype = DTYPE_NAMES[vae_precision]
+        image = [3, Axis("height", geometry["height"]), Axis("width", geometry["width"])]
+        latent = [geometry["latent_channels"], Axis("height", geometry["latent_height"]),
+                  Axis("width", geometry["latent_width"])]
+        spec = {"inputs": [tensor("image", vae_dtype, image)],
+                "outputs": [tensor("mean", vae_dtype, latent), tensor("std", vae_dtype, latent)],
+                "batch": batch_range("vae_encoder", limits)}
+        return VaeEncoderGraph(_cast(comps.vae, TORCH_DTYPES[vae_precision])).eval(), spec
 
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
