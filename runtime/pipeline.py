@@ -80,21 +80,22 @@ class FasterDiffusionPipeline:
         from runtime.policy import default_key_steps
         return FasterDiffusionPolicy(default_key_steps(steps), self.manifest["limits"]["max_window"])
 
-    def __call__(self, prompts: list[str], *, negative_prompt: str | None = None, steps: int = 50,
+    def __call__(self, prompts: list[str], *, negative_prompt: str | list[str] | None = None, steps: int = 50,
                  scheduler: str = "ddim", guidance_scale: float = 7.5, seed: int | None = 0,
                  latents: np.ndarray | None = None, policy: FasterDiffusionPolicy | None = None,
                  height: int | None = None, width: int | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), callback=None) -> GenerationResult:
         """Generate one image per prompt. `policy=None` uses the paper's key steps for `steps`;
         `FasterDiffusionPolicy.baseline(steps)` runs every step in full (the diffusers baseline).
-        `negative_prompt=None` is "no negative prompt" (SD: "", SDXL: zero embeddings, as diffusers).
+        `negative_prompt=None` is "no negative prompt" (SD: "", SDXL: zero embeddings, as diffusers); a list
+        gives each prompt its own (fd-serve batches requests that way, with one seed each through `latents`).
         `height`/`width` default to the size the folder was built for; other sizes need a folder built
         with --dynamic-shape. `original_size`/`crops_coords_top_left` are SDXL's size conditioning
         (default: the image size and (0, 0)). `callback(i, t, latents)` is called after each scheduler step."""
         # 1. check inputs (all of them, before any heavy work)
         policy = policy or self.default_policy(steps)
         height, width = self.image_size(height, width)
-        self._check_inputs(prompts, steps, guidance_scale, seed, latents, policy, height, width)
+        self._check_inputs(prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height, width)
         timer = StageTimer(self.runner.synchronize)
         calls_before = Counter(self.runner.calls)
         started = time.perf_counter()
@@ -112,8 +113,7 @@ class FasterDiffusionPipeline:
         sampler.set_timesteps(steps)
         timesteps = sampler.timesteps
         if latents is None:
-            latents = np.random.default_rng(seed).standard_normal((batch, *self.latent_shape_at(height, width)),
-                                                                  dtype=np.float32)
+            latents = initial_noise(seed, (batch, *self.latent_shape_at(height, width)))
         noise = np.asarray(latents, dtype=np.float32)  # unit initial noise, reused by prior noise injection
         z = noise * np.float32(sampler.init_noise_sigma)
 
@@ -146,9 +146,14 @@ class FasterDiffusionPipeline:
         calls = dict(Counter(self.runner.calls) - calls_before)
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), [int(t) for t in timesteps])
 
-    def _check_inputs(self, prompts, steps, guidance_scale, seed, latents, policy, height, width) -> None:
+    def _check_inputs(self, prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height,
+                      width) -> None:
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise FdError("give at least one prompt (a list of strings)")
+        if not (negative_prompt is None or isinstance(negative_prompt, str) or (
+                isinstance(negative_prompt, list) and len(negative_prompt) == len(prompts)
+                and all(isinstance(n, str) for n in negative_prompt))):
+            raise FdError(f"negative prompt must be one string or a list of {len(prompts)} strings, one per prompt")
         max_batch = self.manifest["limits"]["max_batch_size"]
         if len(prompts) > max_batch:
             raise FdError(f"{len(prompts)} prompts, but this engine folder was built for at most {max_batch} "
@@ -176,6 +181,11 @@ class FasterDiffusionPipeline:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def initial_noise(seed, shape) -> np.ndarray:
+    """The unit initial noise fd draws for a seed: one request's rows, or one row of a batch built from seeds."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def check_guidance_scale(guidance_scale: float) -> None:

@@ -11,7 +11,7 @@ UNET_GRAPHS = ("unet_encoder", "unet_decoder", "vae_decoder")
 @dataclass(frozen=True)
 class PromptRequest:
     prompts: list[str]
-    negative_prompt: str | None  # None: no negative prompt given (SDXL then conditions on zeros)
+    negative_prompt: str | list[str] | None  # None: none given (SDXL then conditions on zeros); a list: one per prompt
     guided: bool  # classifier-free guidance: rows are [unconditional…, conditional…]
     height: int
     width: int
@@ -33,6 +33,8 @@ class Family:
         raise NotImplementedError
 
     @staticmethod
-    def rows(request: PromptRequest, negative: str) -> list[str]:
-        """The texts of the prompt rows: [negative…, positive…] when guided, as diffusers orders them."""
-        return ([negative] * len(request.prompts) if request.guided else []) + list(request.prompts)
+    def rows(request: PromptRequest, negative: str | list[str]) -> list[str]:
+        """The texts of the prompt rows: [negative…, positive…] when guided, as diffusers orders them; `negative`
+        is one text for every prompt or a list with one per prompt."""
+        negatives = [negative] * len(request.prompts) if isinstance(negative, str) else list(negative)
+        return (negatives if request.guided else []) + list(request.prompts)

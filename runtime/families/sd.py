@@ -11,5 +11,6 @@ class StableDiffusion(Family):
 
     def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
         (tokenizer,) = tokenizers
-        ids = tokenizer(self.rows(request, request.negative_prompt or ""))  # no negative prompt: "", as diffusers
+        negative = "" if request.negative_prompt is None else request.negative_prompt  # none: "", as diffusers
+        ids = tokenizer(self.rows(request, negative))
         return {"encoder_hidden_states": runner.run("text_encoder", {"input_ids": ids})["text_embeddings"]}

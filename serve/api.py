@@ -1,0 +1,91 @@
+"""fd-serve's request schema: the JSON body of POST /v1/images, with fd-run's options and defaults.
+
+The schema (field names and JSON types) is checked here, without the engines; the values (steps, sizes,
+key steps, prompt length, ...) are checked by the engine replica with the pipeline's own checks, so a bad
+value gets the same one-line message fd-run prints.
+"""
+from __future__ import annotations
+
+import json
+from typing import Union
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+MAX_BODY_BYTES = 64 * 1024  # a request is a few fields of text; anything bigger is refused before parsing
+
+
+class BadRequest(Exception):
+    """A request the client must fix: an HTTP status and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class ImageRequest(BaseModel):
+    """POST /v1/images. Unknown fields and values of the wrong JSON type are refused (no silent coercion)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: StrictStr
+    negative_prompt: StrictStr | None = None
+    steps: StrictInt = 50
+    scheduler: StrictStr = "ddim"
+    guidance_scale: Union[StrictInt, StrictFloat] = 7.5
+    seed: StrictInt = 0
+    height: StrictInt | None = None
+    width: StrictInt | None = None
+    key_steps: list[StrictInt] | StrictStr | None = None  # [0, 1, 2] or fd-run's "0,1,2"
+    uniform: StrictInt | None = None
+    fd: StrictBool = True  # false: the baseline, every step a key step and no noise injection
+    noise_injection: StrictBool = True
+
+    def key_steps_text(self) -> str | None:
+        """key_steps as fd-run's --key-steps text, so the policy is parsed (and refused) by the same code."""
+        if isinstance(self.key_steps, list):
+            return ",".join(str(k) for k in self.key_steps)
+        return self.key_steps
+
+
+FIELDS = ", ".join(ImageRequest.model_fields)
+
+
+def parse_image_request(body: bytes) -> ImageRequest:
+    """The request of a POST body, or BadRequest: 400 for a body that is not a JSON object, 422 for a schema
+    problem (unknown field, missing prompt, wrong type, empty prompt, conflicting key-step options)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BadRequest(413, f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"request body is not valid JSON ({exc}): send a JSON object such as "
+                              '{"prompt": "a photo of a cat"}') from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, 'request body must be a JSON object such as {"prompt": "a photo of a cat"}')
+    try:
+        request = ImageRequest.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(422, describe(exc.errors()[0])) from None
+    if not request.prompt.strip():
+        raise BadRequest(422, '"prompt" is empty: give the text of the image to generate')
+    chosen = [name for name, given in (("key_steps", request.key_steps is not None),
+                                       ("uniform", request.uniform is not None), ("fd", not request.fd)) if given]
+    if len(chosen) > 1:
+        raise BadRequest(422, f'{" and ".join(chosen)} both choose the key steps: give at most one of "key_steps", '
+                              '"uniform" or "fd": false')
+    return request
+
+
+def describe(error: dict) -> str:
+    """One line for pydantic's first error, naming the field as the JSON has it."""
+    field = ".".join(str(part) for part in error["loc"]) or "body"
+    top = str(error["loc"][0]) if error["loc"] else field
+    if error["type"] == "extra_forbidden":
+        return f'unknown field "{field}": the fields are {FIELDS}'
+    if error["type"] == "missing":
+        return f'"{field}" is missing: give it, e.g. {{"prompt": "a photo of a cat"}}'
+    expected = {"prompt": "a string", "negative_prompt": "a string", "scheduler": "a string",
+                "guidance_scale": "a number",
+                "key_steps": 'a list of step indices such as [0, 1, 2, 5] or "0,1,2,5"',
+                "fd": "true or false", "noise_injection": "true or false"}.get(top, "a whole number")
+    return f'"{field}" is {json.dumps(error.get("input"))}: give {expected}'

@@ -1,0 +1,204 @@
+"""fd-serve on Ray Serve: an HTTP front deployment and an engine deployment.
+
+- `FdHttp` (the ingress, no CPU reserved) parses JSON, answers /healthz and /v1/info at once even when the
+  engines are busy, and turns Ray's back-pressure (`max_queued_requests`) and replica failures into 503s.
+- `FdEngine` holds one pipeline per replica (`num_gpus` per replica on GPU clusters); it checks each request's
+  values with the pipeline's checks and gathers requests with `@serve.batch` into batched generations.
+
+`build_app` is also a Ray Serve application builder, so Ray's own tools can run it from a config file
+(`serve run serve.app:build_app engine_dir=...`, or `import_path: serve.app:build_app` in a config).
+
+Ray Serve pickles the FastAPI app (with the route methods, by value) when @serve.ingress runs, so everything
+the routes use is defined above FdHttp, and annotations stay real objects (no `from __future__ import
+annotations`: FastAPI must see `Request` itself).
+"""
+import asyncio
+import base64
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import metrics
+
+from runtime.errors import FdError
+from serve.api import BadRequest, ImageRequest, parse_image_request
+from serve.service import ImageService, Outcome
+
+log = logging.getLogger("ray.serve")
+ENGINE = "FdEngine"
+SERVING_STATES = ("HEALTHY", "UPSCALING", "DOWNSCALING")  # Ray Serve's DeploymentStatus values
+STAGE_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120]
+
+http = FastAPI(title="fd-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@serve.deployment(name=ENGINE, graceful_shutdown_timeout_s=5, max_constructor_retry_count=2)
+class FdEngine:
+    def __init__(self, engine_dir: str, max_batch_size: int | None, batch_wait_ms: float):
+        self.service = ImageService(engine_dir, max_batch_size)
+        self.service.warm_up()  # before the constructor returns, so Ray routes nothing to a cold replica
+        self.generate_batch.set_max_batch_size(self.service.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.stage_seconds = metrics.Histogram("fd_stage_seconds", description="seconds per pipeline stage of each "
+                                               "batched generation", boundaries=STAGE_BUCKETS, tag_keys=("stage",))
+        self.batch_images = metrics.Histogram("fd_generation_images", description="images per pipeline call (Ray's "
+                                              "serve_actual_batch_size counts a gathered batch; it splits by settings)",
+                                              boundaries=[1, 2, 4, 8, 16, 32, 64])
+
+    async def generate(self, request: ImageRequest) -> Outcome:
+        try:
+            job = self.service.prepare(request)
+        except FdError as exc:
+            return Outcome(422, error=str(exc))
+        return await self.generate_batch(job)
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.02)  # both set from the options in __init__
+    async def generate_batch(self, jobs: list) -> list[Outcome]:
+        # The generation runs in a thread so the replica keeps answering Ray's health checks meanwhile.
+        outcomes = await asyncio.to_thread(self.service.run, jobs)
+        self._record(outcomes)
+        return outcomes
+
+    def _record(self, outcomes: list[Outcome]) -> None:
+        seen = set()
+        for outcome in outcomes:
+            if outcome.status != 200 or id(outcome.timings) in seen:
+                continue
+            seen.add(id(outcome.timings))  # rows of one generation share its timings: count it once
+            self.batch_images.observe(outcome.batch_size)
+            for stage, seconds in outcome.timings.items():
+                self.stage_seconds.observe(seconds, tags={"stage": stage})
+
+    def info(self) -> dict:
+        return self.service.info()
+
+
+def name_of(state) -> str:
+    return str(getattr(state, "value", state))
+
+
+def image_response(outcome: Outcome, as_json: bool) -> Response:
+    """The PNG, with the seed, key steps, batch size and timings in headers; or all of it as JSON."""
+    if as_json:
+        return JSONResponse({"image": base64.b64encode(outcome.png).decode("ascii"), "seed": outcome.seed,
+                             "timings": outcome.timings, "calls": outcome.calls, "policy": outcome.policy,
+                             "batch_size": outcome.batch_size})
+    headers = {"X-Seed": str(outcome.seed),
+               "X-Key-Steps": ",".join(str(k) for k in outcome.policy.get("key_steps", [])),
+               "X-Batch-Size": str(outcome.batch_size),
+               "X-Timings": json.dumps({stage: round(s, 6) for stage, s in outcome.timings.items()},
+                                       separators=(",", ":"))}
+    return Response(outcome.png, media_type="image/png", headers=headers)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
+@serve.ingress(http)
+class FdHttp:
+    def __init__(self, engine, batch_wait_ms: float):
+        self.engine = engine
+        self.batch_wait_ms = batch_wait_ms
+        self.info_cache: dict | None = None
+
+    @http.post("/v1/images")
+    async def images(self, request: Request) -> Response:
+        try:
+            image_request = parse_image_request(await request.body())
+        except BadRequest as exc:
+            return error_response(exc.status, exc.message)
+        try:
+            outcome = await self.engine.generate.remote(image_request)
+        except Exception as exc:  # noqa: BLE001 - every failure of the call is one line, never a traceback
+            return self._call_failed(exc)
+        if outcome.status != 200:
+            return error_response(outcome.status, outcome.error)
+        return image_response(outcome, "application/json" in request.headers.get("accept", ""))
+
+    def _call_failed(self, exc: Exception) -> JSONResponse:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+        if isinstance(exc, BackPressureError):
+            return error_response(503, "the server is at its queue limit (max_queued_requests): retry later")
+        if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
+            return error_response(503, f"an engine replica stopped while handling the request "
+                                       f"({type(exc).__name__}); Ray restarts it: retry")
+        log.exception("fd-serve: request to the engine failed")
+        return error_response(500, f"internal error ({type(exc).__name__}); the server log has the traceback")
+
+    @http.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when the engine replicas are up (each warmed up before it reported ready) and none is missing
+        or starting; 503 while they start, restart or fail. Autoscaling in progress still serves: 200."""
+        app = serve.get_replica_context().app_name
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployment = status.applications[app].deployments[ENGINE]
+        except Exception as exc:  # noqa: BLE001 - the controller is unreachable or the app is being removed
+            return error_response(503, f"cannot read the deployment's status ({type(exc).__name__})")
+        state = name_of(deployment.status)
+        healthy = state in SERVING_STATES
+        return JSONResponse({"status": "ok" if healthy else state,
+                             "replicas": {name_of(k): v for k, v in deployment.replica_states.items()}},
+                            status_code=200 if healthy else 503)
+
+    @http.get("/v1/info")
+    async def info(self) -> JSONResponse:
+        if self.info_cache is None:
+            try:
+                info = await self.engine.info.remote()
+            except Exception as exc:  # noqa: BLE001 - no engine replica answers (yet)
+                return self._call_failed(exc)
+            info["serve"]["batch_wait_ms"] = self.batch_wait_ms
+            self.info_cache = info
+        return JSONResponse(self.info_cache)
+
+
+class ServeArgs(BaseModel):
+    """The application's arguments (fd-serve's options; in a Ray Serve config file, the app's `args`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine_dir: str
+    replicas: int = 1
+    max_batch_size: int | None = None  # default: the engine folder's
+    batch_wait_ms: float = 20.0
+    max_ongoing_requests: int | None = None  # per engine replica; default: two batches (one running, one filling)
+    max_queued_requests: int = 64  # waiting for an engine replica; more get 503
+    num_gpus: float | None = None  # per engine replica; default: 1 on a cluster with GPUs, else 0
+    num_cpus: float = 1.0
+
+
+def build_app(args: ServeArgs) -> serve.Application:
+    """The fd-serve application (a Ray Serve application builder)."""
+    if isinstance(args, dict):
+        args = ServeArgs.model_validate(args)
+    if args.replicas < 1 or args.batch_wait_ms < 0 or args.max_queued_requests < 1:
+        raise FdError("replicas and max_queued_requests must be at least 1 and batch_wait_ms 0 or more")
+    ongoing = args.max_ongoing_requests or 2 * (args.max_batch_size or engine_batch_size(args.engine_dir))
+    engine = FdEngine.options(
+        num_replicas=args.replicas, max_ongoing_requests=ongoing, max_queued_requests=args.max_queued_requests,
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": gpus_per_replica(args)},
+    ).bind(args.engine_dir, args.max_batch_size, args.batch_wait_ms)
+    return FdHttp.bind(engine, args.batch_wait_ms)
+
+
+def engine_batch_size(engine_dir: str) -> int:
+    """The folder's max batch size where the folder is readable here (else 1: the replicas check it)."""
+    try:
+        with open(f"{engine_dir}/manifest.json") as f:
+            return int(json.load(f)["limits"]["max_batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
+def gpus_per_replica(args: ServeArgs) -> float:
+    if args.num_gpus is not None:
+        return args.num_gpus
+    import ray
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0

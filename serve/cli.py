@@ -1,0 +1,159 @@
+"""fd-serve: serve an engine folder over HTTP on Ray Serve (batching, replicas, health checks).
+
+With no --address it starts a local Ray instance inside this process, deploys, prints the URL and serves
+until Ctrl-C (or SIGTERM), which shuts Ray down and exits 0. With --address it deploys onto an existing
+Ray cluster (every node that runs a replica needs fd installed and the engine folder at the same path)
+and removes the application again on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from runtime.cli_common import run_cli
+from runtime.errors import FdError
+
+APP_NAME = "fd"
+EXAMPLES = """examples:
+  fd-serve --engine-dir engines/tiny-fp32-onnxruntime
+  curl -s localhost:8000/v1/images -H 'content-type: application/json' -d '{"prompt": "a cat", "seed": 1}' -o cat.png
+  fd-serve --engine-dir /models/sd15-fp16-tensorrt --replicas 4 --address auto   # on a Ray cluster, 1 GPU each
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fd-serve", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine-dir", required=True, help="engine folder made by fd-build")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas, each loading the folder once")
+    p.add_argument("--max-batch-size", type=int, help="most requests per batched generation (default and maximum: "
+                                                      "the folder's --max-batch-size)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long a replica waits to fill a batch before it starts a generation")
+    p.add_argument("--max-ongoing-requests", type=int,
+                   help="requests each engine replica holds at once (default: two batches)")
+    p.add_argument("--max-queued-requests", type=int, default=64,
+                   help="requests waiting for a replica; more are answered 503 at once")
+    p.add_argument("--num-gpus", type=float, help="GPUs per engine replica (default: 1 when the cluster has GPUs)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per engine replica")
+    p.add_argument("--address", help="Ray cluster to deploy onto (auto, or ray://HOST:10001); "
+                                     "default: a local Ray instance in this process")
+    return p.parse_args(argv)
+
+
+def check_local_options(args) -> str:
+    """Problems found before Ray starts: the folder, the batch size, the port. Returns the folder's absolute path."""
+    from runtime.cli import check_engine_dir
+    from runtime.manifest import load_manifest
+    from serve.service import check_batch_size
+    check_engine_dir(args.engine_dir)
+    manifest = load_manifest(args.engine_dir)
+    check_batch_size(args.max_batch_size, manifest)
+    if not 0 < args.port < 65536:
+        raise FdError(f"--port {args.port} is not a port: use 1 to 65535")
+    with socket.socket() as probe:  # Ray's proxy would otherwise fail later, deep in its own logs
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise FdError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}): choose another --port "
+                          "or --host") from None
+    return str(Path(args.engine_dir).resolve())
+
+
+def check_local_resources(ray, args) -> None:
+    """On a local instance, replicas that do not fit would wait for resources forever: refuse them instead."""
+    have = ray.cluster_resources()
+    for name, per_replica in (("CPU", args.num_cpus), ("GPU", args.num_gpus or 0)):
+        need = per_replica * args.replicas
+        if need > have.get(name, 0):
+            flag = "--num-cpus" if name == "CPU" else "--num-gpus"
+            raise FdError(f"{args.replicas} replica(s) x {flag} {per_replica:g} need {need:g} {name}s; this machine has "
+                          f"{have.get(name, 0):g}: lower --replicas or {flag}, or deploy onto a cluster with --address")
+
+
+def serve_args(args, engine_dir: str):
+    from serve.app import ServeArgs
+    return ServeArgs(engine_dir=engine_dir, replicas=args.replicas, max_batch_size=args.max_batch_size,
+                     batch_wait_ms=args.batch_wait_ms, max_ongoing_requests=args.max_ongoing_requests,
+                     max_queued_requests=args.max_queued_requests, num_gpus=args.num_gpus, num_cpus=args.num_cpus)
+
+
+def deploy_failure(serve, exc: Exception) -> FdError:
+    """One line for a deployment that failed: the replicas' FdError where Serve's status records one (its
+    message holds the replica's traceback), else the first line of Ray's error."""
+    text = str(exc)
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments.values()
+        text = "\n".join(d.message for d in deployments if d.message) + "\n" + text
+    except Exception:  # noqa: BLE001 - no status to add; Ray's own message stays
+        pass
+    found = re.search(r"FdError: (.+)", text)
+    line = found.group(1) if found else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return FdError(f"the engine replicas did not start: {line.strip()}")
+
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM (replacing any handler Ray installed), then return normally."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def job():
+        local = args.address is None
+        if args.replicas < 1 or args.max_queued_requests < 1 or args.batch_wait_ms < 0:
+            raise FdError("--replicas and --max-queued-requests must be at least 1, --batch-wait-ms 0 or more")
+        engine_dir = check_local_options(args) if local else args.engine_dir
+        try:
+            import ray
+            from ray import serve
+        except ImportError:
+            raise FdError("fd-serve needs Ray Serve: pip install 'fd[serve]'") from None
+        from serve.app import build_app
+        # "local" starts a fresh instance even where RAY_ADDRESS names another cluster.
+        ray.init(address="local" if local else args.address, include_dashboard=False,
+                 logging_level=logging.WARNING)
+        try:
+            if local:
+                check_local_resources(ray, args)
+            serve.start(http_options={"host": args.host, "port": args.port})
+            try:
+                serve.run(build_app(serve_args(args, engine_dir)), name=APP_NAME, route_prefix="/")
+            except RuntimeError as exc:
+                raise deploy_failure(serve, exc) from None
+            print(f"fd-serve: serving {engine_dir} at http://{args.host}:{args.port} "
+                  "(POST /v1/images, GET /healthz, GET /v1/info); Ctrl-C stops", flush=True)
+            wait_for_stop_signal()
+            print("fd-serve: stopping", flush=True)
+        finally:
+            stop_serving(serve, ray, local)
+
+    return run_cli(job)
+
+
+def stop_serving(serve, ray, local: bool) -> None:
+    """Local: shut Serve and the Ray instance down (no Ray process outlives fd-serve). Cluster: remove the app."""
+    try:
+        if local:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
