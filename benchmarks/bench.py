@@ -20,6 +20,7 @@ from benchmarks.fidelity import compare
 from runtime.errors import FdError
 from runtime.pipeline import MAX_STEPS, STAGES, FasterDiffusionPipeline, check_guidance_scale, check_seed
 from runtime.policy import FasterDiffusionPolicy
+from runtime.schedulers import diffusers_scheduler
 from runtime.sizes import check_size
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -154,13 +155,13 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
     if source.get("weights_sha256") and comps.source["weights_sha256"] != source["weights_sha256"]:
         raise FdError(f"the weights at {model} are not the ones this engine folder was built from: "
                       "rebuild the folder from them, or drop --compare")
-    cls = {"ddim": diffusers.DDIMScheduler, "dpmpp-2m": diffusers.DPMSolverMultistepScheduler}[s.scheduler]
+    scheduler = diffusers_scheduler(s.scheduler, manifest["scheduler_config"])  # the registry's counterpart
     # The engine's device, and its precision where that is a GPU; fp32 on the CPU (fp16 is slow there).
     if on_gpu and not torch.cuda.is_available():
         raise FdError("--compare diffusers: the engine runs on a GPU but this torch has no CUDA: install a CUDA torch")
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.float16 if device == "cuda" and manifest["precision"] == "fp16" else torch.float32
-    pipe = FAMILIES[comps.family].diffusers_pipeline(comps, cls.from_config(manifest["scheduler_config"]))
+    pipe = FAMILIES[comps.family].diffusers_pipeline(comps, scheduler)
     if (device, dtype) != ("cpu", torch.float32):  # the components load as fp32 on the CPU already
         pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -189,7 +190,7 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         return Sample(total, None, {"unet": len(unet_calls) - before}, host_peak_bytes(reset),
                       torch.cuda.max_memory_allocated() if device == "cuda" else None, images,
                       final["latents"].float().cpu().numpy() if "latents" in final else None)
-    run.info = {"device": device, "dtype": str(dtype).removeprefix("torch."), "scheduler": cls.__name__}
+    run.info = {"device": device, "dtype": str(dtype).removeprefix("torch."), "scheduler": type(scheduler).__name__}
     return run
 
 

@@ -15,7 +15,7 @@ from runtime.atomic import check_writable
 from runtime.cli import check_engine_dir
 from runtime.cli_common import run_cli
 from runtime.errors import FdError
-from runtime.schedulers import SCHEDULERS
+from runtime.schedulers import CHOICES, DEFAULT, choices_help
 
 SCHEMA = "fd-bench/1"
 EXAMPLES = """examples:
@@ -31,7 +31,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--engine-dir", required=True, help="engine folder made by fd-build")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt, repeated --batch-size times")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--scheduler", choices=CHOICES, default=DEFAULT, metavar="NAME", help=f"sampler: {choices_help()}")
     p.add_argument("--batch-size", type=int, default=1, help="images per generation (default 1)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--height", type=int, help="image height (default: the folder's; others need --dynamic-shape)")

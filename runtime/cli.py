@@ -10,8 +10,8 @@ import numpy as np
 from runtime.atomic import check_writable, write_atomic
 from runtime.cli_common import run_cli
 from runtime.errors import FdError
-from runtime.policy import policy_from_options
-from runtime.schedulers import SCHEDULERS
+from runtime.policy import FEW_STEPS, policy_from_options
+from runtime.schedulers import CHOICES, DEFAULT, choices_help
 
 EXAMPLES = """examples:
   fd-run --engine-dir engines/tiny-fp32-onnxruntime --prompt "a photo of an astronaut" --timings
@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--negative-prompt", help="what to steer away from (default: none; as diffusers, SD then encodes "
                                              "the empty prompt and SDXL conditions on zeros)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--scheduler", choices=CHOICES, default=DEFAULT, metavar="NAME",
+                   help=f"sampler, configured from the model's scheduler config: {choices_help()}")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--height", type=int, help="image height in pixels (default: the size the folder was built for; "
                                               "others need a folder built with --dynamic-shape)")
@@ -143,6 +144,9 @@ def main(argv=None) -> int:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
                       latents=latents, policy=policy, height=args.height, width=args.width, **size_conditioning)
+        if args.key_steps is None and args.uniform is None and not args.no_fd and args.steps <= FEW_STEPS:
+            print(f"note: {args.steps} steps: every step is a key step (FasterDiffusion's windows pay off above "
+                  f"{FEW_STEPS} steps); give --key-steps or --uniform to reuse the encoder anyway", file=sys.stderr)
         for image, path in zip(result.images, paths):
             write_atomic(path, lambda f: image.save(f, format="PNG"))
             print(f"wrote {path}")

@@ -5,6 +5,7 @@ timesteps and latents, the denoising loop (window by window), decode. No backend
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from runtime.sizes import check_size
 from runtime.tokenizer import PromptTokenizer
 
 STAGES = ("text_encoder", "unet_encoder", "unet_decoder", "scheduler", "vae_decoder")
+STEP_NOISE_STREAM = 1  # the seed's second stream: per-step noise of stochastic schedulers
 MAX_STEPS = 1000
 
 
@@ -96,6 +98,11 @@ class FasterDiffusionPipeline:
         policy = policy or self.default_policy(steps)
         height, width = self.image_size(height, width)
         self._check_inputs(prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height, width)
+        sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])  # refuses unsupported options
+        sampler.set_timesteps(steps)
+        if sampler.stochastic:
+            check_seed(seed)
+        policy = every_evaluation_a_key_step(policy, steps, len(sampler.timesteps))
         timer = StageTimer(self.runner.synchronize)
         calls_before = Counter(self.runner.calls)
         started = time.perf_counter()
@@ -108,18 +115,19 @@ class FasterDiffusionPipeline:
             conditions = self.family.encode_prompt(self.runner, self.tokenizers, request,
                                                    self.manifest.get("family_options", {}))
 
-        # 3. timesteps and initial latents
-        sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])
-        sampler.set_timesteps(steps)
+        # 3. timesteps (float32 where a scheduler's are fractional: they reach the graphs as they are) and
+        # initial latents
         timesteps = sampler.timesteps
         if latents is None:
             latents = initial_noise(seed, (batch, *self.latent_shape_at(height, width)))
-        noise = np.asarray(latents, dtype=np.float32)  # unit initial noise, reused by prior noise injection
+        # The unit initial noise ε (it is z_T only where init_noise_sigma is 1), reused by prior noise injection.
+        noise = np.asarray(latents, dtype=np.float32)
+        step_options = {"generator": step_noise_generator(seed)} if sampler.stochastic else {}
         z = noise * np.float32(sampler.init_noise_sigma)
 
         # 4. denoising loop: one encoder call per window, one decoder call per chunk of the window
         injection = policy.noise_injection
-        for window in policy.windows(steps):
+        for window in policy.windows(len(timesteps)):  # PLMS: one more model evaluation than steps
             t_key = timesteps[window.key_step]
             with timer("unet_encoder"):
                 model_input = sampler.scale_model_input(np.concatenate([z, z]) if guided else z, t_key)
@@ -134,17 +142,21 @@ class FasterDiffusionPipeline:
                             uncond, cond = prediction[:batch], prediction[batch:]
                             prediction = uncond + np.float32(guidance_scale) * (cond - uncond)
                         if injection is not None and injection.applies(t):
-                            z = z + np.float32(injection.alpha) * noise
-                        z = sampler.step(prediction, t, z)
+                            # Prior noise injection in the variance-preserving frame, the same for every
+                            # scheduler: z ← z + α·ε on the VP latent z. A sigma-space scheduler (Euler) holds
+                            # x = z·sqrt(1 + σ_t²), so there it is x ← x + α·sqrt(1 + σ_t²)·ε (vp_scale is 1
+                            # for the others, whose sample is z).
+                            z = z + (np.float32(injection.alpha) * np.float32(sampler.vp_scale(t))) * noise
+                        z = sampler.step(prediction, t, z, **step_options)
                         if callback is not None:
-                            callback(i, int(t), z)
+                            callback(i, t.item(), z)
 
         # 5. decode
         with timer("vae_decoder"):
             pixels = stages.decode_vae(self.runner, z / np.float32(self.manifest["vae_scaling_factor"]))
         timings = dict(timer.seconds, total=time.perf_counter() - started)
         calls = dict(Counter(self.runner.calls) - calls_before)
-        return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), [int(t) for t in timesteps])
+        return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist())
 
     def _check_inputs(self, prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height,
                       width) -> None:
@@ -186,6 +198,22 @@ class FasterDiffusionPipeline:
 def initial_noise(seed, shape) -> np.ndarray:
     """The unit initial noise fd draws for a seed: one request's rows, or one row of a batch built from seeds."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def step_noise_generator(seed) -> np.random.Generator:
+    """Where stochastic schedulers (euler-a, lcm, ddpm) draw each step's noise: a stream of the seed that is
+    independent of the initial noise (which initial_noise draws from the seed itself), so the same seed
+    gives the same image whether the initial noise comes from the seed or is passed in as latents."""
+    return np.random.default_rng(None if seed is None else [int(seed), STEP_NOISE_STREAM])
+
+
+def every_evaluation_a_key_step(policy: FasterDiffusionPolicy, steps: int, evaluations: int):
+    """PLMS evaluates the model once more than it steps (steps + 1 `timesteps`). A policy with every step a
+    key step (the baseline, few-step sampling) keeps every evaluation a key step; others leave the extra
+    evaluation in the last window."""
+    if evaluations > steps and set(range(steps)) <= set(policy.key_steps):
+        return dataclasses.replace(policy, key_steps=tuple(range(evaluations)))
+    return policy
 
 
 def check_guidance_scale(guidance_scale: float) -> None:

@@ -4,7 +4,9 @@ Terms (Li et al., NeurIPS 2024, arXiv 2312.09608):
   key step   a loop index i at which the UNet encoder runs and refreshes the cache
   window     a key step and the non-key steps after it; all of them decode from that key step's cache,
              so their decoder calls run as one batch (split into calls of at most `max_window` steps)
-  prior noise injection  z ← z + α·z_T before each scheduler step whose timestep t < τ
+  prior noise injection  z ← z + α·ε before each scheduler step whose timestep t < τ, on the
+             variance-preserving latent z with ε the unit initial noise (for a sigma-space scheduler such as
+             Euler, whose sample is z·sqrt(1 + σ_t²), that is x ← x + α·sqrt(1 + σ_t²)·ε; runtime/pipeline.py)
 """
 from __future__ import annotations
 
@@ -15,15 +17,21 @@ from runtime.errors import FdError
 # The paper's chosen key steps for SD with DDIM-50 ("non-uniform IV"); for DPM-Solver++-20 the paper
 # keeps the members below 20: {0, 1, 2, 3, 5, 10, 15}.
 PAPER_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+# At this many steps or fewer (LCM-style sampling) every step is a key step by default: a window
+# reuses the encoder over steps far apart in noise level, and saves too few calls to pay off.
+FEW_STEPS = 8
 NOISE_ALPHA = 0.003
 NOISE_TAU = 500
 
 
 def default_key_steps(num_steps: int) -> tuple[int, ...]:
-    """The paper's set for 50 steps, its members below N for N ≤ 50, and that set scaled by N/50 above.
+    """Every step for N ≤ FEW_STEPS; the paper's set for 50 steps, its members below N for N ≤ 50, and
+    that set scaled by N/50 above.
 
     This gives exactly the paper's sets at 50 steps (9 keys) and 20 steps (7 keys).
     """
+    if num_steps <= FEW_STEPS:
+        return tuple(range(num_steps))
     if num_steps <= 50:
         return tuple(k for k in PAPER_KEY_STEPS_50 if k < num_steps)
     return tuple(sorted({round(k * num_steps / 50) for k in PAPER_KEY_STEPS_50}))

@@ -1,7 +1,8 @@
 """An independent PyTorch reference of FasterDiffusion sampling, for tests.
 
-It uses none of fd's runtime (runtime/*) nor fd's UNet split (builder/split.py): text conditioning
-comes from diffusers' own pipelines (`encode_prompt`), the samplers are diffusers' schedulers, and the
+It uses none of fd's runtime (runtime/*) nor fd's UNet split (builder/split.py), only the scheduler
+registry's table of which diffusers class a scheduler name means: text conditioning comes from
+diffusers' own pipelines (`encode_prompt`), the samplers are diffusers' schedulers, and the
 UNet is split here, on the diffusers UNet2DConditionModel, into
 
   encoder  time embedding, conv_in, down blocks, mid block → cache (mid output, every skip)
@@ -10,19 +11,24 @@ UNet is split here, on the diffusers UNet2DConditionModel, into
 The sampling loop is the plainest correct FasterDiffusion (Li et al., arXiv 2312.09608): the encoder
 runs on the current latent at key steps only; every step decodes the latest cache with that step's own
 timestep, one decoder call per step (no batching); guidance combine; prior noise injection
-z ← z + α·z_T before each scheduler step with t < τ; then the scheduler's step.
+z ← z + α·ε before each scheduler step with t < τ, in the variance-preserving frame (ε the unit initial
+noise; for σ-space schedulers, whose sample is z·sqrt(1 + σ_t²), x ← x + α·sqrt(1 + σ_t²)·ε); then the
+scheduler's step. The encoder's input goes through the scheduler's scale_model_input at key steps.
 
 SD and SDXL (addition_embed_type "text_time": pooled text embeds and size/crop time ids added to the
 time embedding in both halves) are covered.
 """
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler"}
+# Schedulers whose sample is the variance-preserving latent z times sqrt(1 + σ_t²) (they live in σ-space).
+SIGMA_SPACE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
 
 
 @dataclass
@@ -88,8 +94,38 @@ def unet_decode(unet, mid: torch.Tensor, skips: list, timesteps: torch.Tensor, c
 # --- text conditioning from diffusers' pipelines --------------------------------------------------------
 
 def make_scheduler(name: str, config: dict):
-    import diffusers
-    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+    """diffusers' scheduler for an fd scheduler name: the one table this reference takes from fd (its registry
+    says which diffusers class and config overrides a name means; fd's own numpy schedulers are not used)."""
+    from runtime.schedulers import diffusers_scheduler
+    return diffusers_scheduler(name, config)
+
+
+@contextmanager
+def numpy_step_noise(scheduler, generator: np.random.Generator | None):
+    """Make a diffusers scheduler draw its per-step noise (randn_tensor in its module) from a numpy generator,
+    so a stochastic sampler can be given exactly the noise fd draws. None leaves it alone."""
+    module = sys.modules[type(scheduler).__module__]
+    original = getattr(module, "randn_tensor", None)
+    if generator is None or original is None:
+        yield
+        return
+
+    def draw(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(numpy_generator.standard_normal(tuple(shape), dtype=np.float32)).to(dtype=dtype)
+    numpy_generator = generator
+    module.randn_tensor = draw
+    try:
+        yield
+    finally:
+        module.randn_tensor = original
+
+
+def vp_scale(scheduler) -> float:
+    """sqrt(1 + σ²) at the scheduler's current step for σ-space schedulers, else 1: their sample over z."""
+    if type(scheduler).__name__ not in SIGMA_SPACE:
+        return 1.0
+    sigma = float(scheduler.sigmas[scheduler.step_index])
+    return (1.0 + sigma * sigma) ** 0.5
 
 
 def sd_pipeline(components, scheduler):
@@ -143,37 +179,47 @@ def sdxl_conditioning(parts, prompts: list[str], negative_prompt: str | None, gu
 # --- the sampling loop ---------------------------------------------------------------------------------
 
 def fd_denoise(unet, scheduler, cond: Conditioning, latents, steps: int, guidance_scale: float, key_steps,
-               noise_injection=None, decode_with_key_timestep: bool = False) -> np.ndarray:
+               noise_injection=None, decode_with_key_timestep: bool = False, *,
+               step_noise: np.random.Generator | None = None, scale_input: bool = True,
+               vp_frame: bool = True) -> np.ndarray:
     """FasterDiffusion sampling from unit noise `latents`; returns the final latents (float32 numpy).
 
     `decode_with_key_timestep=True` is a deliberately wrong variant (every step of a window decoded with
-    its key step's timestep) that tests use to show a comparison can fail."""
+    its key step's timestep) that tests use to show a comparison can fail. `step_noise` is the numpy
+    generator a stochastic scheduler draws its per-step noise from (numpy_step_noise). Two more wrong
+    variants: `scale_input=False` feeds the encoder the unscaled latent, `vp_frame=False` injects α·ε into
+    a σ-space sample as it is (without sqrt(1 + σ²))."""
     keys = set(key_steps) | {0}
     guided = guidance_scale > 1.0
     noise = torch.as_tensor(np.asarray(latents, dtype=np.float32))
     z = noise * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps)
     rows = 2 * len(noise) if guided else len(noise)
-    with torch.no_grad():
+    with torch.no_grad(), numpy_step_noise(scheduler, step_noise):
         for i, t in enumerate(scheduler.timesteps):
             if i in keys:
                 t_key = t
-                model_input = scheduler.scale_model_input(torch.cat([z, z]) if guided else z, t)
-                mid, skips = unet_encode(unet, model_input, torch.full((rows,), int(t)), cond)
+                latent = torch.cat([z, z]) if guided else z
+                # scale_model_input also starts the σ-space schedulers' step counter; call it either way.
+                scaled = scheduler.scale_model_input(latent, t)
+                model_input = scaled if scale_input else latent
+                # Timesteps go in as the scheduler has them: Euler's fractional ones stay float.
+                mid, skips = unet_encode(unet, model_input, torch.full((rows,), t.item()), cond)
             t_decode = t_key if decode_with_key_timestep else t
-            prediction = unet_decode(unet, mid, skips, torch.full((rows,), int(t_decode)), cond)
+            prediction = unet_decode(unet, mid, skips, torch.full((rows,), t_decode.item()), cond)
             if guided:
                 uncond, text = prediction.chunk(2)
                 prediction = uncond + guidance_scale * (text - uncond)
             if noise_injection is not None and t < noise_injection[1]:
-                z = z + noise_injection[0] * noise
+                # z ← z + α·ε on the variance-preserving latent; a σ-space sample is z·sqrt(1 + σ_t²).
+                z = z + noise_injection[0] * (vp_scale(scheduler) if vp_frame else 1.0) * noise
             z = scheduler.step(prediction, t, z, return_dict=False)[0]
     return z.float().numpy()
 
 
 def reference_fd_sample(components, prompts, negative_prompt, latents, scheduler_name: str, steps: int,
                         guidance_scale: float, key_steps, noise_injection=None, max_window: int | None = None,
-                        decode_with_key_timestep: bool = False) -> np.ndarray:
+                        decode_with_key_timestep: bool = False, **variants) -> np.ndarray:
     """FasterDiffusion on SD components (fd's Components: tokenizer, text_encoder, unet, scheduler_config).
 
     `noise_injection` is (alpha, tau) or None. `max_window` only splits fd's batched decoder calls,
@@ -181,7 +227,7 @@ def reference_fd_sample(components, prompts, negative_prompt, latents, scheduler
     fd's policy and ignored here (this reference decodes one step per call)."""
     cond = sd_conditioning(components, prompts, negative_prompt, guidance_scale > 1.0)
     return fd_denoise(components.unet, make_scheduler(scheduler_name, components.scheduler_config), cond, latents,
-                      steps, guidance_scale, key_steps, noise_injection, decode_with_key_timestep)
+                      steps, guidance_scale, key_steps, noise_injection, decode_with_key_timestep, **variants)
 
 
 def reference_fd_sample_sdxl(parts, prompts, negative_prompt, latents, scheduler_name: str, steps: int,

@@ -1,4 +1,4 @@
-"""Pieces both schedulers need: config resolution and the float32 noise schedule.
+"""Pieces every scheduler needs: config resolution, the float32 noise schedule, sigma schedules.
 
 The numbers must match what diffusers builds with float32 torch on the CPU, bit for bit where that is
 cheap, so two torch behaviours are reproduced on purpose (see `_linspace_f32` and `_cumprod_f32`).
@@ -126,7 +126,7 @@ def alphas_cumprod(cfg: dict, scheduler: str) -> np.ndarray:
             f"beta_schedule={cfg['beta_schedule']!r}", scheduler,
             f"use one of {', '.join(BETA_SCHEDULES)} or give trained_betas",
         )
-    if cfg["rescale_betas_zero_snr"]:
+    if cfg.get("rescale_betas_zero_snr"):  # PNDM has no such option
         betas = _rescale_zero_terminal_snr(betas)
     return _cumprod_f32(np.float32(1.0) - betas)
 
@@ -142,3 +142,96 @@ def per_sample(coef: np.ndarray, ndim: int) -> np.ndarray:
     """Shape per-timestep coefficients (B,) as (B, 1, 1, ...) so they broadcast over a batch."""
     coef = coef.reshape(-1)
     return coef.reshape(coef.shape + (1,) * max(ndim - 1, 0))
+
+
+def per_step_noise(generator, shape: tuple, scheduler: str) -> np.ndarray:
+    """Unit Gaussian noise for one stochastic step, drawn from the caller's seeded numpy generator."""
+    if not isinstance(generator, np.random.Generator):
+        raise FdError(f"the {scheduler} scheduler adds fresh noise at each step: pass generator="
+                      "np.random.default_rng(seed) to step()")
+    return generator.standard_normal(shape, dtype=np.float32)
+
+
+def spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int, dtype=np.int64) -> np.ndarray:
+    """The n timesteps (descending) of the plain spacings that DDPM, DDIM-like and Euler-type schedulers share.
+
+    linspace: n points from 0 to T-1; leading: multiples of T // n from 0, plus steps_offset;
+    trailing: counting down from T by T / n, minus one. Computed in float64 unless `dtype` is float32,
+    where linspace is laid out in float32 as Euler's schedulers do (it gives fractional timesteps).
+    """
+    if spacing == "linspace":
+        if dtype == np.float32:
+            return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        ts = np.linspace(0, T - 1, n).round()[::-1]
+    elif spacing == "leading":
+        ts = (np.arange(n) * (T // n)).round()[::-1] + int(steps_offset)
+    else:
+        ts = np.arange(T, 0, -T / n).round() - 1
+    return ts.astype(dtype)
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep (float32, ascending in t)."""
+    return np.sqrt((np.float32(1.0) - alphas_cumprod) / alphas_cumprod).astype(np.float32)
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep of each sigma: linear interpolation in log sigma, as diffusers."""
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+    dists = log_sigma[None, :] - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def karras_sigmas(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 (eq. 5): n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, n)
+    max_inv, min_inv = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def alpha_sigma(s):
+    """From sigma = sigma_t / alpha_t (with alpha_t^2 + sigma_t^2 = 1) back to (alpha_t, sigma_t)."""
+    alpha = np.float32(1.0) / np.sqrt(s * s + np.float32(1.0))
+    return alpha, s * alpha
+
+
+def half_log_snr(alpha, sigma):
+    """lambda = log(alpha_t / sigma_t); +inf at sigma = 0 (the very end), where exp(-h) = 0."""
+    with np.errstate(divide="ignore"):
+        return np.log(alpha) - np.log(sigma)
+
+
+class StepIndex:
+    """diffusers' step counter: set on the first scale_model_input/step from the timestep, then +1 per step.
+
+    A repeated timestep resolves to its second occurrence, as diffusers does (img2img may start on the first).
+    """
+
+    step_index = None
+    name = "?"
+
+    def _require_timesteps(self) -> None:
+        if self.num_inference_steps is None:
+            raise FdError(f"run set_timesteps(num_inference_steps) on the {self.name} scheduler first")
+
+    def index_for_timestep(self, timestep) -> int:
+        hits = np.flatnonzero(self.timesteps == timestep)
+        if hits.size == 0:
+            raise FdError(f"timestep {timestep} is not in this {len(self.timesteps)}-step schedule; "
+                          "use one of .timesteps")
+        return int(hits[1] if hits.size > 1 else hits[0])
+
+    def _current_index(self, timestep) -> int:
+        self._require_timesteps()
+        if self.step_index is None:
+            self.step_index = self.index_for_timestep(timestep)
+        if self.step_index >= len(self.timesteps):
+            raise FdError(f"step called {self.step_index + 1} times for a {len(self.timesteps)}-step schedule; "
+                          "run set_timesteps again")
+        if timestep != self.timesteps[self.step_index]:
+            raise FdError(f"step got timestep {timestep} but expected {self.timesteps[self.step_index]}; "
+                          "step in order over .timesteps")
+        return self.step_index

@@ -30,8 +30,11 @@ DEFAULTS = {
 class DDIMScheduler:
     """DDIM sampler of Song et al. 2021 with eta = 0 (no noise is added between steps)."""
 
+    name = NAME
     order = 1  # model evaluations per step
+    stochastic = False
     init_noise_sigma = 1.0
+    prediction_types = common.PREDICTION_TYPES
 
     def __init__(self, config: dict):
         cfg = common.resolve_config(config, DEFAULTS)
@@ -67,13 +70,17 @@ class DDIMScheduler:
         """DDIM feeds the sample to the model unscaled; kept for a uniform scheduler interface."""
         return sample
 
+    def vp_scale(self, timestep=None) -> float:
+        """The sample is the variance-preserving latent itself."""
+        return 1.0
+
     def _alpha_bar(self, t: int) -> np.float32:
         T = int(self.config["num_train_timesteps"])
         if not 0 <= t < T:
             raise FdError(f"timestep {t} is outside the model's 0..{T - 1}")
         return self.alphas_cumprod[t]
 
-    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, generator=None) -> np.ndarray:
         """One DDIM step x_t -> x_prev (Song et al. 2021, eq. 12 with sigma_t = 0).
 
         Legend: x = x_t (sample); a = alpha_bar_t and a' = alpha_bar_prev (cumulative alpha products);

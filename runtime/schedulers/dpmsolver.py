@@ -1,7 +1,8 @@
 """DPM-Solver++ 2M, numerically equal to diffusers' `DPMSolverMultistepScheduler.from_config(config)`.
 
 Only the deterministic data-prediction solver of order 2 is implemented (algorithm_type "dpmsolver++",
-solver_order 2, midpoint or heun), on the model's own discrete sigmas.
+solver_order 2, midpoint or heun), on the model's own discrete sigmas or on Karras sigmas
+(use_karras_sigmas; fd's `dpmpp-2m-karras` sets it, `dpmpp-2m` clears it).
 """
 
 import numpy as np
@@ -43,57 +44,54 @@ DEFAULTS = {
     "time_shift_type": "exponential",
 }
 
-_NOT_SIGMAS = "remove it, fd only steps on the model's own discrete sigmas"
+_NOT_SIGMAS = "remove it, fd steps on the model's own discrete sigmas or Karras sigmas (dpmpp-2m-karras)"
 
 
 def _validate(cfg: dict) -> None:
+    name = f"{NAME}-karras" if cfg["use_karras_sigmas"] else NAME
     # Names other diffusers solvers use for their own variants; diffusers maps them to ours.
     if cfg["algorithm_type"] == "deis":
         cfg["algorithm_type"] = "dpmsolver++"
     if cfg["solver_type"] in ("logrho", "bh1", "bh2"):
         cfg["solver_type"] = "midpoint"
     if cfg["algorithm_type"] != "dpmsolver++":
-        raise common.unsupported(f"algorithm_type={cfg['algorithm_type']!r}", NAME, "use 'dpmsolver++'")
+        raise common.unsupported(f"algorithm_type={cfg['algorithm_type']!r}", name, "use 'dpmsolver++'")
     if cfg["solver_order"] != 2:
         raise common.unsupported(
-            f"solver_order={cfg['solver_order']!r}", NAME, "use 2 (or the ddim scheduler)"
+            f"solver_order={cfg['solver_order']!r}", name, "use 2 (or the ddim scheduler)"
         )
-    common.check_choice(cfg, "solver_type", ("midpoint", "heun"), NAME)
-    common.check_choice(cfg, "prediction_type", common.PREDICTION_TYPES, NAME)
-    common.check_choice(cfg, "timestep_spacing", common.TIMESTEP_SPACINGS, NAME)
-    common.check_choice(cfg, "final_sigmas_type", ("zero", "sigma_min"), NAME)
+    common.check_choice(cfg, "solver_type", ("midpoint", "heun"), name)
+    common.check_choice(cfg, "prediction_type", common.PREDICTION_TYPES, name)
+    common.check_choice(cfg, "timestep_spacing", common.TIMESTEP_SPACINGS, name)
+    common.check_choice(cfg, "final_sigmas_type", ("zero", "sigma_min"), name)
     if cfg["thresholding"]:
-        raise common.unsupported("thresholding=True", NAME, "set thresholding to false")
-    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+        raise common.unsupported("thresholding=True", name, "set thresholding to false")
+    for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                 "use_flow_sigmas", "use_dynamic_shifting"):
         if cfg[key]:
-            raise common.unsupported(f"{key}=True", NAME, _NOT_SIGMAS)
+            raise common.unsupported(f"{key}=True", name, _NOT_SIGMAS)
     if cfg["variance_type"] is not None:
         raise common.unsupported(
-            f"variance_type={cfg['variance_type']!r}", NAME, "use a model that predicts plain noise"
+            f"variance_type={cfg['variance_type']!r}", name, "use a model that predicts plain noise"
         )
 
 
-def _alpha_sigma(s: np.float32):
-    """From sigma = sigma_t / alpha_t (with alpha_t^2 + sigma_t^2 = 1) back to (alpha_t, sigma_t)."""
-    alpha = np.float32(1.0) / np.sqrt(s * s + np.float32(1.0))
-    return alpha, s * alpha
-
-
-def _lam(alpha: np.float32, sigma: np.float32) -> np.float32:
-    with np.errstate(divide="ignore"):  # sigma = 0 at the very end: lambda = +inf, exp(-h) = 0
-        return np.log(alpha) - np.log(sigma)
+_alpha_sigma, _lam = common.alpha_sigma, common.half_log_snr
 
 
 class DPMSolverMultistepScheduler:
     """Multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", Algorithm 2) of order 2."""
 
+    name = NAME
     order = 1  # model evaluations per step
+    stochastic = False
     init_noise_sigma = 1.0
+    prediction_types = common.PREDICTION_TYPES
 
     def __init__(self, config: dict):
         cfg = common.resolve_config(config, DEFAULTS)
         _validate(cfg)
+        self.name = f"{NAME}-karras" if cfg["use_karras_sigmas"] else NAME
         self.config = cfg
         ac = common.alphas_cumprod(cfg, NAME)
         if cfg["rescale_betas_zero_snr"]:
@@ -116,6 +114,18 @@ class DPMSolverMultistepScheduler:
         """Choose the timesteps (descending) and their sigmas, plus a final sigma; resets the history."""
         T = int(self.config["num_train_timesteps"])
         n = common.check_num_steps(num_inference_steps, T)
+        if self.config["use_karras_sigmas"]:
+            self.timesteps, sigmas = self._karras_schedule(n)
+        else:
+            self.timesteps = self._spaced_timesteps(n)
+            sigmas = self._train_sigmas[self.timesteps]
+        final = self._train_sigmas[0] if self.config["final_sigmas_type"] == "sigma_min" else 0.0
+        self.sigmas = np.append(sigmas, np.float32(final)).astype(np.float32)
+        self.num_inference_steps = len(self.timesteps)
+        self._reset()
+
+    def _spaced_timesteps(self, n: int) -> np.ndarray:
+        T = int(self.config["num_train_timesteps"])
         # lambda_min_clipped cuts off the noisiest timesteps, whose log-SNR is below the threshold.
         clipped = int(np.searchsorted(self._lambdas[::-1], np.float32(self.config["lambda_min_clipped"])))
         last = T - clipped
@@ -127,15 +137,29 @@ class DPMSolverMultistepScheduler:
             ts = (np.arange(n + 1) * (last // (n + 1)))[::-1][:-1] + int(self.config["steps_offset"])
         else:  # trailing
             ts = np.arange(last, 0, -T / n).round() - 1
-        self.timesteps = common.checked_timesteps(ts, T, spacing)
-        final = self._train_sigmas[0] if self.config["final_sigmas_type"] == "sigma_min" else 0.0
-        self.sigmas = np.append(self._train_sigmas[self.timesteps], np.float32(final)).astype(np.float32)
-        self.num_inference_steps = len(self.timesteps)
-        self._reset()
+        return common.checked_timesteps(ts, T, spacing)
+
+    def _karras_schedule(self, n: int):
+        """Karras et al.'s sigmas between the model's smallest and largest sigma, and as each step's timestep
+        the training timestep of its sigma (rounded, or for cosine betas truncated, as diffusers does)."""
+        sigmas = common.karras_sigmas(float(self._train_sigmas[-1]), float(self._train_sigmas[0]), n)
+        ts = common.sigma_to_t(sigmas, np.log(self._train_sigmas))
+        if self.config["beta_schedule"] != "squaredcos_cap_v2":
+            ts = ts.round()
+        ts = common.checked_timesteps(ts, int(self.config["num_train_timesteps"]), "karras")
+        if n > 1 and ts[0] == ts[1]:
+            # diffusers would start on the second copy and run off the end of its sigmas
+            raise FdError(f"Karras sigmas for {n} steps start with timestep {ts[0]} twice on this model's "
+                          "schedule (diffusers cannot run it either); use the dpmpp-2m scheduler")
+        return ts, sigmas
 
     def scale_model_input(self, sample: np.ndarray, timestep=None) -> np.ndarray:
         """DPM-Solver feeds the sample to the model unscaled; kept for a uniform scheduler interface."""
         return sample
+
+    def vp_scale(self, timestep=None) -> float:
+        """The sample is the variance-preserving latent itself."""
+        return 1.0
 
     def _index_of(self, timestep: int) -> int:
         hits = np.flatnonzero(self.timesteps == timestep)
@@ -146,7 +170,7 @@ class DPMSolverMultistepScheduler:
         # diffusers takes the second match of a repeated timestep (img2img may start on the first).
         return int(hits[1] if hits.size > 1 else hits[0])
 
-    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, generator=None) -> np.ndarray:
         """One DPM-Solver++(2M) step from sigmas[i] to sigmas[i + 1].
 
         Legend: sigma = sqrt((1 - a) / a) for alpha_bar a; alpha_t = 1 / sqrt(1 + sigma^2) and
@@ -207,7 +231,8 @@ class DPMSolverMultistepScheduler:
         else:
             m1 = self.model_outputs[0]
             alpha_s1, sigma_s1 = _alpha_sigma(self.sigmas[i - 1])
-            r0 = (lam_s0 - _lam(alpha_s1, sigma_s1)) / h
+            with np.errstate(divide="ignore"):  # h = 0 when a final sigma_min repeats the last sigma (as diffusers)
+                r0 = (lam_s0 - _lam(alpha_s1, sigma_s1)) / h
             d1 = (np.float32(1.0) / r0) * (m0 - m1)  # (4)
             prev = (sigma_t / sigma_s0) * x - (alpha_t * decay) * m0  # (5)
             if cfg["solver_type"] == "midpoint":
