@@ -99,8 +99,12 @@ class ImageService:
         for index, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(index)
         for key, indices in groups.items():
-            for start in range(0, len(indices), self.max_batch_size):
-                rows = indices[start:start + self.max_batch_size]
+            # A stochastic sampler's per-step noise comes from the generation's one seed: such requests run
+            # alone, so each gets the image fd-run gives for its seed.
+            stochastic = make_scheduler(key.scheduler, self.pipe.manifest["scheduler_config"]).stochastic
+            size = 1 if stochastic else self.max_batch_size
+            for start in range(0, len(indices), size):
+                rows = indices[start:start + size]
                 for index, outcome in zip(rows, self._generate_safely(key, [jobs[i] for i in rows])):
                     outcomes[index] = outcome
         return outcomes
@@ -123,7 +127,7 @@ class ImageService:
         negative = [job.negative_prompt for job in jobs] if key.negative else None
         result = self.pipe([job.prompt for job in jobs], negative_prompt=negative, steps=key.steps,
                            scheduler=key.scheduler, guidance_scale=key.guidance_scale, latents=latents,
-                           policy=key.policy, height=key.height, width=key.width)
+                           seed=jobs[0].seed, policy=key.policy, height=key.height, width=key.width)
         return [Outcome(200, png=png_bytes(image), seed=job.seed, timings=result.timings, calls=result.calls,
                         policy=result.policy, batch_size=len(jobs))
                 for image, job in zip(result.images, jobs)]

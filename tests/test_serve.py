@@ -54,7 +54,7 @@ def alone(pipe, options: dict) -> np.ndarray:
     policy = policy_from_options(steps, pipe.manifest["limits"]["max_window"], uniform=options.get("uniform"),
                                  key_steps=None if keys is None else ",".join(map(str, keys)))
     result = pipe([options["prompt"]], negative_prompt=options.get("negative_prompt"), steps=steps,
-                  seed=options.get("seed", 0), policy=policy)
+                  seed=options.get("seed", 0), policy=policy, scheduler=options.get("scheduler", "ddim"))
     return np.asarray(result.images[0], dtype=np.int16)
 
 
@@ -130,6 +130,15 @@ def test_a_batch_keeps_each_rows_prompt_negative_prompt_and_seed(service, pipe):
         assert np.abs(image - alone(pipe, request)).max() <= PIXEL_TOLERANCE, request
     # the rows really differ: a row that took its neighbour's seed or negative prompt would not match above
     assert np.abs(images[0] - images[2]).max() > 20
+
+
+def test_stochastic_samplers_run_alone_and_keep_their_seeds_step_noise(service, pipe):
+    """euler-a draws per-step noise from the generation's seed, so its requests are not batched together."""
+    requests = [{"prompt": "a red cube", "seed": seed, "steps": STEPS, "scheduler": "euler-a"} for seed in (1, 2)]
+    outcomes = service.run([service.prepare(ImageRequest.model_validate(r)) for r in requests])
+    assert [o.batch_size for o in outcomes] == [1, 1]
+    for request, outcome in zip(requests, outcomes):
+        assert np.abs(pixels(outcome.png) - alone(pipe, request)).max() <= PIXEL_TOLERANCE
 
 
 def test_pipeline_takes_one_negative_prompt_per_prompt(pipe):
