@@ -71,5 +71,9 @@ def rebuild_command(manifest: dict, engine_dir, height: int | None = None, width
              f"--max-batch-size {limits['max_batch_size']} --max-window {limits['max_window']}"]
     if manifest.get("dynamic_shape"):
         parts.append(f"--dynamic-shape {manifest['dynamic_shape']['min']}:{manifest['dynamic_shape']['max']}")
+    for record in manifest.get("controlnets", []):
+        parts.append(f"--controlnet {record['source'].get('path') or record['source'].get('model')}")
+    if "vae_encoder" in manifest["components"]:
+        parts.append("--img2img")
     parts.append(f"--out {engine_dir} --force")
     return " ".join(parts)

@@ -77,3 +77,14 @@ def test_latents_of_another_size_point_at_height_and_width(dynamic_pipe):
     with pytest.raises(FdError, match=r"a 128x128 image needs \(1, 4, 16, 16\).*give --height/--width"):
         dynamic_pipe([PROMPT], steps=2, latents=latents)
     assert dynamic_pipe([PROMPT], steps=2, latents=latents, height=192, width=128).images[0].size == (128, 192)
+
+
+def test_rebuild_command_keeps_controlnets_and_img2img():
+    from runtime.sizes import rebuild_command
+    manifest = {"source": {"model": "tiny"}, "backend": "onnxruntime", "precision": "fp32", "height": 128,
+                "width": 128, "limits": {"max_batch_size": 1, "max_window": 15},
+                "controlnets": [{"source": {"model": "tiny-controlnet"}}, {"source": {"path": "/m/canny"}}],
+                "components": {"vae_encoder": {}}}
+    command = rebuild_command(manifest, "engines/x", 192, 128)
+    assert command.endswith("--controlnet tiny-controlnet --controlnet /m/canny --img2img --out engines/x --force")
+    assert "--height 192 --width 128" in command
