@@ -53,6 +53,7 @@ class Sample:
     device_peak_bytes: int | None
     images: np.ndarray = field(repr=False)  # uint8 (N, H, W, 3)
     latents: np.ndarray | None = field(repr=False)
+    rows: dict | None = None  # rows computed per graph (fd arms), so a guidance interval's saving shows
 
 
 def check_settings(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiffusionPolicy) -> None:
@@ -130,7 +131,7 @@ def fd_arm(pipe, s: Settings, policy, prompts, latents):
         stages["other"] = max(result.timings["total"] - sum(stages.values()), 0.0)  # untimed glue
         images = np.stack([np.asarray(image) for image in result.images])
         return Sample(result.timings["total"], stages, dict(result.calls), host_peak_bytes(reset),
-                      device() if device else None, images, result.latents)
+                      device() if device else None, images, result.latents, dict(result.rows))
     return run
 
 
@@ -245,6 +246,7 @@ def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interru
         arm = {"runs_measured": len(samples),
                "seconds_per_image": spread([x.total / s.batch_size for x in samples]),
                "stage_seconds_median": None, "calls": samples[-1].calls if samples else None,
+               "rows": samples[-1].rows if samples else None,
                "peak_rss_bytes": _max(x.peak_rss_bytes for x in samples),
                "device_peak_bytes": _max(x.device_peak_bytes for x in samples),
                "runs": [{"total": x.total, "stages": x.stages, "peak_rss_bytes": x.peak_rss_bytes,

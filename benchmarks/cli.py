@@ -41,6 +41,8 @@ def parse_args(argv) -> argparse.Namespace:
     keys.add_argument("--key-steps", help="FD arm: comma-separated step indices that run the UNet encoder "
                                           "(default: the paper's set for --steps)")
     keys.add_argument("--uniform", type=int, metavar="K", help="FD arm: a key step every K steps")
+    p.add_argument("--guidance-interval", metavar="LOW,HIGH", help="FD arm: classifier-free guidance only for sigma "
+                   "in (LOW, HIGH], conditional rows alone elsewhere; 'paper' = 0.28,5.42 (default: every step)")
     p.add_argument("--runs", type=int, default=5, help="measured runs per arm (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured runs per arm first (default 2)")
     p.add_argument("--compare", choices=["diffusers"], help="add diffusers' StableDiffusionPipeline as a third arm")
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
                 check_writable(path, option)
         pipe = FasterDiffusionPipeline(args.engine_dir)
         policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
-                                     uniform=args.uniform)
+                                     uniform=args.uniform, guidance_interval=args.guidance_interval)
         height, width = pipe.image_size(args.height, args.width)  # resolved here: the JSON records the size used
         settings = Settings(prompt=args.prompt, steps=args.steps, scheduler=args.scheduler,
                             batch_size=args.batch_size, guidance_scale=args.guidance_scale, runs=args.runs,

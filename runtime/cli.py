@@ -10,7 +10,7 @@ import numpy as np
 from runtime.atomic import check_writable, write_atomic
 from runtime.cli_common import run_cli
 from runtime.errors import FdError
-from runtime.policy import FEW_STEPS, policy_from_options
+from runtime.policy import FEW_STEPS, parse_guidance_interval, policy_from_options
 from runtime.schedulers import CHOICES, DEFAULT, choices_help
 
 EXAMPLES = """examples:
@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --steps 20 --scheduler dpmpp-2m
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --no-fd          # baseline: every step in full
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --uniform 4      # key step every 4 steps
+  fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --guidance-interval paper  # CFG for sigma in (0.28, 5.42]
   fd-run --engine-dir engines/sd15-dynamic --prompt "a cat" --height 768 --width 512  # built with --dynamic-shape
 """
 
@@ -48,9 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     keys.add_argument("--uniform", type=int, metavar="K", help="a key step every K steps")
     keys.add_argument("--no-fd", action="store_true", help="baseline: every step a key step, no noise injection")
     p.add_argument("--no-noise-injection", action="store_true", help="turn prior noise injection off")
+    p.add_argument("--guidance-interval", metavar="LOW,HIGH",
+                   help="classifier-free guidance only at steps whose sigma = sqrt((1-alpha_bar)/alpha_bar) is in "
+                        "(LOW, HIGH]; the other steps skip the unconditional rows. 'paper': 0.28,5.42, the SD-XL "
+                        "interval of Kynkaanniemi et al. 2024 (default: guidance at every step)")
     p.add_argument("--out", default="outputs/fd.png", help="PNG path; numbered (-0, -1, …) for several prompts")
     p.add_argument("--save-latents", help="write the final denoised latents as .npy")
-    p.add_argument("--timings", action="store_true", help="print time per stage and encoder/decoder call counts")
+    p.add_argument("--timings", action="store_true", help="print time per stage, calls and rows computed per graph")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture CUDA graphs per engine and batch shape (TensorRT and torch folders on a GPU)")
     return p.parse_args(argv)
@@ -103,7 +108,11 @@ def format_timings(result) -> str:
     rows += [f"{stage:<14}{seconds:>10.3f}" for stage, seconds in result.timings.items()]
     calls = result.calls
     rows.append("calls: " + ", ".join(f"{graph.replace('_', ' ')} {count}" for graph, count in calls.items()))
+    rows.append("rows: " + ", ".join(f"{graph.replace('_', ' ')} {count}" for graph, count in result.rows.items()))
     rows.append(f"key steps: {result.policy['key_steps']}")
+    interval = result.policy.get("guidance_interval")
+    if interval is not None:
+        rows.append(f"guidance interval: sigma in ({interval[0]:g}, {interval[1]:g}]")
     return "\n".join(rows)
 
 
@@ -135,11 +144,14 @@ def main(argv=None) -> int:
             raise FdError("give at least one --prompt")
         check_engine_dir(args.engine_dir)
         paths = check_outputs(args)
+        if args.guidance_interval is not None:
+            parse_guidance_interval(args.guidance_interval)  # a bad interval is refused before the engines load
         latents = load_latents(args.latents) if args.latents is not None else None
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
         policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
                                      uniform=args.uniform, baseline=args.no_fd,
-                                     noise_injection=not args.no_noise_injection)
+                                     noise_injection=not args.no_noise_injection,
+                                     guidance_interval=args.guidance_interval)
         size_conditioning = sdxl_size_options(args, pipe.family.name)
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,

@@ -21,7 +21,7 @@ from runtime.backends import load_runner
 from runtime.errors import FdError
 from runtime.families import PromptRequest, family_of
 from runtime.manifest import load_manifest
-from runtime.policy import FasterDiffusionPolicy
+from runtime.policy import FasterDiffusionPolicy, model_sigmas
 from runtime.schedulers import make_scheduler
 from runtime.sizes import check_size
 from runtime.tokenizer import PromptTokenizer
@@ -39,6 +39,7 @@ class GenerationResult:
     calls: dict[str, int]  # graph executions per component during this generation
     policy: dict  # the FasterDiffusion settings that were used
     timesteps: list[int] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)  # rows (batch entries) computed per component, all calls
 
 
 class StageTimer:
@@ -104,7 +105,7 @@ class FasterDiffusionPipeline:
             check_seed(seed)
         policy = every_evaluation_a_key_step(policy, steps, len(sampler.timesteps))
         timer = StageTimer(self.runner.synchronize)
-        calls_before = Counter(self.runner.calls)
+        calls_before, rows_before = Counter(self.runner.calls), Counter(self.runner.rows)
         started = time.perf_counter()
         batch, guided = len(prompts), guidance_scale > 1.0
 
@@ -125,20 +126,28 @@ class FasterDiffusionPipeline:
         step_options = {"generator": step_noise_generator(seed)} if sampler.stochastic else {}
         z = noise * np.float32(sampler.init_noise_sigma)
 
-        # 4. denoising loop: one encoder call per window, one decoder call per chunk of the window
+        # 4. denoising loop: one encoder call per window, one decoder call per chunk of the window. Steps
+        # outside the guidance interval need only the conditional rows: a window none of whose steps is
+        # guided encodes those alone; in a window that has both kinds each step decodes the rows it needs.
         injection = policy.noise_injection
+        guide = [guided and g for g in policy.guided_steps(model_sigmas(sampler.alphas_cumprod, timesteps))]
+        skipping = guided and not all(guide)  # some step needs the conditional half alone
+        conditional = stages.conditional_rows(self.runner, conditions, batch) if skipping else conditions
         for window in policy.windows(len(timesteps)):  # PLMS: one more model evaluation than steps
-            t_key = timesteps[window.key_step]
+            t_key, both_halves = timesteps[window.key_step], any(guide[i] for chunk in window.chunks for i in chunk)
             with timer("unet_encoder"):
-                model_input = sampler.scale_model_input(np.concatenate([z, z]) if guided else z, t_key)
-                cache = stages.encode_unet(self.runner, model_input, t_key, conditions)
+                window_conditions = conditions if both_halves else conditional
+                model_input = sampler.scale_model_input(np.concatenate([z, z]) if both_halves else z, t_key)
+                cache = stages.encode_unet(self.runner, model_input, t_key, window_conditions)
             for chunk in window.chunks:
                 with timer("unet_decoder"):
-                    predictions = stages.decode_unet(self.runner, cache, timesteps[list(chunk)], conditions)
+                    rows = [(0, cache.rows) if guide[i] else (cache.rows - batch, cache.rows) for i in chunk]
+                    predictions = stages.decode_unet(self.runner, cache, timesteps[list(chunk)], window_conditions,
+                                                     rows)
                 with timer("scheduler"):
                     for prediction, i in zip(predictions, chunk):
                         t = timesteps[i]
-                        if guided:
+                        if guide[i]:
                             uncond, cond = prediction[:batch], prediction[batch:]
                             prediction = uncond + np.float32(guidance_scale) * (cond - uncond)
                         if injection is not None and injection.applies(t):
@@ -156,7 +165,8 @@ class FasterDiffusionPipeline:
             pixels = stages.decode_vae(self.runner, z / np.float32(self.manifest["vae_scaling_factor"]))
         timings = dict(timer.seconds, total=time.perf_counter() - started)
         calls = dict(Counter(self.runner.calls) - calls_before)
-        return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist())
+        rows = dict(Counter(self.runner.rows) - rows_before)
+        return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist(), rows)
 
     def _check_inputs(self, prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height,
                       width) -> None:

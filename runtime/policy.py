@@ -1,4 +1,5 @@
-"""The FasterDiffusion policy: which steps run the encoder, how windows are batched, noise injection.
+"""The FasterDiffusion policy: which steps run the encoder, how windows are batched, noise injection,
+and in which noise range classifier-free guidance applies.
 
 Terms (Li et al., NeurIPS 2024, arXiv 2312.09608):
   key step   a loop index i at which the UNet encoder runs and refreshes the cache
@@ -7,10 +8,18 @@ Terms (Li et al., NeurIPS 2024, arXiv 2312.09608):
   prior noise injection  z ← z + α·ε before each scheduler step whose timestep t < τ, on the
              variance-preserving latent z with ε the unit initial noise (for a sigma-space scheduler such as
              Euler, whose sample is z·sqrt(1 + σ_t²), that is x ← x + α·sqrt(1 + σ_t²)·ε; runtime/pipeline.py)
+  guidance interval  (low, high] in the model's sigma σ_t = sqrt((1 − ᾱ_t)/ᾱ_t): classifier-free guidance
+             applies at the steps whose σ lies inside it and the others use the conditional prediction
+             alone (Kynkäänniemi et al., "Applying Guidance in a Limited Interval Improves Sample and
+             Distribution Quality in Diffusion Models", NeurIPS 2024), so their unconditional rows are
+             never computed
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from runtime.errors import FdError
 
@@ -22,6 +31,8 @@ PAPER_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 FEW_STEPS = 8
 NOISE_ALPHA = 0.003
 NOISE_TAU = 500
+# The paper's interval for SD-XL (EDM2-style sigma); the flag's "paper" value.
+PAPER_GUIDANCE_INTERVAL = (0.28, 5.42)
 
 
 def default_key_steps(num_steps: int) -> tuple[int, ...]:
@@ -60,20 +71,32 @@ class Window:
     chunks: tuple[tuple[int, ...], ...]
 
 
+def model_sigmas(alphas_cumprod, timesteps) -> np.ndarray:
+    """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) of each timestep, from a scheduler's alphas_cumprod (float64); a fractional
+    timestep (Euler's interpolated schedules) gets the linear interpolation of its neighbours' σ."""
+    alpha_bar = np.asarray(alphas_cumprod, np.float64)
+    train = np.sqrt((1.0 - alpha_bar) / alpha_bar)
+    return np.interp(np.asarray(timesteps, np.float64), np.arange(len(train)), train)
+
+
 @dataclass(frozen=True)
 class FasterDiffusionPolicy:
     key_steps: tuple[int, ...]
     max_window: int
     noise_injection: NoiseInjection | None = NoiseInjection()
+    guidance_interval: tuple[float, float] | None = None  # (low, high] in sigma; None: guidance at every step
 
     def __post_init__(self):
         # Step 0 is always a key step: nothing is cached before it.
         object.__setattr__(self, "key_steps", tuple(sorted(set(self.key_steps) | {0})))
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
 
     @classmethod
-    def baseline(cls, num_steps: int) -> "FasterDiffusionPolicy":
-        """Every step a key step and no injection: the plain sampler, i.e. diffusers' pipeline."""
-        return cls(tuple(range(num_steps)), max_window=1, noise_injection=None)
+    def baseline(cls, num_steps: int, guidance_interval: tuple[float, float] | None = None) -> "FasterDiffusionPolicy":
+        """Every step a key step and no injection: the plain sampler, i.e. diffusers' pipeline (with guidance
+        limited to `guidance_interval` when one is given)."""
+        return cls(tuple(range(num_steps)), max_window=1, noise_injection=None, guidance_interval=guidance_interval)
 
     def validate(self, num_steps: int) -> None:
         bad = [k for k in self.key_steps if not 0 <= k < num_steps]
@@ -81,6 +104,14 @@ class FasterDiffusionPolicy:
             raise FdError(f"key step {bad[0]} is out of range for {num_steps} steps: use indices 0 to {num_steps - 1}")
         if self.max_window < 1:
             raise FdError(f"max window {self.max_window} must be at least 1")
+
+    def guided_steps(self, sigmas) -> tuple[bool, ...]:
+        """Per step, whether classifier-free guidance applies: σ in (low, high], or every step without an
+        interval. `sigmas` are the steps' model sigmas (model_sigmas)."""
+        if self.guidance_interval is None:
+            return (True,) * len(sigmas)
+        low, high = self.guidance_interval
+        return tuple(bool(low < sigma <= high) for sigma in sigmas)
 
     def windows(self, num_steps: int) -> list[Window]:
         self.validate(num_steps)
@@ -95,7 +126,32 @@ class FasterDiffusionPolicy:
     def describe(self) -> dict:
         return {"key_steps": list(self.key_steps), "max_window": self.max_window,
                 "noise_injection": None if self.noise_injection is None else
-                {"alpha": self.noise_injection.alpha, "tau": self.noise_injection.tau}}
+                {"alpha": self.noise_injection.alpha, "tau": self.noise_injection.tau},
+                "guidance_interval": None if self.guidance_interval is None else list(self.guidance_interval)}
+
+
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """(low, high] as two floats with 0 ≤ low ≤ high (high may be inf); anything else is one FdError line."""
+    try:
+        low, high = (float(bound) for bound in interval)
+    except (TypeError, ValueError):
+        raise FdError(f"guidance interval {interval!r} is not two numbers (low, high], e.g. 0.28,5.42") from None
+    if math.isnan(low) or math.isnan(high) or not 0 <= low <= high or math.isinf(low):
+        raise FdError(f"guidance interval ({low:g}, {high:g}] is not allowed: give 0 ≤ LOW ≤ HIGH in sigma, "
+                      f"LOW finite (HIGH may be inf), e.g. 0.28,5.42")
+    return low, high
+
+
+def parse_guidance_interval(text: str) -> tuple[float, float]:
+    """--guidance-interval "LOW,HIGH" (in sigma) or "paper" (the paper's SD-XL interval 0.28,5.42)."""
+    if text.strip().lower() == "paper":
+        return PAPER_GUIDANCE_INTERVAL
+    parts = text.split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise FdError(f"--guidance-interval {text!r} is not LOW,HIGH in sigma (e.g. 0.28,5.42) or 'paper'") from None
+    return check_guidance_interval((low, high))
 
 
 def parse_key_steps(text: str) -> tuple[int, ...]:
@@ -112,14 +168,17 @@ def parse_key_steps(text: str) -> tuple[int, ...]:
 
 
 def policy_from_options(steps: int, max_window: int, *, key_steps: str | None = None, uniform: int | None = None,
-                        baseline: bool = False, noise_injection: bool = True) -> FasterDiffusionPolicy:
-    """The policy the command-line options describe (--key-steps "0,1,…" | --uniform K | --no-fd)."""
+                        baseline: bool = False, noise_injection: bool = True,
+                        guidance_interval: str | None = None) -> FasterDiffusionPolicy:
+    """The policy the command-line options describe (--key-steps "0,1,…" | --uniform K | --no-fd, and
+    --guidance-interval LOW,HIGH | paper)."""
+    interval = None if guidance_interval is None else parse_guidance_interval(guidance_interval)
     if baseline:
-        return FasterDiffusionPolicy.baseline(steps)
+        return FasterDiffusionPolicy.baseline(steps, interval)
     if key_steps is not None:
         keys = parse_key_steps(key_steps)
     elif uniform is not None:
         keys = uniform_key_steps(steps, uniform)
     else:
         keys = default_key_steps(steps)
-    return FasterDiffusionPolicy(keys, max_window, NoiseInjection() if noise_injection else None)
+    return FasterDiffusionPolicy(keys, max_window, NoiseInjection() if noise_injection else None, interval)

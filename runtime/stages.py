@@ -25,18 +25,33 @@ def encode_unet(runner, sample: np.ndarray, timestep: float, conditions: dict) -
     return Cache({name: outputs[name] for name in runner.manifest["cache"]}, rows)
 
 
-def decode_unet(runner, cache: Cache, timesteps: np.ndarray, conditions: dict) -> np.ndarray:
+def conditional_rows(runner, conditions: dict, images: int) -> dict:
+    """The conditions' conditional half (their last `images` rows: guided rows are [negative…, positive…])."""
+    return {name: runner.take_rows(value, len(value) - images, len(value)) for name, value in conditions.items()}
+
+
+def decode_unet(runner, cache: Cache, timesteps: np.ndarray, conditions: dict,
+                rows: list[tuple[int, int]] | None = None) -> list[np.ndarray]:
     """One decoder call for len(timesteps) steps from one cache.
 
-    Rows are laid out step-major: row k·R + r is cache row r (R = cache rows) at timesteps[k].
-    Returns the noise predictions as float32 of shape (steps, R, C, H, W).
+    `rows[k]` = (start, stop): the cache rows step k decodes (default: all of them; guidance in a limited
+    interval gives the steps outside it the conditional half alone). The call's rows are laid out
+    step-major: one step's rows, then the next step's. Returns one float32 array of noise predictions per
+    step, of shape (stop - start, C, H, W).
     """
-    steps = len(timesteps)
-    feeds = {"timestep": np.repeat(np.asarray(timesteps, np.float32), cache.rows)}
+    steps, full = len(timesteps), (0, cache.rows)
+    rows, timesteps = list(rows or [full] * steps), list(timesteps)
+    while sum(stop - start for start, stop in rows) < runner.min_rows("unet_decoder"):
+        # below the engine's batch range (TensorRT, torch): repeat the last step; its copy is dropped
+        rows.append(rows[-1]), timesteps.append(timesteps[-1])
+    counts = [stop - start for start, stop in rows]
+    feeds = {"timestep": np.repeat(np.asarray(timesteps, np.float32), counts)}
     for name, value in {**conditions, **cache.values}.items():
-        feeds[name] = runner.concat([value] * steps, key=f"unet_decoder.{name}") if steps > 1 else value
+        spans = {span: value if span == full else runner.take_rows(value, *span) for span in set(rows)}
+        pieces = [spans[span] for span in rows]
+        feeds[name] = runner.concat(pieces, key=f"unet_decoder.{name}") if len(pieces) > 1 else pieces[0]
     noise = runner.download(runner.run("unet_decoder", feeds)["noise_pred"]).astype(np.float32)
-    return noise.reshape(steps, cache.rows, *noise.shape[1:])
+    return np.split(noise, np.cumsum(counts)[:-1])[:steps]
 
 
 def decode_vae(runner, latent: np.ndarray) -> np.ndarray:

@@ -14,6 +14,8 @@ timestep, one decoder call per step (no batching); guidance combine; prior noise
 z ← z + α·ε before each scheduler step with t < τ, in the variance-preserving frame (ε the unit initial
 noise; for σ-space schedulers, whose sample is z·sqrt(1 + σ_t²), x ← x + α·sqrt(1 + σ_t²)·ε); then the
 scheduler's step. The encoder's input goes through the scheduler's scale_model_input at key steps.
+With a guidance interval (low, high], a step whose σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) lies outside it uses the
+conditional prediction alone (both halves are still computed here; only the selection differs).
 
 SD and SDXL (addition_embed_type "text_time": pooled text embeds and size/crop time ids added to the
 time embedding in both halves) are covered.
@@ -178,14 +180,24 @@ def sdxl_conditioning(parts, prompts: list[str], negative_prompt: str | None, gu
 
 # --- the sampling loop ---------------------------------------------------------------------------------
 
+def guided_at(scheduler, t, guidance_interval) -> bool:
+    """Whether step t is guided: always without an interval, else when low < σ_t <= high."""
+    if guidance_interval is None:
+        return True
+    alpha_bar = scheduler.alphas_cumprod[int(t)].double()
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt().item()
+    return guidance_interval[0] < sigma <= guidance_interval[1]
+
+
 def fd_denoise(unet, scheduler, cond: Conditioning, latents, steps: int, guidance_scale: float, key_steps,
-               noise_injection=None, decode_with_key_timestep: bool = False, *,
+               noise_injection=None, decode_with_key_timestep: bool = False, guidance_interval=None, *,
                step_noise: np.random.Generator | None = None, scale_input: bool = True,
                vp_frame: bool = True) -> np.ndarray:
     """FasterDiffusion sampling from unit noise `latents`; returns the final latents (float32 numpy).
 
     `decode_with_key_timestep=True` is a deliberately wrong variant (every step of a window decoded with
-    its key step's timestep) that tests use to show a comparison can fail. `step_noise` is the numpy
+    its key step's timestep) that tests use to show a comparison can fail. `guidance_interval` (low, high]
+    in σ limits guidance to the steps inside it (None: every step). `step_noise` is the numpy
     generator a stochastic scheduler draws its per-step noise from (numpy_step_noise). Two more wrong
     variants: `scale_input=False` feeds the encoder the unscaled latent, `vp_frame=False` injects α·ε into
     a σ-space sample as it is (without sqrt(1 + σ²))."""
@@ -209,7 +221,8 @@ def fd_denoise(unet, scheduler, cond: Conditioning, latents, steps: int, guidanc
             prediction = unet_decode(unet, mid, skips, torch.full((rows,), t_decode.item()), cond)
             if guided:
                 uncond, text = prediction.chunk(2)
-                prediction = uncond + guidance_scale * (text - uncond)
+                guide = guided_at(scheduler, t, guidance_interval)
+                prediction = uncond + guidance_scale * (text - uncond) if guide else text
             if noise_injection is not None and t < noise_injection[1]:
                 # z ← z + α·ε on the variance-preserving latent; a σ-space sample is z·sqrt(1 + σ_t²).
                 z = z + noise_injection[0] * (vp_scale(scheduler) if vp_frame else 1.0) * noise
@@ -219,7 +232,7 @@ def fd_denoise(unet, scheduler, cond: Conditioning, latents, steps: int, guidanc
 
 def reference_fd_sample(components, prompts, negative_prompt, latents, scheduler_name: str, steps: int,
                         guidance_scale: float, key_steps, noise_injection=None, max_window: int | None = None,
-                        decode_with_key_timestep: bool = False, **variants) -> np.ndarray:
+                        decode_with_key_timestep: bool = False, guidance_interval=None, **variants) -> np.ndarray:
     """FasterDiffusion on SD components (fd's Components: tokenizer, text_encoder, unet, scheduler_config).
 
     `noise_injection` is (alpha, tau) or None. `max_window` only splits fd's batched decoder calls,
@@ -227,12 +240,13 @@ def reference_fd_sample(components, prompts, negative_prompt, latents, scheduler
     fd's policy and ignored here (this reference decodes one step per call)."""
     cond = sd_conditioning(components, prompts, negative_prompt, guidance_scale > 1.0)
     return fd_denoise(components.unet, make_scheduler(scheduler_name, components.scheduler_config), cond, latents,
-                      steps, guidance_scale, key_steps, noise_injection, decode_with_key_timestep, **variants)
+                      steps, guidance_scale, key_steps, noise_injection, decode_with_key_timestep, guidance_interval,
+                      **variants)
 
 
 def reference_fd_sample_sdxl(parts, prompts, negative_prompt, latents, scheduler_name: str, steps: int,
                              guidance_scale: float, key_steps, noise_injection=None, height: int | None = None,
-                             width: int | None = None) -> np.ndarray:
+                             width: int | None = None, guidance_interval=None) -> np.ndarray:
     """FasterDiffusion on SDXL parts (tokenizer, tokenizer_2, text_encoder, text_encoder_2 with projection,
     unet, vae, scheduler_config); height/width default to the latents' size times the VAE's scale."""
     scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
@@ -240,4 +254,4 @@ def reference_fd_sample_sdxl(parts, prompts, negative_prompt, latents, scheduler
     width = width or np.shape(latents)[-1] * scale
     cond = sdxl_conditioning(parts, prompts, negative_prompt, guidance_scale > 1.0, height, width)
     return fd_denoise(parts.unet, make_scheduler(scheduler_name, parts.scheduler_config), cond, latents, steps,
-                      guidance_scale, key_steps, noise_injection)
+                      guidance_scale, key_steps, noise_injection, guidance_interval=guidance_interval)

@@ -548,6 +548,78 @@ def test_zeros_like_gives_zeros_at_a_stable_address(runner):
     assert again.ptr == zeros.ptr and not runner.download(again).any()
 
 
+def test_take_rows_is_a_view_where_aligned_and_a_stable_copy_where_not(runner, fake_cuda):
+    from runtime.backends.tensorrt import RowsView
+    rows = rng_array(4, 64, 2, 2)  # 1 KiB rows: every row starts 256-byte aligned
+    mid = runner.upload(rows, "float32")
+    blocks = len(fake_cuda.blocks)
+    half = runner.take_rows(mid, 2, 4)
+    assert isinstance(half, RowsView) and half.buffer is mid.buffer and half.ptr == mid.ptr + 2 * 1024
+    assert len(fake_cuda.blocks) == blocks  # nothing allocated, nothing copied
+    np.testing.assert_array_equal(runner.download(half), rows[2:])
+    one = runner.take_rows(half, 1, 2)  # rows of rows
+    assert one.ptr == mid.ptr + 3 * 1024 and len(one) == 1
+    np.testing.assert_array_equal(runner.download(one), rows[3:])
+    ids = rng_array(4, 6, seed=1)  # SDXL's time_ids: 24-byte rows, row 1 would start unaligned
+    time_ids = runner.upload(ids, "float32")
+    copied = runner.take_rows(time_ids, 1, 3)
+    assert copied.buffer is not time_ids.buffer
+    np.testing.assert_array_equal(runner.download(copied), ids[1:3])
+    assert runner.take_rows(time_ids, 1, 3).ptr == copied.ptr  # same source rows: same scratch (CUDA graphs)
+    with pytest.raises(ValueError):
+        runner.take_rows(mid, 3, 5)
+
+
+def test_concat_moves_off_the_target_when_an_offset_part_lies_in_it(runner):
+    x, y = rng_array(4, 64, 2, 2, seed=1), rng_array(2, 64, 2, 2, seed=2)
+    key, target = "unet_decoder.mid", runner.buffers["unet_decoder"]["mid"]
+    first = runner.concat([runner.upload(x, "float32")], key=key)
+    assert first.buffer is target
+    inner = runner.take_rows(first, 1, 3)  # in the target, 1 KiB in: copying it to the start would overlap
+    joined = runner.concat([inner, runner.upload(y, "float32")], key=key)
+    assert joined.buffer is not target
+    np.testing.assert_array_equal(runner.download(joined), np.concatenate([x[1:3], y]))
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_guidance_interval_on_the_stand_in_reproduces_onnxruntime(fake_trt_folder, fake_cuda, tiny_engine,
+                                                                   monkeypatch, cuda_graphs):
+    """Conditional rows taken on the device (views of the cache, copies of unaligned conditions) and a
+    one-row decoder call padded to the profile's 2 rows give ONNX Runtime's latents."""
+    policy = FasterDiffusionPolicy((0, 1, 2, 3, 5, 10, 15), 15, guidance_interval=(0.28, 5.42))
+    reference = FasterDiffusionPipeline(tiny_engine)
+    pipe = FasterDiffusionPipeline(fake_trt_folder, cuda_graphs=cuda_graphs)
+    decoder_rows = []
+    execute = pipe.runner._execute
+    monkeypatch.setattr(pipe.runner, "_execute", lambda graph, feeds: (
+        decoder_rows.append(feeds["timestep"].shape[0]) if graph == "unet_decoder" else None,
+        execute(graph, feeds))[1])
+    for seed in (3, 4):  # with CUDA graphs the second run replays
+        want = reference([PROMPT], steps=20, scheduler="dpmpp-2m", seed=seed, negative_prompt="a horse", policy=policy)
+        got = pipe([PROMPT], steps=20, scheduler="dpmpp-2m", seed=seed, negative_prompt="a horse", policy=policy)
+        np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5 * np.abs(want.latents).max())
+    # steps 0..3 and 19 conditional only; windows [0] [1] [2] padded from 1 row to the profile's 2
+    assert decoder_rows[:7] == [2, 2, 2, 1 + 2, 10, 10, 4 * 2 + 1]
+    assert got.rows["unet_encoder"] == 3 * 1 + 4 * 2 and want.rows["unet_decoder"] == 35
+    pipe.close()
+    assert not fake_cuda.blocks
+
+
+def test_guidance_interval_sdxl_on_the_stand_in_reproduces_onnxruntime(tiny_xl_engine, tmp_path, fake_cuda):
+    """tiny-xl: zero negative rows, text_embeds and time_ids (24-byte rows: copied, not viewed) cut to
+    the conditional half on the device."""
+    folder = dressed_as_tensorrt(tiny_xl_engine, tmp_path / "tiny-xl-fake-tensorrt")
+    reference, pipe = FasterDiffusionPipeline(tiny_xl_engine), FasterDiffusionPipeline(folder)
+    policy = FasterDiffusionPolicy((0, 1, 2, 3, 5), 15, guidance_interval=(0.28, 5.42))
+    want = reference([PROMPT], steps=8, seed=5, policy=policy)
+    got = pipe([PROMPT], steps=8, seed=5, policy=policy)
+    np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5 * np.abs(want.latents).max())
+    # DDIM-8 σ: 7.37 (step 0) and 0.041 (step 7) fall outside: window [0] conditional only (its one-row
+    # decoder call padded to the profile's 2), [5..7] straddles
+    assert got.rows["unet_decoder"] == 2 * 8 - 2 + 1 and got.rows["unet_encoder"] == 1 + 4 * 2
+    pipe.close()
+
+
 def test_peak_memory_counts_the_engines_and_each_runs_own_buffers(runner, fake_cuda):
     assert runner.capabilities.peak_memory and runner.capabilities.on_gpu
     assert runner.tensorrt_bytes == len(runner.engines) * FakeTensorRT.ENGINE_BYTES

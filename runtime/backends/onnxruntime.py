@@ -17,6 +17,7 @@ ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
+    holds_batch_minimum = False  # the graphs' batch axis is symbolic: any number of rows runs
 
     def __init__(self, engine_dir, manifest: dict, providers: list[str] | None = None, threads: int | None = None,
                  cuda_graphs: bool = False):
@@ -51,6 +52,9 @@ class OnnxRuntimeRunner(Runner):
 
     def concat(self, values, axis=0, key=None):
         return np.concatenate(values, axis=axis)
+
+    def take_rows(self, value, start, stop):
+        return value[start:stop]  # a numpy view; rows of a C-contiguous array stay contiguous
 
     def zeros_like(self, value):
         return np.zeros_like(value)

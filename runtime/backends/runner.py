@@ -1,6 +1,6 @@
 """The one runner interface: run a graph by name on a dict of tensors, in the backend's own arrays.
 
-A backend supplies a few primitives (`_execute`, `upload`, `download`, `concat`, `zeros_like`, and
+A backend supplies a few primitives (`_execute`, `upload`, `download`, `concat`, `take_rows`, `zeros_like`, and
 `synchronize` / `close` where it has a device); the stages (runtime/stages.py) and the families' prompt
 stages are written once on top of them. Values passed between graphs (text embeddings, the cache, the
 added conditions) stay runner-native: on a GPU they never visit the host between the text encoders and
@@ -37,6 +37,7 @@ class Runner:
         self.specs = manifest["components"]
         self.input_dtypes = {graph: {t["name"]: t["dtype"] for t in spec["inputs"]} for graph, spec in self.specs.items()}
         self.calls: Counter[str] = Counter()  # graph executions per graph, for reports and tests
+        self.rows: Counter[str] = Counter()  # rows (batch entries) computed per graph, summed over its calls
 
     capabilities = Capabilities(on_gpu=False, peak_memory=False, cuda_graphs=False, dynamic_shapes=False)
 
@@ -58,6 +59,11 @@ class Runner:
         stays valid until the next concat with the same key."""
         raise NotImplementedError
 
+    def take_rows(self, value, start: int, stop: int):
+        """Rows start…stop-1 (axis 0) of a runner-native value, as a view where the backend can (no copy);
+        valid as long as `value` is."""
+        raise NotImplementedError
+
     def zeros_like(self, value):
         raise NotImplementedError
 
@@ -73,10 +79,20 @@ class Runner:
     def reset_peak_memory(self) -> None:
         """Start a new peak (benchmarks reset before each run)."""
 
+    # A graph's batch range starts at the manifest's min (the decoder's at 2). TensorRT's profiles refuse a
+    # batch below it, and torch.export's batch Dim declares it (torch 2.13 happens not to check it at call
+    # time; fd does not rely on that); ONNX Runtime's batch axis is free, so its runner sets this False.
+    holds_batch_minimum = True
+
+    def min_rows(self, graph: str) -> int:
+        """The fewest rows one call of `graph` may carry here."""
+        return self.specs[graph]["batch"]["min"] if self.holds_batch_minimum else 1
+
     # --- written once -----------------------------------------------------------------------------------
     def run(self, graph: str, feeds: dict) -> dict:
         """Run `graph`; host arrays among `feeds` are uploaded in the dtypes its spec asks for."""
         self.calls[graph] += 1
+        self.rows[graph] += len(feeds[self.specs[graph]["inputs"][0]["name"]])  # every input has the batch axis first
         dtypes = self.input_dtypes[graph]
         return self._execute(graph, {name: self.upload(value, dtypes[name]) if isinstance(value, np.ndarray) else value
                                      for name, value in feeds.items()})

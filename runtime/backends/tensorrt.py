@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,7 +25,18 @@ from runtime.backends.runner import NUMPY_DTYPES, Capabilities, Runner
 from runtime.errors import FdError
 from runtime.sizes import rebuild_command
 
+TENSOR_ALIGNMENT = 256  # bytes: TensorRT's rule for every address bound to an engine's input or output
 INSTALL = "pip install tensorrt-cu12 'cuda-python>=12.6,<13', or tensorrt-cu13 'cuda-python>=13,<14' for CUDA 13"
+
+
+@dataclass(frozen=True)
+class RowsView(DeviceView):
+    """Some rows of a value: the same buffer, `offset` bytes in (a view; nothing is copied)."""
+    offset: int = 0
+
+    @property
+    def ptr(self) -> int:
+        return self.buffer.ptr + self.offset
 
 
 def import_tensorrt(fix: str):
@@ -251,7 +263,8 @@ class TensorRTRunner(Runner):
         dtype, name = values[0].dtype, key or "concat"
         holders = [value.buffer for value in values]
         target = self._input_buffer(key)
-        in_place = axis == 0 and target is holders[0] and all(h is not target for h in holders[1:])
+        in_place = axis == 0 and target is holders[0] and values[0].ptr == target.ptr \
+            and all(h is not target for h in holders[1:])
         if target is not None and (in_place or all(h is not target for h in holders)):
             return target.view(shape, dtype, name)
         # scratch: the first buffer of this key's list that holds none of the inputs, grown if too small
@@ -271,6 +284,19 @@ class TensorRTRunner(Runner):
         if graph in self.specs and tensor in {t["name"] for t in self.specs[graph]["inputs"]}:
             return self.buffers[graph][tensor]
         return None
+
+    def take_rows(self, value, start, stop):
+        """Rows start…stop-1 of a device value: a RowsView into its buffer (no copy) when that address keeps
+        TensorRT's 256-byte alignment (buffers start aligned, so the offset decides), else a device-to-device
+        copy into a scratch buffer kept for this source region (a stable address, so CUDA graphs replay)."""
+        if not 0 <= start <= stop <= len(value):
+            raise ValueError(f"rows {start}:{stop} of {value.name} {value.shape}")
+        row_bytes = math.prod(value.shape[1:]) * value.dtype.itemsize
+        offset = value.ptr - value.buffer.ptr + start * row_bytes
+        rows = RowsView(value.buffer, (stop - start, *value.shape[1:]), value.dtype, value.name, offset)
+        if offset % TENSOR_ALIGNMENT == 0:
+            return rows
+        return self.concat([rows], key=f"rows@{value.buffer.ptr:#x}+{offset}:{rows.nbytes}")
 
     def zeros_like(self, value):
         """Zeros from one buffer per dtype, grown when needed (nothing else writes there)."""

@@ -77,6 +77,10 @@ class TorchRunner(Runner):
         with self.torch.inference_mode():
             return self.torch.cat(values, dim=axis)
 
+    def take_rows(self, value, start, stop):
+        with self.torch.inference_mode():
+            return value[start:stop]  # a view; rows of a contiguous tensor stay contiguous
+
     def zeros_like(self, value):
         with self.torch.inference_mode():
             return self.torch.zeros_like(value)
