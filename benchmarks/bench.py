@@ -181,7 +181,9 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
             return kwargs
         started = time.perf_counter()
         with torch.inference_mode():
-            out = pipe(prompts, height=s.height, width=s.width, num_inference_steps=s.steps,
+            # No negative prompt, as in fd's arms: SD encodes "", SDXL conditions on zeros
+            # (force_zeros_for_empty_prompt); SDXL's size conditioning defaults to the image size, as fd's.
+            out = pipe(prompts, negative_prompt=None, height=s.height, width=s.width, num_inference_steps=s.steps,
                        guidance_scale=s.guidance_scale, latents=start_latents, output_type="np",
                        callback_on_step_end=keep_latents)
         if device == "cuda":
@@ -191,7 +193,8 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         return Sample(total, None, {"unet": len(unet_calls) - before}, host_peak_bytes(reset),
                       torch.cuda.max_memory_allocated() if device == "cuda" else None, images,
                       final["latents"].float().cpu().numpy() if "latents" in final else None)
-    run.info = {"device": device, "dtype": str(dtype).removeprefix("torch."), "scheduler": type(scheduler).__name__}
+    run.info = {"pipeline": type(pipe).__name__, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                "scheduler": type(scheduler).__name__}
     return run
 
 

@@ -45,7 +45,8 @@ def parse_args(argv) -> argparse.Namespace:
                    "in (LOW, HIGH], conditional rows alone elsewhere; 'paper' = 0.28,5.42 (default: every step)")
     p.add_argument("--runs", type=int, default=5, help="measured runs per arm (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured runs per arm first (default 2)")
-    p.add_argument("--compare", choices=["diffusers"], help="add diffusers' StableDiffusionPipeline as a third arm")
+    p.add_argument("--compare", choices=["diffusers"], help="add diffusers' own pipeline of the folder's family "
+                   "(StableDiffusionPipeline, StableDiffusionXLPipeline) as a third arm")
     p.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table block (for benchmarks/RESULTS.md)")
     p.add_argument("--plot", metavar="FILE.png", help="draw per-stage stacked bars per arm (needs matplotlib)")
@@ -101,8 +102,8 @@ def write_markdown(path: str, result: dict) -> None:
 
 def engine_info(pipe) -> dict:
     m = pipe.manifest
-    return {"dir": str(pipe.engine_dir), "backend": m["backend"], "precision": m["precision"],
-            "providers": getattr(pipe.runner, "providers", None),
+    return {"dir": str(pipe.engine_dir), "family": m.get("family"), "backend": m["backend"],
+            "precision": m["precision"], "providers": getattr(pipe.runner, "providers", None),
             "model": m["source"].get("model"), "model_kind": m["source"].get("kind"),
             "height": m["height"], "width": m["width"], "dynamic_shape": m.get("dynamic_shape"),
             "max_batch_size": m["limits"]["max_batch_size"], "max_window": m["limits"]["max_window"],

@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --uniform 4      # key step every 4 steps
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --guidance-interval paper  # CFG for sigma in (0.28, 5.42]
   fd-run --engine-dir engines/sd15-dynamic --prompt "a cat" --height 768 --width 512  # built with --dynamic-shape
+  fd-run --engine-dir engines/tiny-control --prompt "a cat" --control-image edges.png   # fd-build --controlnet …
+  fd-run --engine-dir engines/tiny-control --prompt "a cat" --init-image cat.png --strength 0.6  # fd-build --img2img
 """
 
 
@@ -53,6 +55,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classifier-free guidance only at steps whose sigma = sqrt((1-alpha_bar)/alpha_bar) is in "
                         "(LOW, HIGH]; the other steps skip the unconditional rows. 'paper': 0.28,5.42, the SD-XL "
                         "interval of Kynkaanniemi et al. 2024 (default: guidance at every step)")
+    images = p.add_argument_group("image inputs")
+    images.add_argument("--control-image", action="append", metavar="PATH",
+                        help="conditioning image for the folder's ControlNet, resized to the image size (repeat: one "
+                             "per ControlNet, in the order fd-build --controlnet got them)")
+    images.add_argument("--controlnet-scale", action="append", type=float, metavar="S",
+                        help="ControlNet conditioning scale (default 1.0): one for all ControlNets, or one each")
+    images.add_argument("--init-image", metavar="PATH",
+                        help="image to image: start from this image (a folder built with fd-build --img2img)")
+    images.add_argument("--strength", type=float, metavar="S",
+                        help="image to image: the share of the schedule that runs, 0 < S <= 1 (default 0.8; 1 "
+                             "starts from almost pure noise)")
     p.add_argument("--out", default="outputs/fd.png", help="PNG path; numbered (-0, -1, …) for several prompts")
     p.add_argument("--save-latents", help="write the final denoised latents as .npy")
     p.add_argument("--timings", action="store_true", help="print time per stage, calls and rows computed per graph")
@@ -116,6 +129,22 @@ def format_timings(result) -> str:
     return "\n".join(rows)
 
 
+def image_input_options(args) -> tuple[dict, int]:
+    """(the pipeline's image keyword arguments, the number of steps that run), with each image read once here so a
+    missing or unreadable file is refused before the engines load."""
+    from runtime.images import load_image
+    from runtime.img2img import DEFAULT_STRENGTH, check_strength
+    if args.init_image is None and args.strength is not None:
+        raise FdError("--strength is for image to image: give --init-image PATH too, or drop --strength")
+    steps = args.steps
+    if args.init_image is not None:
+        steps = check_strength(DEFAULT_STRENGTH if args.strength is None else args.strength, args.steps)
+    controls = [load_image(path, "--control-image") for path in args.control_image or []]
+    init = None if args.init_image is None else load_image(args.init_image, "--init-image")
+    return {"control_images": controls or None, "controlnet_scales": args.controlnet_scale, "init_image": init,
+            "strength": args.strength}, steps
+
+
 def sdxl_size_options(args, family: str) -> dict:
     """--original-size / --crops-coords-top-left as the pipeline's keyword arguments (SDXL folders only)."""
     options = {}
@@ -147,17 +176,19 @@ def main(argv=None) -> int:
         if args.guidance_interval is not None:
             parse_guidance_interval(args.guidance_interval)  # a bad interval is refused before the engines load
         latents = load_latents(args.latents) if args.latents is not None else None
+        image_inputs, steps_run = image_input_options(args)  # image to image runs the last steps only
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
-        policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
+        policy = policy_from_options(steps_run, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
                                      uniform=args.uniform, baseline=args.no_fd,
                                      noise_injection=not args.no_noise_injection,
                                      guidance_interval=args.guidance_interval)
         size_conditioning = sdxl_size_options(args, pipe.family.name)
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
-                      latents=latents, policy=policy, height=args.height, width=args.width, **size_conditioning)
-        if args.key_steps is None and args.uniform is None and not args.no_fd and args.steps <= FEW_STEPS:
-            print(f"note: {args.steps} steps: every step is a key step (FasterDiffusion's windows pay off above "
+                      latents=latents, policy=policy, height=args.height, width=args.width, **size_conditioning,
+                      **image_inputs)
+        if args.key_steps is None and args.uniform is None and not args.no_fd and steps_run <= FEW_STEPS:
+            print(f"note: {steps_run} steps: every step is a key step (FasterDiffusion's windows pay off above "
                   f"{FEW_STEPS} steps); give --key-steps or --uniform to reuse the encoder anyway", file=sys.stderr)
         for image, path in zip(result.images, paths):
             write_atomic(path, lambda f: image.save(f, format="PNG"))

@@ -18,8 +18,10 @@ from PIL import Image
 
 from runtime import stages
 from runtime.backends import load_runner
+from runtime.control import prepare_control
 from runtime.errors import FdError
 from runtime.families import PromptRequest, family_of
+from runtime.img2img import prepare_init
 from runtime.manifest import load_manifest
 from runtime.policy import FasterDiffusionPolicy, model_sigmas
 from runtime.schedulers import make_scheduler
@@ -45,9 +47,9 @@ class GenerationResult:
 class StageTimer:
     """Accumulates wall time per stage; waits for the device at each stage's end so times are true."""
 
-    def __init__(self, synchronize):
+    def __init__(self, synchronize, stages=STAGES):
         self.synchronize = synchronize
-        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.seconds = dict.fromkeys(stages, 0.0)
 
     @contextmanager
     def __call__(self, stage: str):
@@ -87,24 +89,34 @@ class FasterDiffusionPipeline:
                  scheduler: str = "ddim", guidance_scale: float = 7.5, seed: int | None = 0,
                  latents: np.ndarray | None = None, policy: FasterDiffusionPolicy | None = None,
                  height: int | None = None, width: int | None = None, original_size: tuple[int, int] | None = None,
-                 crops_coords_top_left: tuple[int, int] = (0, 0), callback=None) -> GenerationResult:
+                 crops_coords_top_left: tuple[int, int] = (0, 0), callback=None, control_images=None,
+                 controlnet_scales=None, init_image=None, strength: float | None = None) -> GenerationResult:
         """Generate one image per prompt. `policy=None` uses the paper's key steps for `steps`;
         `FasterDiffusionPolicy.baseline(steps)` runs every step in full (the diffusers baseline).
         `negative_prompt=None` is "no negative prompt" (SD: "", SDXL: zero embeddings, as diffusers); a list
         gives each prompt its own (fd-serve batches requests that way, with one seed each through `latents`).
         `height`/`width` default to the size the folder was built for; other sizes need a folder built
         with --dynamic-shape. `original_size`/`crops_coords_top_left` are SDXL's size conditioning
-        (default: the image size and (0, 0)). `callback(i, t, latents)` is called after each scheduler step."""
+        (default: the image size and (0, 0)). `callback(i, t, latents)` is called after each scheduler step.
+        `control_images` (paths or PIL images, one per ControlNet of the folder) and `controlnet_scales` (one
+        for all or one each, default 1.0) drive the folder's ControlNets, run at key steps only.
+        `init_image` with `strength` (0 < strength <= 1, default 0.8) is image to image: the last
+        int(steps x strength) steps run, from the encoded image noised to the first of them."""
         # 1. check inputs (all of them, before any heavy work)
-        policy = policy or self.default_policy(steps)
         height, width = self.image_size(height, width)
+        control_inputs = prepare_control(self.manifest, control_images, controlnet_scales, height, width)
+        init = prepare_init(self.manifest, init_image, strength, steps, height, width, self.engine_dir)
+        policy = policy or self.default_policy(steps if init is None else init.steps_run)  # key steps index run steps
         self._check_inputs(prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height, width)
+        if init is not None:
+            init.check_policy(policy)
         sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])  # refuses unsupported options
         sampler.set_timesteps(steps)
         if sampler.stochastic:
             check_seed(seed)
-        policy = every_evaluation_a_key_step(policy, steps, len(sampler.timesteps))
-        timer = StageTimer(self.runner.synchronize)
+        run = steps if init is None else init.steps_run  # the steps that run, and the model evaluations they take
+        policy = every_evaluation_a_key_step(policy, run, len(sampler.timesteps) - (steps - run))
+        timer = StageTimer(self.runner.synchronize, stage_names(control_inputs, init))
         calls_before, rows_before = Counter(self.runner.calls), Counter(self.runner.rows)
         started = time.perf_counter()
         batch, guided = len(prompts), guidance_scale > 1.0
@@ -118,13 +130,16 @@ class FasterDiffusionPipeline:
 
         # 3. timesteps (float32 where a scheduler's are fractional: they reach the graphs as they are) and
         # initial latents
-        timesteps = sampler.timesteps
+        timesteps = sampler.timesteps if init is None else sampler.timesteps[steps - init.steps_run:]
         if latents is None:
             latents = initial_noise(seed, (batch, *self.latent_shape_at(height, width)))
         # The unit initial noise ε (it is z_T only where init_noise_sigma is 1), reused by prior noise injection.
         noise = np.asarray(latents, dtype=np.float32)
         step_options = {"generator": step_noise_generator(seed)} if sampler.stochastic else {}
         z = noise * np.float32(sampler.init_noise_sigma)
+        if init is not None:  # image to image: the encoded image, noised to the first step that runs
+            with timer("vae_encoder"):
+                z = init.latents(self.runner, self.manifest, sampler, timesteps, noise, seed)
 
         # 4. denoising loop: one encoder call per window, one decoder call per chunk of the window. Steps
         # outside the guidance interval need only the conditional rows: a window none of whose steps is
@@ -133,12 +148,15 @@ class FasterDiffusionPipeline:
         guide = [guided and g for g in policy.guided_steps(model_sigmas(sampler.alphas_cumprod, timesteps))]
         skipping = guided and not all(guide)  # some step needs the conditional half alone
         conditional = stages.conditional_rows(self.runner, conditions, batch) if skipping else conditions
-        for window in policy.windows(len(timesteps)):  # PLMS: one more model evaluation than steps
+        for window in policy.windows(len(timesteps)):
             t_key, both_halves = timesteps[window.key_step], any(guide[i] for chunk in window.chunks for i in chunk)
             with timer("unet_encoder"):
                 window_conditions = conditions if both_halves else conditional
                 model_input = sampler.scale_model_input(np.concatenate([z, z]) if both_halves else z, t_key)
                 cache = stages.encode_unet(self.runner, model_input, t_key, window_conditions)
+            if control_inputs is not None:  # the ControlNets at the key step only; the window reuses the sums
+                with timer("controlnet"):
+                    cache = control_inputs.apply(self.runner, cache, model_input, t_key, window_conditions)
             for chunk in window.chunks:
                 with timer("unet_decoder"):
                     rows = [(0, cache.rows) if guide[i] else (cache.rows - batch, cache.rows) for i in chunk]
@@ -205,9 +223,15 @@ class FasterDiffusionPipeline:
         self.runner.close()
 
 
-def initial_noise(seed, shape) -> np.ndarray:
-    """The unit initial noise fd draws for a seed: one request's rows, or one row of a batch built from seeds."""
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+def stage_names(control_inputs, init) -> tuple[str, ...]:
+    """The timed stages of a generation: the ControlNets after the UNet encoder, the VAE encoder (image to
+    image) after the text encoder, when used."""
+    names = list(STAGES)
+    if control_inputs is not None:
+        names.insert(names.index("unet_encoder") + 1, "controlnet")
+    if init is not None:
+        names.insert(names.index("text_encoder") + 1, "vae_encoder")
+    return tuple(names)
 
 
 def step_noise_generator(seed) -> np.random.Generator:
@@ -224,6 +248,11 @@ def every_evaluation_a_key_step(policy: FasterDiffusionPolicy, steps: int, evalu
     if evaluations > steps and set(range(steps)) <= set(policy.key_steps):
         return dataclasses.replace(policy, key_steps=tuple(range(evaluations)))
     return policy
+
+
+def initial_noise(seed, shape) -> np.ndarray:
+    """The unit initial noise fd draws for a seed: one request's rows, or one row of a batch built from seeds."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def check_guidance_scale(guidance_scale: float) -> None:

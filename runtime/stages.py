@@ -27,7 +27,8 @@ def encode_unet(runner, sample: np.ndarray, timestep: float, conditions: dict) -
 
 def conditional_rows(runner, conditions: dict, images: int) -> dict:
     """The conditions' conditional half (their last `images` rows: guided rows are [negative…, positive…])."""
-    return {name: runner.take_rows(value, len(value) - images, len(value)) for name, value in conditions.items()}
+    return {name: runner.take_rows(value, runner.rows_of(value) - images, runner.rows_of(value))
+            for name, value in conditions.items()}
 
 
 def decode_unet(runner, cache: Cache, timesteps: np.ndarray, conditions: dict,

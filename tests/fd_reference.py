@@ -19,6 +19,12 @@ conditional prediction alone (both halves are still computed here; only the sele
 
 SD and SDXL (addition_embed_type "text_time": pooled text embeds and size/crop time ids added to the
 time embedding in both halves) are covered.
+
+ControlNets (optional) run at key steps only, on the encoder's input, and their residuals, summed over
+the ControlNets as diffusers' MultiControlNetModel sums them, are added to the cached skips and mid
+output, which the window's steps then decode (the paper's ControlNet case). Image to image (optional)
+truncates the schedule and noises given clean latents as diffusers' img2img pipelines do; key steps then
+index the steps that run.
 """
 from __future__ import annotations
 
@@ -31,6 +37,48 @@ import torch
 
 # Schedulers whose sample is the variance-preserving latent z times sqrt(1 + σ_t²) (they live in σ-space).
 SIGMA_SPACE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+
+
+@dataclass
+class Control:
+    """One ControlNet with its prepared image (rows x 3 x H x W, as the UNet's rows) and scale."""
+
+    model: object  # diffusers ControlNetModel
+    image: torch.Tensor
+    scale: float
+
+
+def control_image(image, height: int, width: int, rows: int) -> torch.Tensor:
+    """A PIL control image prepared by diffusers' own processor (as its ControlNet pipelines), one per row."""
+    from diffusers.image_processor import VaeImageProcessor
+    processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    return processor.preprocess(image, height=height, width=width).to(torch.float32).repeat(rows, 1, 1, 1)
+
+
+def add_control(controls, sample, t, cond, mid, skips):
+    """The cache with the ControlNets' residuals added (residuals summed first, as MultiControlNetModel)."""
+    total_skips, total_mid = None, None
+    for control in controls:
+        down, mid_residual = control.model(sample, t, encoder_hidden_states=cond.text, controlnet_cond=control.image,
+                                           conditioning_scale=control.scale, added_cond_kwargs=cond.added,
+                                           return_dict=False)
+        if total_skips is None:
+            total_skips, total_mid = list(down), mid_residual
+        else:
+            total_skips = [a + b for a, b in zip(total_skips, down)]
+            total_mid = total_mid + mid_residual
+    return mid + total_mid, [skip + residual for skip, residual in zip(skips, total_skips)]
+
+
+def init_latents(vae, image, noise: np.ndarray, images: int) -> torch.Tensor:
+    """The clean img2img latents diffusers makes before add_noise: its processor's preparation of the PIL
+    `image`, its VAE's latent distribution sampled with the unit `noise`, scaled, repeated per image."""
+    from diffusers.image_processor import VaeImageProcessor
+    pixels = VaeImageProcessor(vae_scale_factor=8).preprocess(image)
+    with torch.no_grad():
+        distribution = vae.encode(pixels.to(vae.dtype)).latent_dist
+        latent = distribution.mean + distribution.std * torch.as_tensor(noise)
+    return (latent * vae.config.scaling_factor).repeat(images, 1, 1, 1)
 
 
 @dataclass
@@ -192,23 +240,32 @@ def guided_at(scheduler, t, guidance_interval) -> bool:
 def fd_denoise(unet, scheduler, cond: Conditioning, latents, steps: int, guidance_scale: float, key_steps,
                noise_injection=None, decode_with_key_timestep: bool = False, guidance_interval=None, *,
                step_noise: np.random.Generator | None = None, scale_input: bool = True,
-               vp_frame: bool = True) -> np.ndarray:
+               vp_frame: bool = True, controls=(), init_latents=None, strength: float = 1.0) -> np.ndarray:
     """FasterDiffusion sampling from unit noise `latents`; returns the final latents (float32 numpy).
 
     `decode_with_key_timestep=True` is a deliberately wrong variant (every step of a window decoded with
     its key step's timestep) that tests use to show a comparison can fail. `guidance_interval` (low, high]
-    in σ limits guidance to the steps inside it (None: every step). `step_noise` is the numpy
-    generator a stochastic scheduler draws its per-step noise from (numpy_step_noise). Two more wrong
-    variants: `scale_input=False` feeds the encoder the unscaled latent, `vp_frame=False` injects α·ε into
-    a σ-space sample as it is (without sqrt(1 + σ²))."""
+    in σ limits guidance to the steps inside it (None: every step). `step_noise` is the numpy generator a
+    stochastic scheduler draws its per-step noise from (numpy_step_noise). Two more wrong variants:
+    `scale_input=False` feeds the encoder the unscaled latent, `vp_frame=False` injects α·ε into a σ-space
+    sample as it is (without sqrt(1 + σ²)). `controls` (Control, …) run at key steps. `init_latents`
+    (clean, scaled latents, one per image) start image to image at `strength`: the last
+    int(steps x strength) steps run, from init_latents noised with `latents` to the first of them."""
     keys = set(key_steps) | {0}
     guided = guidance_scale > 1.0
     noise = torch.as_tensor(np.asarray(latents, dtype=np.float32))
     z = noise * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    if init_latents is not None:  # as StableDiffusionImg2ImgPipeline.get_timesteps / prepare_latents
+        start = steps - min(int(steps * strength), steps)
+        timesteps = timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):  # the multistep schedulers count their own steps
+            scheduler.set_begin_index(start)
+        z = scheduler.add_noise(torch.as_tensor(init_latents), noise, timesteps[:1].repeat(len(noise)))
     rows = 2 * len(noise) if guided else len(noise)
     with torch.no_grad(), numpy_step_noise(scheduler, step_noise):
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             if i in keys:
                 t_key = t
                 latent = torch.cat([z, z]) if guided else z
@@ -217,6 +274,8 @@ def fd_denoise(unet, scheduler, cond: Conditioning, latents, steps: int, guidanc
                 model_input = scaled if scale_input else latent
                 # Timesteps go in as the scheduler has them: Euler's fractional ones stay float.
                 mid, skips = unet_encode(unet, model_input, torch.full((rows,), t.item()), cond)
+                if controls:
+                    mid, skips = add_control(controls, model_input, t, cond, mid, skips)
             t_decode = t_key if decode_with_key_timestep else t
             prediction = unet_decode(unet, mid, skips, torch.full((rows,), t_decode.item()), cond)
             if guided:
@@ -246,12 +305,14 @@ def reference_fd_sample(components, prompts, negative_prompt, latents, scheduler
 
 def reference_fd_sample_sdxl(parts, prompts, negative_prompt, latents, scheduler_name: str, steps: int,
                              guidance_scale: float, key_steps, noise_injection=None, height: int | None = None,
-                             width: int | None = None, guidance_interval=None) -> np.ndarray:
+                             width: int | None = None, guidance_interval=None, controls=()) -> np.ndarray:
     """FasterDiffusion on SDXL parts (tokenizer, tokenizer_2, text_encoder, text_encoder_2 with projection,
-    unet, vae, scheduler_config); height/width default to the latents' size times the VAE's scale."""
+    unet, vae, scheduler_config); height/width default to the latents' size times the VAE's scale. SDXL
+    ControlNets (`controls`) read the same added conditions as the UNet."""
     scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     height = height or np.shape(latents)[-2] * scale
     width = width or np.shape(latents)[-1] * scale
     cond = sdxl_conditioning(parts, prompts, negative_prompt, guidance_scale > 1.0, height, width)
     return fd_denoise(parts.unet, make_scheduler(scheduler_name, parts.scheduler_config), cond, latents, steps,
-                      guidance_scale, key_steps, noise_injection, guidance_interval=guidance_interval)
+                      guidance_scale, key_steps, noise_injection, guidance_interval=guidance_interval,
+                      controls=controls)

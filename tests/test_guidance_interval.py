@@ -113,7 +113,7 @@ def test_rows_given_to_the_encoder_and_decoder_are_the_ones_the_interval_asks_fo
                   policy=with_interval(pipe.default_policy(50), PAPER))
     timesteps = np.asarray(result.timesteps, np.float32)
     text = seen["text_encoder"][0]  # computed once: [negative, prompt]
-    embeddings = pipe.runner.run("text_encoder", {"input_ids": text["input_ids"]})["text_embeddings"]
+    embeddings = pipe.runner.download(pipe.runner.run("text_encoder", {"input_ids": text["input_ids"]})["text_embeddings"])
     negative, positive = embeddings[:1], embeddings[1:]
     # windows of the paper's keys: [0] [1] [2] [3,4] [5..9] [10..14] [15..24] [25..34] [35..49];
     # steps 0..8 and 46..49 are outside (0.28, 5.42]

@@ -60,7 +60,7 @@ def count_backend_calls(pipe, monkeypatch):
     original = pipe.runner._execute
 
     def spy(component, feeds):
-        counts.setdefault(component, []).append(len(feeds["timestep"]) if "timestep" in feeds else None)
+        counts.setdefault(component, []).append(pipe.runner.rows_of(feeds["timestep"]) if "timestep" in feeds else None)
         return original(component, feeds)
     monkeypatch.setattr(pipe.runner, "_execute", spy)
     return counts

@@ -149,7 +149,7 @@ def test_fractional_timesteps_reach_the_graphs_as_float32(pipes, monkeypatch):
 
     def spy(graph, feeds):
         if "timestep" in feeds:
-            fed.append((graph, np.asarray(feeds["timestep"]).copy()))
+            fed.append((graph, np.array(pipe.runner.download(feeds["timestep"]))))
         return original(graph, feeds)
     monkeypatch.setattr(pipe.runner, "_execute", spy)
     result = pipe([PROMPT], steps=FD_STEPS, scheduler="euler", latents=initial_latents(), policy=fd_policy())

@@ -16,6 +16,10 @@ ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 
 class OnnxRuntimeRunner(Runner):
+    """Every graph runs through IOBinding on OrtValues: outputs stay where the execution provider put them
+    (GPU memory with the CUDA provider) and are bound as the next graph's inputs there; only the latents
+    the numpy scheduler steps and the final image are copied to the host."""
+
     name = "onnxruntime"
     holds_batch_minimum = False  # the graphs' batch axis is symbolic: any number of rows runs
 
@@ -28,11 +32,13 @@ class OnnxRuntimeRunner(Runner):
             import onnxruntime as ort
         except ImportError:
             raise FdError("this engine folder needs ONNX Runtime: pip install 'fd[ort]'") from None
+        self.ort = ort
         available = ort.get_available_providers()
         wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-        self.capabilities = Capabilities(on_gpu=self.providers[0] == "CUDAExecutionProvider", peak_memory=False,
-                                         cuda_graphs=False, dynamic_shapes=True)
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.capabilities = Capabilities(on_gpu=self.device == "cuda", peak_memory=False, cuda_graphs=False,
+                                         dynamic_shapes=True)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -41,26 +47,67 @@ class OnnxRuntimeRunner(Runner):
         self.output_names = {name: [t["name"] for t in spec["outputs"]] for name, spec in self.specs.items()}
 
     def _execute(self, graph, feeds):
-        names = self.output_names[graph]
-        return dict(zip(names, self.sessions[graph].run(names, feeds)))
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names[graph]:
+            binding.bind_output(name, self.device)
+        session.run_with_iobinding(binding)
+        return dict(zip(self.output_names[graph], binding.get_outputs()))
 
     def upload(self, array, dtype):
-        return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype])
+        return self._value(np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]))
 
     def download(self, value):
-        return value
+        return value.numpy()
+
+    def rows_of(self, value) -> int:
+        return value.shape()[0]
 
     def concat(self, values, axis=0, key=None):
-        return np.concatenate(values, axis=axis)
+        if self.device == "cpu":
+            return self._value(np.concatenate([v.numpy() for v in values], axis=axis))
+        return self._join_on_device(values, axis)
 
     def take_rows(self, value, start, stop):
-        return value[start:stop]  # a numpy view; rows of a C-contiguous array stay contiguous
+        if self.device == "cpu":
+            return self._value(np.ascontiguousarray(value.numpy()[start:stop]))
+        return self._join_on_device([value], 0, rows=(start, stop))
 
     def zeros_like(self, value):
-        return np.zeros_like(value)
+        return self._value(np.zeros(value.shape(), _numpy_dtype(value)))
 
     def close(self):
         self.sessions.clear()
+
+    def _value(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+    def _join_on_device(self, values, axis: int, rows: tuple[int, int] | None = None):
+        """CUDA OrtValues joined along `axis` (or rows start…stop-1 of one) on the GPU with cuda-python's 2-D
+        copies: ONNX Runtime's Python API has no device copy. Not run here: no GPU was lent (CPU uses numpy)."""
+        from runtime.backends.cuda_memory import check, cudart
+        rt, dtype = cudart(), _numpy_dtype(values[0])
+        shapes = [list(v.shape()) for v in values]
+        axis = axis % len(shapes[0])
+        if rows is not None:
+            out_shape = [rows[1] - rows[0], *shapes[0][1:]]
+            offsets = [rows[0] * int(np.prod(shapes[0][1:], dtype=np.int64)) * dtype.itemsize]
+        else:
+            out_shape = [*shapes[0][:axis], sum(s[axis] for s in shapes), *shapes[0][axis + 1:]]
+            offsets = [0] * len(values)
+        out = self.ort.OrtValue.ortvalue_from_shape_and_type(out_shape, dtype, "cuda", 0)
+        count = int(np.prod(out_shape[:axis], dtype=np.int64))  # rows of the 2-D copy
+        out_row = int(np.prod(out_shape[axis:], dtype=np.int64)) * dtype.itemsize
+        check(rt.cudaDeviceSynchronize(), "waiting for ONNX Runtime's stream")  # ORT's stream is not ours
+        at = 0
+        for value, shape, offset in zip(values, shapes, offsets):
+            row = out_row if rows is not None else int(np.prod(shape[axis:], dtype=np.int64)) * dtype.itemsize
+            check(rt.cudaMemcpy2D(out.data_ptr() + at, out_row, value.data_ptr() + offset, row, row, count,
+                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice), "copying tensors on the GPU")
+            at += row
+        return out
 
 
 def open_session(ort, path, component: str, spec: dict, options, providers: list[str]):
@@ -107,3 +154,7 @@ def _reason(exc: Exception) -> str:
     """ORT's message, first line, without the 'Load model from PATH failed:' preamble (the path is shown)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return text.split(" failed:", 1)[-1].strip().rstrip(".") if "Load model from" in text else text
+
+
+def _numpy_dtype(value) -> np.dtype:
+    return np.dtype(NUMPY_DTYPES[ORT_DTYPES[value.data_type()]])

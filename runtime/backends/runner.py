@@ -59,6 +59,10 @@ class Runner:
         stays valid until the next concat with the same key."""
         raise NotImplementedError
 
+    def rows_of(self, value) -> int:
+        """The batch size (axis 0) of a runner-native value."""
+        return len(value)
+
     def take_rows(self, value, start: int, stop: int):
         """Rows start…stop-1 (axis 0) of a runner-native value, as a view where the backend can (no copy);
         valid as long as `value` is."""
@@ -92,7 +96,8 @@ class Runner:
     def run(self, graph: str, feeds: dict) -> dict:
         """Run `graph`; host arrays among `feeds` are uploaded in the dtypes its spec asks for."""
         self.calls[graph] += 1
-        self.rows[graph] += len(feeds[self.specs[graph]["inputs"][0]["name"]])  # every input has the batch axis first
+        first = feeds[self.specs[graph]["inputs"][0]["name"]]
+        self.rows[graph] += len(first) if isinstance(first, np.ndarray) else self.rows_of(first)  # every input has the batch axis first
         dtypes = self.input_dtypes[graph]
         return self._execute(graph, {name: self.upload(value, dtypes[name]) if isinstance(value, np.ndarray) else value
                                      for name, value in feeds.items()})
