@@ -39,12 +39,19 @@ class ImageRequest(BaseModel):
     uniform: StrictInt | None = None
     fd: StrictBool = True  # false: the baseline, every step a key step and no noise injection
     noise_injection: StrictBool = True
+    guidance_interval: list[Union[StrictInt, StrictFloat]] | StrictStr | None = None  # [0.28, 5.42] or "paper"
 
     def key_steps_text(self) -> str | None:
         """key_steps as fd-run's --key-steps text, so the policy is parsed (and refused) by the same code."""
         if isinstance(self.key_steps, list):
             return ",".join(str(k) for k in self.key_steps)
         return self.key_steps
+
+    def guidance_interval_text(self) -> str | None:
+        """guidance_interval as fd-run's --guidance-interval text (parsed and refused by the same code)."""
+        if isinstance(self.guidance_interval, list):
+            return ",".join(str(v) for v in self.guidance_interval)
+        return self.guidance_interval
 
 
 FIELDS = ", ".join(ImageRequest.model_fields)

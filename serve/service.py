@@ -77,7 +77,8 @@ class ImageService:
         pipe = self.pipe
         policy = policy_from_options(request.steps, pipe.manifest["limits"]["max_window"],
                                      key_steps=request.key_steps_text(), uniform=request.uniform,
-                                     baseline=not request.fd, noise_injection=request.noise_injection)
+                                     baseline=not request.fd, noise_injection=request.noise_injection,
+                                     guidance_interval=request.guidance_interval_text())
         height, width = pipe.image_size(request.height, request.width)
         guidance = float(request.guidance_scale)
         pipe._check_inputs(prompts=[request.prompt], negative_prompt=request.negative_prompt, steps=request.steps,

@@ -132,6 +132,19 @@ def test_a_batch_keeps_each_rows_prompt_negative_prompt_and_seed(service, pipe):
     assert np.abs(images[0] - images[2]).max() > 20
 
 
+def test_a_request_can_limit_guidance_to_an_interval(service, pipe):
+    from runtime.policy import FasterDiffusionPolicy, default_key_steps
+    request = {"prompt": "a red cube", "seed": 1, "steps": STEPS, "guidance_interval": [0.28, 5.42]}
+    (outcome,) = service.run([service.prepare(ImageRequest.model_validate(request))])
+    assert outcome.status == 200 and outcome.policy["guidance_interval"] == [0.28, 5.42]
+    policy = FasterDiffusionPolicy(default_key_steps(STEPS), pipe.manifest["limits"]["max_window"],
+                                   guidance_interval=(0.28, 5.42))
+    want = np.asarray(pipe(["a red cube"], steps=STEPS, seed=1, policy=policy).images[0], dtype=np.int16)
+    assert np.abs(pixels(outcome.png) - want).max() <= PIXEL_TOLERANCE
+    with pytest.raises(FdError, match="guidance interval"):
+        service.prepare(ImageRequest.model_validate({"prompt": "a cat", "guidance_interval": [5.0, 1.0]}))
+
+
 def test_stochastic_samplers_run_alone_and_keep_their_seeds_step_noise(service, pipe):
     """euler-a draws per-step noise from the generation's seed, so its requests are not batched together."""
     requests = [{"prompt": "a red cube", "seed": seed, "steps": STEPS, "scheduler": "euler-a"} for seed in (1, 2)]
