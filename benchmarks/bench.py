@@ -243,6 +243,14 @@ def flop_floor(flops: dict, steps: int, key_steps: int) -> float:
     return steps * (e + d) / (key_steps * e + steps * d)
 
 
+def flop_floor_of_rows(flops: dict, baseline_rows: dict, fd_rows: dict) -> float:
+    """The same floor from the rows each arm's UNet halves really computed: it also counts rows a guidance
+    interval skips and extra model evaluations (PLMS), which the key-step count alone does not see."""
+    def work(rows):
+        return rows["unet_encoder"] * flops["unet_encoder"] + rows["unet_decoder"] * flops["unet_decoder"]
+    return work(baseline_rows) / work(fd_rows)
+
+
 def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interrupted: bool, rss_after_load) -> dict:
     arms = {}
     for name, samples in measured.items():
@@ -277,9 +285,12 @@ def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interru
     floor = None
     if manifest.get("flops_per_sample"):
         k = len(policy.key_steps)
-        floor = {"unet_encoder_flops": manifest["flops_per_sample"]["unet_encoder"],
-                 "unet_decoder_flops": manifest["flops_per_sample"]["unet_decoder"], "steps": s.steps,
-                 "key_steps": k, "unet_speedup": flop_floor(manifest["flops_per_sample"], s.steps, k)}
+        flops = manifest["flops_per_sample"]
+        rows = {name: last[name].rows for name in (BASELINE, FD) if name in last and last[name].rows}
+        floor = {"unet_encoder_flops": flops["unet_encoder"], "unet_decoder_flops": flops["unet_decoder"],
+                 "steps": s.steps, "key_steps": k, "counted": "rows" if len(rows) == 2 else "key steps",
+                 "unet_speedup": flop_floor_of_rows(flops, rows[BASELINE], rows[FD]) if len(rows) == 2
+                 else flop_floor(flops, s.steps, k)}
         for key, measured_key in (("fraction_of_floor", "fd_over_baseline"),
                                   ("fraction_of_floor_unet", "fd_over_baseline_unet")):
             got = speedup[measured_key]

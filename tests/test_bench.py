@@ -65,6 +65,20 @@ def test_flop_floor_is_the_formula_on_the_manifest_flops(tiny_report, tiny_engin
     assert floor["fraction_of_floor"] == pytest.approx(measured / floor["unet_speedup"])
 
 
+def test_flop_floor_counts_the_rows_a_guidance_interval_skips(tiny_engine, tmp_path):
+    code = cli.main(["--engine-dir", str(tiny_engine), "--runs", "1", "--warmup", "0", "--steps", "50",
+                     "--guidance-interval", "paper", "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    flops = json.loads((tiny_engine / "manifest.json").read_text())["flops_per_sample"]
+    e, d = flops["unet_encoder"], flops["unet_decoder"]
+    assert r["arms"]["fasterdiffusion"]["rows"]["unet_encoder"] == 14  # 9 key steps, 4 of them unguided
+    assert r["arms"]["fasterdiffusion"]["rows"]["unet_decoder"] == 87  # 50 steps, 13 of them unguided
+    assert r["flop_floor"]["counted"] == "rows"
+    assert r["flop_floor"]["unet_speedup"] == pytest.approx((100 * e + 100 * d) / (14 * e + 87 * d))
+    assert r["flop_floor"]["unet_speedup"] > 1.05 * bench.flop_floor(flops, 50, 9)  # more than key steps alone
+
+
 def test_fidelity_of_the_pair_is_finite_and_in_range(tiny_report):
     f = json.loads((tiny_report / "r.json").read_text())["fidelity"]["fasterdiffusion_vs_baseline"]
     assert math.isfinite(f["psnr_db"]) and 0 < f["psnr_db"] < 200  # noise injection: never identical
