@@ -11,6 +11,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch's OpenMP threads stall for seconds per call on a busy 2-core box; one thread is steady. Modules
+    that run diffusers or the torch reference many times use it (pytestmark = usefixtures(...))."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_components():
     from builder.families.sd import make_tiny_components

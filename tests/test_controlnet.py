@@ -26,19 +26,14 @@ from tests.conftest import run_fd
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_fd_reference import TOLERANCE
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
 PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a painting of a cat"]
 SIZE = 128  # tiny's image side
 SCALES = [1.0, 0.6]
 SECOND_SEED = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's OpenMP threads stall for seconds per call on a busy 2-core box; one thread is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

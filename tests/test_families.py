@@ -17,6 +17,8 @@ from runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
 from tests.test_fd_reference import TOLERANCE
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
 PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a painting of a cat"]
 MODELS = ("tiny", "tiny-v", "tiny-xl")
 STEPS = {"ddim": 12, "dpmpp-2m": 10}
@@ -40,13 +42,6 @@ def pipes(folders):
     return {model: FasterDiffusionPipeline(folder, threads=1) for model, folder in folders.items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """torch's OpenMP threads stall for seconds per call on a busy 2-core box; one thread is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def initial_latents(pipe, batch=2, seed=0):

@@ -13,6 +13,8 @@ from fd_reference import (Conditioning, reference_fd_sample, reference_fd_sample
                           sdxl_pipeline, make_scheduler, unet_decode, unet_encode)
 from runtime.pipeline import FasterDiffusionPipeline
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 PAPER_KEYS = (0, 1, 2, 3, 5, 10, 15, 25, 35)  # the paper's non-uniform key steps for 50 steps
 PAPER_INJECTION = (0.003, 500)  # α, τ
@@ -35,13 +37,6 @@ def paper_keys(steps):
     return tuple(k for k in PAPER_KEYS if k < steps)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch's OpenMP threads stall for seconds per call on a busy 2-core box; one thread is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- the reference itself ------------------------------------------------------------------------------

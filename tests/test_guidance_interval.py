@@ -20,18 +20,14 @@ from runtime.schedulers import make_scheduler
 from tests.conftest import run_fd
 from tests.test_fd_reference import PAPER_INJECTION, TOLERANCE, paper_keys, relative_error, unit_noise
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 PAPER = PAPER_GUIDANCE_INTERVAL
 EVERY_STEP = (0.0, float("inf"))  # every σ > 0 of a model's schedule
 NO_STEP = (1e6, 1e6)  # (x, x] is empty
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

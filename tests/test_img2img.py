@@ -21,18 +21,14 @@ from tests.conftest import run_fd
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_fd_reference import TOLERANCE
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
 PROMPTS = ["a photo of an astronaut riding a horse on the moon", "a painting of a cat"]
 SIZE = 128
 LATENT = (4, SIZE // 8, SIZE // 8)
 SEED = 3  # fd draws the latent sample's noise from this seed (runtime.img2img.sample_noise)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from runtime.schedulers import CHOICES, REGISTRY, SCHEDULERS, diffusers_schedule
 from tests import fd_reference
 from tests.test_fd_reference import TOLERANCE
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 SEED = 3
 BASELINE_STEPS = 10
@@ -33,13 +35,6 @@ INJECTION = (0.003, 500)
 CONFIG_CHANGES = {"euler": {"timestep_spacing": "linspace"}, "euler-a": {"timestep_spacing": "linspace"}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """torch's OpenMP threads stall for seconds per call on a busy 2-core box; one thread is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
