@@ -235,3 +235,14 @@ class StepIndex:
             raise FdError(f"step got timestep {timestep} but expected {self.timesteps[self.step_index]}; "
                           "step in order over .timesteps")
         return self.step_index
+
+
+def vp_add_noise(alphas_cumprod: np.ndarray, original, noise, timesteps) -> np.ndarray:
+    """Forward process q(x_t | x0): sqrt(a_t) * x0 + sqrt(1 - a_t) * noise, per batch element, for the
+    schedulers that work on the variance-preserving latent at integer training timesteps."""
+    x0 = as_f32(original, "original")
+    noise = as_f32(noise, "noise")
+    a = alphas_cumprod[np.atleast_1d(np.asarray(timesteps, dtype=np.int64)).reshape(-1)]
+    sqrt_a = per_sample(np.sqrt(a), x0.ndim)
+    sqrt_1ma = per_sample(np.sqrt(np.float32(1.0) - a), x0.ndim)
+    return (sqrt_a * x0 + sqrt_1ma * noise).astype(np.float32, copy=False)

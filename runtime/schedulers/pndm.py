@@ -136,10 +136,5 @@ class PNDMScheduler:
         return sample_coeff * x - (a_prev - a) * e / denom
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:
-        """Forward process q(x_t | x0): sqrt(a_t) * x0 + sqrt(1 - a_t) * noise, per batch element."""
-        x0 = common.as_f32(original, "original")
-        noise = common.as_f32(noise, "noise")
-        a = self.alphas_cumprod[np.atleast_1d(np.asarray(timesteps, dtype=np.int64)).reshape(-1)]
-        sqrt_a = common.per_sample(np.sqrt(a), x0.ndim)
-        sqrt_1ma = common.per_sample(np.sqrt(np.float32(1.0) - a), x0.ndim)
-        return (sqrt_a * x0 + sqrt_1ma * noise).astype(np.float32, copy=False)
+        """Forward process q(x_t | x0), per batch element (common.vp_add_noise)."""
+        return common.vp_add_noise(self.alphas_cumprod, original, noise, timesteps)
