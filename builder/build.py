@@ -19,9 +19,9 @@ from pathlib import Path
 from builder.flops import unet_flops
 from builder.graphs import export_and_check
 from builder.staging import staged_folder
-from builder.specs import Limits
 from builder.split import check_supported, unet_levels
 from runtime.backends import BACKENDS, backend_info
+from runtime.batch import Limits
 from runtime.errors import FdError
 from runtime.manifest import MANIFEST_NAME, MANIFEST_VERSION, write_json_atomic
 

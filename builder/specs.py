@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.batch import Limits, batch_range  # noqa: F401 - re-exported for the families
-
 SPATIAL_AXES = ("height", "width")
 
 

@@ -145,7 +145,7 @@ def test_fp16_decoder_exports_and_checks_on_cpu(tiny_components, tmp_path):
     from builder import torch_build
     from builder.build import model_geometry
     from builder.families import FAMILIES
-    from builder.specs import Limits
+    from runtime.batch import Limits
     comps = copy.deepcopy(tiny_components)  # graph_modules casts in place; the session's copy stays fp32
     modules = FAMILIES["sd"].graph_modules(comps, "fp16")
     geometry = model_geometry(comps, BuildOptions(model="tiny", backend="torch"))

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from builder.specs import Axis, Limits, batch_range, cache_names, tensor
+from builder.specs import Axis, cache_names, tensor
 from builder.split import UNetDecoder, UNetEncoder, added_condition_names
+from runtime.batch import Limits, batch_range
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
