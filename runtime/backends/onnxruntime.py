@@ -73,7 +73,7 @@ class OnnxRuntimeRunner(Runner):
     def take_rows(self, value, start, stop):
         if self.device == "cpu":
             return self._value(np.ascontiguousarray(value.numpy()[start:stop]))
-        return self._join_on_device([value], 0, rows=(start, stop))
+        return self._rows_on_device(value, start, stop)
 
     def zeros_like(self, value):
         return self._value(np.zeros(value.shape(), _numpy_dtype(value)))
@@ -84,31 +84,37 @@ class OnnxRuntimeRunner(Runner):
     def _value(self, array: np.ndarray):
         return self.ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
-    def _join_on_device(self, values, axis: int, rows: tuple[int, int] | None = None):
-        """CUDA OrtValues joined along `axis` (or rows start…stop-1 of one) on the GPU with cuda-python's 2-D
-        copies: ONNX Runtime's Python API has no device copy. Not run here: no GPU was lent (CPU uses numpy)."""
+    def _join_on_device(self, values, axis: int):
+        """CUDA OrtValues joined along `axis` on the GPU with cuda-python's 2-D copies (ONNX Runtime's Python
+        API has no device copy): rows = the product of the axes before `axis`, each part adding its row's bytes.
+        Not run here: no GPU was lent (on the CPU the runner uses numpy)."""
         from runtime.backends.cuda_memory import check, cudart
         rt, dtype = cudart(), _numpy_dtype(values[0])
         shapes = [list(v.shape()) for v in values]
         axis = axis % len(shapes[0])
-        if rows is not None:
-            out_shape = [rows[1] - rows[0], *shapes[0][1:]]
-            offsets = [rows[0] * int(np.prod(shapes[0][1:], dtype=np.int64)) * dtype.itemsize]
-        else:
-            out_shape = [*shapes[0][:axis], sum(s[axis] for s in shapes), *shapes[0][axis + 1:]]
-            offsets = [0] * len(values)
+        out_shape = [*shapes[0][:axis], sum(s[axis] for s in shapes), *shapes[0][axis + 1:]]
         out = self.ort.OrtValue.ortvalue_from_shape_and_type(out_shape, dtype, "cuda", 0)
-        count = int(np.prod(out_shape[:axis], dtype=np.int64))  # rows of the 2-D copy
+        count = int(np.prod(out_shape[:axis], dtype=np.int64))
         out_row = int(np.prod(out_shape[axis:], dtype=np.int64)) * dtype.itemsize
         check(rt.cudaDeviceSynchronize(), "waiting for ONNX Runtime's stream")  # ORT's stream is not ours
         at = 0
-        for value, shape, offset in zip(values, shapes, offsets):
-            row = out_row if rows is not None else int(np.prod(shape[axis:], dtype=np.int64)) * dtype.itemsize
-            check(rt.cudaMemcpy2D(out.data_ptr() + at, out_row, value.data_ptr() + offset, row, row, count,
-                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice), "copying tensors on the GPU")
+        for value, shape in zip(values, shapes):
+            row = int(np.prod(shape[axis:], dtype=np.int64)) * dtype.itemsize
+            check(rt.cudaMemcpy2D(out.data_ptr() + at, out_row, value.data_ptr(), row, row, count,
+                                  rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice), "joining tensors on the GPU")
             at += row
         return out
 
+    def _rows_on_device(self, value, start: int, stop: int):
+        """Rows start…stop-1 of a CUDA OrtValue: one contiguous device-to-device copy. Not run here (no GPU)."""
+        from runtime.backends.cuda_memory import check, cudart
+        rt, dtype, shape = cudart(), _numpy_dtype(value), list(value.shape())
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        out = self.ort.OrtValue.ortvalue_from_shape_and_type([stop - start, *shape[1:]], dtype, "cuda", 0)
+        check(rt.cudaDeviceSynchronize(), "waiting for ONNX Runtime's stream")
+        check(rt.cudaMemcpy(out.data_ptr(), value.data_ptr() + start * row, (stop - start) * row,
+                            rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice), "taking rows on the GPU")
+        return out
 
 def open_session(ort, path, component: str, spec: dict, options, providers: list[str]):
     """A session for one graph, refused in one line if the file is not the graph the manifest describes."""
