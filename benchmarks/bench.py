@@ -239,7 +239,7 @@ def _max(values):
 
 def flop_floor(flops: dict, steps: int, key_steps: int) -> float:
     """The UNet speedup skipping the encoder allows at best: steps·(E+D) / (K·E + steps·D)."""
-    e, d = flops["unet_encoder"], flops["unet_decoder"]
+    e, d = flops["denoiser_encoder"], flops["denoiser_decoder"]
     return steps * (e + d) / (key_steps * e + steps * d)
 
 
@@ -247,7 +247,7 @@ def flop_floor_of_rows(flops: dict, baseline_rows: dict, fd_rows: dict) -> float
     """The same floor from the rows each arm's UNet halves really computed: it also counts rows a guidance
     interval skips and extra model evaluations (PLMS), which the key-step count alone does not see."""
     def work(rows):
-        return rows["unet_encoder"] * flops["unet_encoder"] + rows["unet_decoder"] * flops["unet_decoder"]
+        return rows["denoiser_encoder"] * flops["denoiser_encoder"] + rows["denoiser_decoder"] * flops["denoiser_decoder"]
     return work(baseline_rows) / work(fd_rows)
 
 
@@ -272,7 +272,7 @@ def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interru
 
     def pairwise(slow: str, fast: str, unet_only=False):
         def seconds(x):
-            return x.stages["unet_encoder"] + x.stages["unet_decoder"] if unet_only else x.total
+            return x.stages["denoiser_encoder"] + x.stages["denoiser_decoder"] if unet_only else x.total
         pairs = list(zip(measured.get(slow, []), measured.get(fast, [])))
         return spread([seconds(a) / seconds(b) for a, b in pairs])
 
@@ -287,7 +287,7 @@ def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interru
         k = len(policy.key_steps)
         flops = manifest["flops_per_sample"]
         rows = {name: last[name].rows for name in (BASELINE, FD) if name in last and last[name].rows}
-        floor = {"unet_encoder_flops": flops["unet_encoder"], "unet_decoder_flops": flops["unet_decoder"],
+        floor = {"denoiser_encoder_flops": flops["denoiser_encoder"], "denoiser_decoder_flops": flops["denoiser_decoder"],
                  "steps": s.steps, "key_steps": k, "counted": "rows" if len(rows) == 2 else "key steps",
                  "unet_speedup": flop_floor_of_rows(flops, rows[BASELINE], rows[FD]) if len(rows) == 2
                  else flop_floor(flops, s.steps, k)}

@@ -85,8 +85,8 @@ def count_split(comps, height: int, width: int) -> dict:
     _, decoder = counted(lambda: FlatDecoder(unet).eval()(timestep, *conditions, *cache))
     added = dict(zip(added_condition_names(unet), conditions[1:]))  # SDXL's text_embeds, time_ids
     _, whole = counted(lambda: unet(sample, timestep, conditions[0], added_cond_kwargs=added or None))
-    return {"height": height, "width": width, "latent": list(latent[1:]), "unet_encoder": encoder,
-            "unet_decoder": decoder, "unet": whole,
+    return {"height": height, "width": width, "latent": list(latent[1:]), "denoiser_encoder": encoder,
+            "denoiser_decoder": decoder, "unet": whole,
             "decoder_share": decoder["flops"] / (encoder["flops"] + decoder["flops"])}
 
 
@@ -152,7 +152,7 @@ def format_table(r: dict) -> str:
              f"{'image':>11} {'latent':>9} {'encoder':>10} {'decoder':>10} {'enc+dec':>10} {'full UNet':>10} "
              f"{'attn scores':>11} {'enc/dec %':>10} {'floor':>7}"]
     for row in r["sizes"]:
-        e, d = row["unet_encoder"], row["unet_decoder"]
+        e, d = row["denoiser_encoder"], row["denoiser_decoder"]
         attention = (e["attention_scores"] + d["attention_scores"]) / (e["flops"] + d["flops"])
         lines.append(f"{row['height']:>5}x{row['width']:<5} {row['latent'][1]:>4}x{row['latent'][2]:<4} "
                      f"{e['flops'] / 1e9:>10.1f} {d['flops'] / 1e9:>10.1f} {(e['flops'] + d['flops']) / 1e9:>10.1f} "

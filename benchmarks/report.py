@@ -20,7 +20,7 @@ from runtime.atomic import write_atomic
 from runtime.errors import FdError
 
 ARM_LABELS = {"baseline": "baseline", "fasterdiffusion": "FasterDiffusion", "diffusers": "diffusers"}
-STAGE_LABELS = {"text_encoder": "text encoder", "unet_encoder": "UNet encoder", "unet_decoder": "UNet decoder",
+STAGE_LABELS = {"text_encoder": "text encoder", "denoiser_encoder": "UNet encoder", "denoiser_decoder": "UNet decoder",
                 "scheduler": "scheduler", "other": "other (glue)", "vae_decoder": "VAE decoder"}
 PACKAGES = ("fd", "numpy", "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers", "tensorrt",
             "polygraphy", "cuda-python", "tokenizers")
@@ -103,8 +103,8 @@ def _rows(r: dict) -> list[tuple[str, list[str]]]:
     rows = [(label, per_arm(lambda a, k=k: _s((a["seconds_per_image"] or {}).get(k)))) for label, k in spi]
     rows += [(f"{STAGE_LABELS[n]} (s, median)", per_arm(stage(n))) for n in stages]
     rows.append(("total (s, median)", per_arm(stage("total"))))
-    counted = ["unet_encoder", "unet_decoder", *(["unet"] if "diffusers" in arms else [])]
-    labels = {"unet_encoder": "UNet encoder", "unet_decoder": "UNet decoder", "unet": "full UNet"}
+    counted = ["denoiser_encoder", "denoiser_decoder", *(["unet"] if "diffusers" in arms else [])]
+    labels = {"denoiser_encoder": "UNet encoder", "denoiser_decoder": "UNet decoder", "unet": "full UNet"}
     rows += [(f"{labels[c]} calls", per_arm(lambda a, c=c: str((a["calls"] or {}).get(c, "-")))) for c in counted]
     rows.append(("peak RSS (MiB)", per_arm(lambda a: _mib(a["peak_rss_bytes"]))))
     rows.append(("device peak (MiB)", per_arm(lambda a: _mib(a["device_peak_bytes"]))))
@@ -154,7 +154,7 @@ def format_markdown(r: dict) -> str:
         unet = calls.get("unet", "-")  # diffusers runs the whole UNet: as many encoder as decoder passes
         cells = [ARM_LABELS[name], f"{_s(spi.get('median'))} ({_s(spi.get('min'))}-{_s(spi.get('max'))})",
                  *[_s(stages.get(n)) for n in STAGE_LABELS],
-                 f"{calls.get('unet_encoder', unet)}/{calls.get('unet_decoder', unet)}",
+                 f"{calls.get('denoiser_encoder', unet)}/{calls.get('denoiser_decoder', unet)}",
                  _mib(a["peak_rss_bytes"]), _mib(a["device_peak_bytes"]), vs_baseline.get(name, "-")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join([*out, "", *(f"- {line}" for line in summary_lines(r))]) + "\n"
@@ -204,7 +204,7 @@ def write_plot(path: str, r: dict) -> None:
         heights = []
         for n in names:
             stages = r["arms"][n]["stage_seconds_median"]
-            split = "unet_encoder" in stages  # fd arms split their time; diffusers' is one block
+            split = "denoiser_encoder" in stages  # fd arms split their time; diffusers' is one block
             heights.append(stages.get(stage, 0.0) if split == (stage != "total") else 0.0)
         if any(heights):
             ax.bar([ARM_LABELS[n] for n in names], heights, bottom=bottom, label=label)

@@ -205,7 +205,7 @@ def make_manifest(opts, comps, geometry, specs, limits, precision, engines: dict
         "scheduler_config": comps.scheduler_config,
         "prediction_type": comps.scheduler_config.get("prediction_type", "epsilon"),
         "tokenizers": tokenizers,
-        "cache": [t["name"] for t in specs["unet_encoder"]["outputs"]],
+        "cache": [t["name"] for t in specs["denoiser_encoder"]["outputs"]],
         "components": specs,
         "backend_info": engines,
         "versions": library_versions(),

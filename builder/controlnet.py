@@ -169,7 +169,7 @@ def controlnet_graphs(comps, names: list[str], specs: dict, geometry: dict, prec
     """({graph: module}, {graph: spec}, manifest records) for the ControlNets `names`, in the order given."""
     from builder.families.base import DTYPE_NAMES, TORCH_DTYPES, _cast
     modules, graph_specs, records = {}, {}, []
-    encoder = specs["unet_encoder"]
+    encoder = specs["denoiser_encoder"]
     unet_dtype = DTYPE_NAMES[precision]
     image = tensor("controlnet_cond", unet_dtype, [3, Axis("height", geometry["height"]),
                                                    Axis("width", geometry["width"])])

@@ -26,7 +26,7 @@ def unet_flops(modules: dict, specs: dict) -> dict[str, int]:
 
     counts = {}
     with torch.no_grad():
-        for name in ("unet_encoder", "unet_decoder"):
+        for name in ("denoiser_encoder", "denoiser_decoder"):
             with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
                 modules[name](*ones(specs[name]))
             counts[name] = int(counter.get_total_flops())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PAPER_TYPICAL_WINDOW = 5  # median window of the paper's key steps for DDIM-50 (1,1,1,2,5,5,10,10,15)
-BATCH_ROLE = {"unet_decoder": "window", "vae_decoder": "images"}  # every other graph: "rows"
+BATCH_ROLE = {"denoiser_decoder": "window", "vae_decoder": "images"}  # every other graph: "rows"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ class ControlInputs:
         """The key step's cache with every ControlNet's residuals added (sample/conditions: the encoder's)."""
         rows = len(sample)  # the control image is the same on every row (both guidance halves, every prompt)
         for graph, image, scale in zip(self.graphs, self.images, self.scales):
-            cache = stages.control_unet(runner, graph, cache, sample, timestep, conditions,
+            cache = stages.control_denoiser(runner, graph, cache, sample, timestep, conditions,
                                         np.repeat(image, rows, axis=0), scale)
         return cache
 

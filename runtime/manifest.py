@@ -17,7 +17,7 @@ from runtime.batch import Limits, batch_range
 from runtime.errors import FdError
 
 # 2: model families (family, family_options, tokenizers), named tensor axes, graphs listed by the family
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 REBUILD = "rebuild the engine folder with fd-build --force"
 
@@ -119,14 +119,14 @@ def check_graphs(manifest: dict, path: Path) -> None:
 def check_cache(manifest: dict, path: Path) -> None:
     """The cache is what the UNet encoder returns, in order, and every part of it feeds the decoder."""
     components = manifest["components"]
-    outputs = [t["name"] for t in components["unet_encoder"]["outputs"]]
+    outputs = [t["name"] for t in components["denoiser_encoder"]["outputs"]]
     if manifest["cache"] != outputs:
-        raise FdError(f"{path}: cache {_list(manifest['cache'])} is not components.unet_encoder.outputs "
+        raise FdError(f"{path}: cache {_list(manifest['cache'])} is not components.denoiser_encoder.outputs "
                       f"{_list(outputs)}: {REBUILD}")
-    inputs = {t["name"] for t in components["unet_decoder"]["inputs"]}
+    inputs = {t["name"] for t in components["denoiser_decoder"]["inputs"]}
     missing = [name for name in outputs if name not in inputs]
     if missing:
-        raise FdError(f"{path}: cache {_list(missing)} is not among components.unet_decoder.inputs: {REBUILD}")
+        raise FdError(f"{path}: cache {_list(missing)} is not among components.denoiser_decoder.inputs: {REBUILD}")
 
 
 def check_batch_ranges(manifest: dict, path: Path) -> None:

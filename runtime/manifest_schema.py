@@ -8,7 +8,7 @@ A schema node is one of:
   ListOf(node), MapOf(node)       a list, an object, whose every value matches node
   Rule(type, test, expected)      a value of that JSON type (None: any) for which test(value) holds
   FILE                            a path the loader opens: collected, then checked against the folder
-Problems are `SchemaError(key_path, problem)`, key_path like `components.unet_decoder.batch.max`.
+Problems are `SchemaError(key_path, problem)`, key_path like `components.denoiser_decoder.batch.max`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from runtime.backends.runner import NUMPY_DTYPES
 
 # The graphs every family's folder lists; the family's own (text encoders) are checked against it by
 # runtime/manifest.py, and every listed graph is checked like these.
-REQUIRED_COMPONENTS = ("unet_encoder", "unet_decoder", "vae_decoder")
+REQUIRED_COMPONENTS = ("denoiser_encoder", "denoiser_decoder", "vae_decoder")
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
 
 

@@ -28,7 +28,7 @@ from runtime.schedulers import make_scheduler
 from runtime.sizes import check_size
 from runtime.tokenizer import PromptTokenizer
 
-STAGES = ("text_encoder", "unet_encoder", "unet_decoder", "scheduler", "vae_decoder")
+STAGES = ("text_encoder", "denoiser_encoder", "denoiser_decoder", "scheduler", "vae_decoder")
 STEP_NOISE_STREAM = 1  # the seed's second stream: per-step noise of stochastic schedulers
 MAX_STEPS = 1000
 
@@ -150,17 +150,17 @@ class FasterDiffusionPipeline:
         conditional = stages.conditional_rows(self.runner, conditions, batch) if skipping else conditions
         for window in policy.windows(len(timesteps)):
             t_key, both_halves = timesteps[window.key_step], any(guide[i] for chunk in window.chunks for i in chunk)
-            with timer("unet_encoder"):
+            with timer("denoiser_encoder"):
                 window_conditions = conditions if both_halves else conditional
                 model_input = sampler.scale_model_input(np.concatenate([z, z]) if both_halves else z, t_key)
-                cache = stages.encode_unet(self.runner, model_input, t_key, window_conditions)
+                cache = stages.encode_denoiser(self.runner, model_input, t_key, window_conditions)
             if control_inputs is not None:  # the ControlNets at the key step only; the window reuses the sums
                 with timer("controlnet"):
                     cache = control_inputs.apply(self.runner, cache, model_input, t_key, window_conditions)
             for chunk in window.chunks:
-                with timer("unet_decoder"):
+                with timer("denoiser_decoder"):
                     rows = [(0, cache.rows) if guide[i] else (cache.rows - batch, cache.rows) for i in chunk]
-                    predictions = stages.decode_unet(self.runner, cache, timesteps[list(chunk)], window_conditions,
+                    predictions = stages.decode_denoiser(self.runner, cache, timesteps[list(chunk)], window_conditions,
                                                      rows)
                 with timer("scheduler"):
                     for prediction, i in zip(predictions, chunk):
@@ -224,11 +224,11 @@ class FasterDiffusionPipeline:
 
 
 def stage_names(control_inputs, init) -> tuple[str, ...]:
-    """The timed stages of a generation: the ControlNets after the UNet encoder, the VAE encoder (image to
+    """The timed stages of a generation: the ControlNets after the denoiser encoder, the VAE encoder (image to
     image) after the text encoder, when used."""
     names = list(STAGES)
     if control_inputs is not None:
-        names.insert(names.index("unet_encoder") + 1, "controlnet")
+        names.insert(names.index("denoiser_encoder") + 1, "controlnet")
     if init is not None:
         names.insert(names.index("text_encoder") + 1, "vae_encoder")
     return tuple(names)

@@ -1,7 +1,10 @@
-"""The UNet and VAE stages, written once on the runner for every family.
+"""The denoiser and VAE stages, written once on the runner for every family.
+
+The denoiser is the UNet (or, for transformer families, the transformer) split into the method's two
+halves: `denoiser_encoder` runs at key steps only, `denoiser_decoder` reads its cache.
 
 The family's prompt stage gives `conditions` (text embeddings and, for SDXL, text_embeds and time_ids),
-one row per guidance half and image; both UNet halves read all of them. The encoder's outputs are the
+one row per guidance half and image; both denoiser halves read all of them. The encoder's outputs are the
 cache (manifest["cache"]: mid, then every skip); the decoder reads the cache and never the latent.
 """
 from __future__ import annotations
@@ -17,10 +20,10 @@ class Cache:
     rows: int  # guidance halves x images
 
 
-def encode_unet(runner, sample: np.ndarray, timestep: float, conditions: dict) -> Cache:
-    """The UNet encoder at one key step: its outputs, kept where the runner holds them."""
+def encode_denoiser(runner, sample: np.ndarray, timestep: float, conditions: dict) -> Cache:
+    """The denoiser encoder at one key step: its outputs, kept where the runner holds them."""
     rows = len(sample)
-    outputs = runner.run("unet_encoder", {"sample": sample, "timestep": np.full(rows, timestep, np.float32),
+    outputs = runner.run("denoiser_encoder", {"sample": sample, "timestep": np.full(rows, timestep, np.float32),
                                           **conditions})
     return Cache({name: outputs[name] for name in runner.manifest["cache"]}, rows)
 
@@ -31,7 +34,7 @@ def conditional_rows(runner, conditions: dict, images: int) -> dict:
             for name, value in conditions.items()}
 
 
-def decode_unet(runner, cache: Cache, timesteps: np.ndarray, conditions: dict,
+def decode_denoiser(runner, cache: Cache, timesteps: np.ndarray, conditions: dict,
                 rows: list[tuple[int, int]] | None = None) -> list[np.ndarray]:
     """One decoder call for len(timesteps) steps from one cache.
 
@@ -42,7 +45,7 @@ def decode_unet(runner, cache: Cache, timesteps: np.ndarray, conditions: dict,
     """
     steps, full = len(timesteps), (0, cache.rows)
     rows, timesteps = list(rows or [full] * steps), list(timesteps)
-    while sum(stop - start for start, stop in rows) < runner.min_rows("unet_decoder"):
+    while sum(stop - start for start, stop in rows) < runner.min_rows("denoiser_decoder"):
         # below the engine's batch range (TensorRT, torch): repeat the last step; its copy is dropped
         rows.append(rows[-1]), timesteps.append(timesteps[-1])
     counts = [stop - start for start, stop in rows]
@@ -50,8 +53,8 @@ def decode_unet(runner, cache: Cache, timesteps: np.ndarray, conditions: dict,
     for name, value in {**conditions, **cache.values}.items():
         spans = {span: value if span == full else runner.take_rows(value, *span) for span in set(rows)}
         pieces = [spans[span] for span in rows]
-        feeds[name] = runner.concat(pieces, key=f"unet_decoder.{name}") if len(pieces) > 1 else pieces[0]
-    noise = runner.download(runner.run("unet_decoder", feeds)["noise_pred"]).astype(np.float32)
+        feeds[name] = runner.concat(pieces, key=f"denoiser_decoder.{name}") if len(pieces) > 1 else pieces[0]
+    noise = runner.download(runner.run("denoiser_decoder", feeds)["noise_pred"]).astype(np.float32)
     return np.split(noise, np.cumsum(counts)[:-1])[:steps]
 
 
@@ -60,7 +63,7 @@ def decode_vae(runner, latent: np.ndarray) -> np.ndarray:
     return runner.download(runner.run("vae_decoder", {"latent": latent})["image"]).astype(np.float32)
 
 
-def control_unet(runner, graph: str, cache: Cache, sample: np.ndarray, timestep: float, conditions: dict,
+def control_denoiser(runner, graph: str, cache: Cache, sample: np.ndarray, timestep: float, conditions: dict,
                  image: np.ndarray, scale: float) -> Cache:
     """One ControlNet at a key step, on the encoder's own inputs: the cache with its residuals (times `scale`)
     added, which its graph computes where the cache lies (runtime/control.py)."""

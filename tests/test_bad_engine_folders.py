@@ -72,7 +72,7 @@ def drop_key(*keys):
 def rename_last_cache_entry(manifest):
     """cache and encoder outputs agree, but the decoder takes no such input."""
     manifest["cache"][-1] = "skip_99"
-    manifest["components"]["unet_encoder"]["outputs"][-1]["name"] = "skip_99"
+    manifest["components"]["denoiser_encoder"]["outputs"][-1]["name"] = "skip_99"
 
 
 CASES = [
@@ -84,10 +84,10 @@ CASES = [
                  id="invalid-json"),
     pytest.param(write("manifest.json", b"\xff\xfe{}"), ["manifest.json is unreadable"], id="not-utf8"),
     pytest.param(drop_key("manifest_version"), ["has no manifest_version"], id="no-version"),
-    pytest.param(drop_key("components", "unet_encoder"), ["components.unet_encoder is missing"],
+    pytest.param(drop_key("components", "denoiser_encoder"), ["components.denoiser_encoder is missing"],
                  id="missing-unet-graph"),
     pytest.param(drop_key("components", "text_encoder"),
-                 ["components lists [unet_encoder, unet_decoder, vae_decoder], a sd folder has [text_encoder, "],
+                 ["components lists [denoiser_encoder, denoiser_decoder, vae_decoder], a sd folder has [text_encoder, "],
                  id="missing-family-graph"),
     pytest.param(set_key("family", "sd9"), ["model family 'sd9', which this fd does not know"], id="unknown-family"),
     pytest.param(set_key("family", ["sd"]), ["family is a list, expected a string"], id="family-a-list"),
@@ -96,17 +96,17 @@ CASES = [
     pytest.param(set_key("tokenizers", 0, "max_length", 10),
                  ["tokenizers[0].max_length is 10, but components.text_encoder takes input_ids of shape [77]"],
                  id="tokenizer-length-not-the-graphs"),
-    pytest.param(drop_key("components", "unet_decoder", "outputs", 0, "axes"),
-                 ["components.unet_decoder.outputs[0].axes is missing"], id="missing-axes"),
-    pytest.param(drop_key("components", "unet_decoder", "file"), ["components.unet_decoder.file is missing"],
+    pytest.param(drop_key("components", "denoiser_decoder", "outputs", 0, "axes"),
+                 ["components.denoiser_decoder.outputs[0].axes is missing"], id="missing-axes"),
+    pytest.param(drop_key("components", "denoiser_decoder", "file"), ["components.denoiser_decoder.file is missing"],
                  id="missing-file-key"),
     pytest.param(drop_key("limits"), ["limits is missing"], id="missing-limits"),
     pytest.param(set_key("limits", "max_batch_size", "two"),
                  ['limits.max_batch_size is "two", expected a positive integer'], id="limit-a-string"),
     pytest.param(set_key("limits", "max_window", True), ["limits.max_window is true, expected a positive integer"],
                  id="limit-a-bool"),
-    pytest.param(set_key("components", "unet_decoder", "batch", "max", "30"),
-                 ['components.unet_decoder.batch.max is "30", expected a positive integer'], id="batch-max-a-string"),
+    pytest.param(set_key("components", "denoiser_decoder", "batch", "max", "30"),
+                 ['components.denoiser_decoder.batch.max is "30", expected a positive integer'], id="batch-max-a-string"),
     pytest.param(set_key("components", "vae_decoder", "inputs", 0, "dtype", "float8"),
                  ["components.vae_decoder.inputs[0].dtype is \"float8\", expected one of"], id="unknown-dtype"),
     pytest.param(set_key("tokenizers", 0, "max_length", None), ["tokenizers[0].max_length is null"], id="null-number"),
@@ -123,7 +123,7 @@ CASES = [
                  id="named-file-links-out"),
     pytest.param(link_out("tokenizer/tokenizer_config.json"),
                  ["tokenizer_config.json is a link that leads outside the engine folder"], id="other-file-links-out"),
-    pytest.param(delete("unet_encoder.onnx"), ["is missing unet_encoder.onnx (components.unet_encoder.file)"],
+    pytest.param(delete("denoiser_encoder.onnx"), ["is missing denoiser_encoder.onnx (components.denoiser_encoder.file)"],
                  id="graph-missing"),
     pytest.param(delete("tokenizer/tokenizer.json"), ["is missing tokenizer/tokenizer.json (tokenizers[0].file)"],
                  id="tokenizer-missing"),
@@ -132,12 +132,12 @@ CASES = [
     pytest.param(write("tokenizer/tokenizer.json", b"{}"), ["cannot read the tokenizer", "tokenizer.json"],
                  id="tokenizer-garbage"),
     pytest.param(edit_manifest(lambda m: m["cache"].pop()),
-                 ["cache [mid, skip_00, skip_01, skip_02, … (12 in all)] is not components.unet_encoder.outputs"],
+                 ["cache [mid, skip_00, skip_01, skip_02, … (12 in all)] is not components.denoiser_encoder.outputs"],
                  id="cache-shorter"),
     pytest.param(edit_manifest(rename_last_cache_entry),
-                 ["cache [skip_99] is not among components.unet_decoder.inputs"], id="cache-not-decoded"),
-    pytest.param(write("unet_encoder.onnx", b"\x08\x07garbage" * 100),
-                 ["cannot load", "unet_encoder.onnx (components.unet_encoder.file)", "Protobuf parsing failed"],
+                 ["cache [skip_99] is not among components.denoiser_decoder.inputs"], id="cache-not-decoded"),
+    pytest.param(write("denoiser_encoder.onnx", b"\x08\x07garbage" * 100),
+                 ["cannot load", "denoiser_encoder.onnx (components.denoiser_encoder.file)", "Protobuf parsing failed"],
                  id="graph-garbage"),
     pytest.param(write("vae_decoder.onnx", b""),
                  ["cannot load", "vae_decoder.onnx (components.vae_decoder.file)", "No graph"], id="graph-empty"),
@@ -151,7 +151,7 @@ CASES = [
     pytest.param(set_key("limits", "max_batch_size", 2),
                  ["limits.max_batch_size 2 and limits.max_window 15 need components.text_encoder.batch from 1 to 4, "
                   "the graph was built for 1 to 2"], id="limits-beyond-graphs"),
-    pytest.param(set_key("limits", "max_window", 20), ["need components.unet_decoder.batch from 2 to 40"],
+    pytest.param(set_key("limits", "max_window", 20), ["need components.denoiser_decoder.batch from 2 to 40"],
                  id="window-beyond-graphs"),
 ]
 

@@ -38,7 +38,7 @@ def test_json_record_has_both_arms_and_every_section(tiny_report, tiny_engine):
     for arm in r["arms"].values():
         assert arm["runs_measured"] == 1 and len(arm["runs"]) == 1
         assert set(arm["seconds_per_image"]) == {"median", "min", "max", "n"}
-        assert set(arm["stage_seconds_median"]) == {"text_encoder", "unet_encoder", "unet_decoder", "scheduler",
+        assert set(arm["stage_seconds_median"]) == {"text_encoder", "denoiser_encoder", "denoiser_decoder", "scheduler",
                                                     "vae_decoder", "other", "total"}
         assert arm["peak_rss_bytes"] > 0
     for name in ("fd_over_baseline", "fd_over_baseline_unet"):
@@ -48,16 +48,16 @@ def test_json_record_has_both_arms_and_every_section(tiny_report, tiny_engine):
 def test_call_counts_follow_the_key_steps(tiny_report):
     r = json.loads((tiny_report / "r.json").read_text())
     base, fd = r["arms"]["baseline"], r["arms"]["fasterdiffusion"]
-    assert base["calls"]["unet_encoder"] == base["calls"]["unet_decoder"] == 20
+    assert base["calls"]["denoiser_encoder"] == base["calls"]["denoiser_decoder"] == 20
     assert fd["policy"]["key_steps"] == r["settings"]["key_steps"] == [0, 1, 2, 3, 5, 10, 15]
-    assert fd["calls"]["unet_encoder"] == 7 and fd["calls"]["unet_decoder"] == 7  # windows ≤ max window 15
+    assert fd["calls"]["denoiser_encoder"] == 7 and fd["calls"]["denoiser_decoder"] == 7  # windows ≤ max window 15
     assert base["policy"]["noise_injection"] is None and fd["policy"]["noise_injection"] is not None
 
 
 def test_flop_floor_is_the_formula_on_the_manifest_flops(tiny_report, tiny_engine):
     r = json.loads((tiny_report / "r.json").read_text())
     flops = json.loads((tiny_engine / "manifest.json").read_text())["flops_per_sample"]
-    e, d = flops["unet_encoder"], flops["unet_decoder"]
+    e, d = flops["denoiser_encoder"], flops["denoiser_decoder"]
     floor = r["flop_floor"]
     assert floor["key_steps"] == 7 and floor["steps"] == 20
     assert floor["unet_speedup"] == pytest.approx(20 * (e + d) / (7 * e + 20 * d))
@@ -71,9 +71,9 @@ def test_flop_floor_counts_the_rows_a_guidance_interval_skips(tiny_engine, tmp_p
     assert code == 0
     r = json.loads((tmp_path / "r.json").read_text())
     flops = json.loads((tiny_engine / "manifest.json").read_text())["flops_per_sample"]
-    e, d = flops["unet_encoder"], flops["unet_decoder"]
-    assert r["arms"]["fasterdiffusion"]["rows"]["unet_encoder"] == 14  # 9 key steps, 4 of them unguided
-    assert r["arms"]["fasterdiffusion"]["rows"]["unet_decoder"] == 87  # 50 steps, 13 of them unguided
+    e, d = flops["denoiser_encoder"], flops["denoiser_decoder"]
+    assert r["arms"]["fasterdiffusion"]["rows"]["denoiser_encoder"] == 14  # 9 key steps, 4 of them unguided
+    assert r["arms"]["fasterdiffusion"]["rows"]["denoiser_decoder"] == 87  # 50 steps, 13 of them unguided
     assert r["flop_floor"]["counted"] == "rows"
     assert r["flop_floor"]["unet_speedup"] == pytest.approx((100 * e + 100 * d) / (14 * e + 87 * d))
     assert r["flop_floor"]["unet_speedup"] > 1.05 * bench.flop_floor(flops, 50, 9)  # more than key steps alone
@@ -262,7 +262,7 @@ def test_flop_split_on_meta_equals_a_real_count_with_attention(tiny_components):
                 lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as real:
         UNetEncoder(tiny_components.unet)(torch.zeros(1, 4, 16, 16), torch.tensor([500.0]), torch.zeros(1, 77, 32))
-    encoder = counted["unet_encoder"]
+    encoder = counted["denoiser_encoder"]
     assert encoder["flops"] == real.get_total_flops()
     assert 0 < encoder["attention_scores"] < encoder["flops"]
 
@@ -272,13 +272,13 @@ def test_flop_split_json_floor_and_halves(tiny_engine, tmp_path):
     code = flop_split.main(["--model", "tiny", "--size", "128", "--json", str(tmp_path / "s.json")])
     assert code == 0
     row = json.loads((tmp_path / "s.json").read_text())["sizes"][0]
-    e, d, whole = row["unet_encoder"], row["unet_decoder"], row["unet"]["flops"]
+    e, d, whole = row["denoiser_encoder"], row["denoiser_decoder"], row["unet"]["flops"]
     assert row["latent"] == [4, 16, 16]
     assert row["decoder_share"] == pytest.approx(d["flops"] / (e["flops"] + d["flops"]))
     assert row["floor"] == pytest.approx(50 / (9 + 41 * row["decoder_share"]))
     assert 0 < e["flops"] + d["flops"] - whole < 0.01 * whole  # only the time embedding runs in both halves
     manifest = json.loads((tiny_engine / "manifest.json").read_text())["flops_per_sample"]
-    for name, half in (("unet_encoder", e), ("unet_decoder", d)):  # fd-build counts on CPU tensors, where
+    for name, half in (("denoiser_encoder", e), ("denoiser_decoder", d)):  # fd-build counts on CPU tensors, where
         assert manifest[name] in (half["flops"], half["flops"] - half["attention_scores"])  # SDPA is uncounted
 
 

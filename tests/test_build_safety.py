@@ -78,7 +78,7 @@ def test_output_problems_are_found_before_loading(tmp_path, out, fragment):
 def test_leftovers_of_killed_builds_are_removed_and_an_orphaned_old_folder_restored(old_folder, tmp_path):
     parent, dead = old_folder.parent, dead_pid()
     (parent / f".tiny.building-{dead}-abc").mkdir()
-    (parent / f".tiny.building-{dead}-abc" / "unet_decoder.onnx").write_text("half")
+    (parent / f".tiny.building-{dead}-abc" / "denoiser_decoder.onnx").write_text("half")
     live = parent / f".tiny.building-{os.getpid()}-xyz"  # a build still running (this process): left alone
     live.mkdir()
     shutil.move(old_folder, parent / "elsewhere")  # a swap killed between its two renames:
@@ -165,7 +165,7 @@ def test_interrupt_leaves_the_old_folder_untouched(old_folder, point, signame):
     assert hidden_leftovers(old_folder.parent) == []
     if point == "before-swap":  # byte-identical already; once, show it also still generates
         from runtime.pipeline import FasterDiffusionPipeline
-        assert FasterDiffusionPipeline(old_folder)(["a cat"], steps=2).calls["unet_decoder"] == 2
+        assert FasterDiffusionPipeline(old_folder)(["a cat"], steps=2).calls["denoiser_decoder"] == 2
 
 
 def test_interrupt_inside_the_swap_is_held_until_the_new_folder_is_whole(old_folder):

@@ -117,7 +117,7 @@ def test_fasterdiffusion_runs_the_controlnets_at_key_steps_only(pipe, tiny_compo
                 controlnet_scales=SCALES)
     keys = default_key_steps(steps)
     assert ours.policy["key_steps"] == list(keys) and len(keys) < steps
-    assert ours.calls["controlnet_0"] == ours.calls["controlnet_1"] == ours.calls["unet_encoder"] == len(keys)
+    assert ours.calls["controlnet_0"] == ours.calls["controlnet_1"] == ours.calls["denoiser_encoder"] == len(keys)
     want = fd_reference.reference_fd_sample(tiny_components, PROMPTS, None, latents, "dpmpp-2m", steps, 7.5, keys,
                                             noise_injection=(0.003, 500), controls=controls(controlnets, images))
     assert relative_error(ours.latents, want) <= TOLERANCE

@@ -34,7 +34,7 @@ def test_onnx_graph_equals_pytorch(tiny_engine, manifest, tiny_components, compo
 
 
 def test_onnx_decoder_batch_of_timesteps_equals_separate_calls(tiny_engine, manifest):
-    spec = manifest["components"]["unet_decoder"]
+    spec = manifest["components"]["denoiser_decoder"]
     session = ort.InferenceSession(str(tiny_engine / spec["file"]), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
     one = export.random_inputs(spec, 2, rng, 10)
@@ -48,13 +48,13 @@ def test_onnx_decoder_batch_of_timesteps_equals_separate_calls(tiny_engine, mani
 
 
 def test_manifest_records_the_build(tiny_engine, manifest):
-    assert manifest["manifest_version"] == 2 and manifest["family"] == "sd"
+    assert manifest["manifest_version"] == 3 and manifest["family"] == "sd"
     assert manifest["backend"] == "onnxruntime" and manifest["precision"] == "fp32"
     assert manifest["source"]["model"] == "tiny" and len(manifest["source"]["weights_sha256"]) == 64
     assert (manifest["height"], manifest["width"], manifest["vae_scale_factor"]) == (128, 128, 8)
     assert (manifest["latent_height"], manifest["latent_width"]) == (16, 16)
     assert manifest["limits"] == {"max_batch_size": 1, "max_window": 15}
-    assert manifest["components"]["unet_decoder"]["batch"] == {"min": 2, "opt": 10, "max": 30}
+    assert manifest["components"]["denoiser_decoder"]["batch"] == {"min": 2, "opt": 10, "max": 30}
     assert manifest["cache"][:2] == ["mid", "skip_00"] and len(manifest["cache"]) == 13
     assert manifest["scheduler_config"]["beta_schedule"] == "scaled_linear"
     assert {"torch", "diffusers", "onnx", "onnxruntime"} <= set(manifest["versions"])
@@ -64,7 +64,7 @@ def test_manifest_records_the_build(tiny_engine, manifest):
         assert (tiny_engine / manifest["components"][component]["file"]).is_file()
     assert manifest["tokenizers"] == [{"file": "tokenizer/tokenizer.json", "max_length": 77, "pad_token_id": 553}]
     assert (tiny_engine / "tokenizer" / "tokenizer.json").is_file()
-    sample = manifest["components"]["unet_encoder"]["inputs"][0]
+    sample = manifest["components"]["denoiser_encoder"]["inputs"][0]
     assert sample == {"name": "sample", "dtype": "float32", "shape": ["batch", 4, 16, 16],
                       "axes": ["batch", None, "height", "width"]}
     assert not list(tiny_engine.parent.glob(".*building*"))  # the staging folder is gone
@@ -83,9 +83,9 @@ def test_fp16_build_checks_against_pytorch(tmp_path, manifest):
     out = build(BuildOptions(model="tiny", precision="fp16", out=str(tmp_path / "fp16")), log=lambda *_: None)
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"] == "fp16"
-    decoder = m["components"]["unet_decoder"]
+    decoder = m["components"]["denoiser_decoder"]
     assert {t["name"]: t["dtype"] for t in decoder["inputs"]}["mid"] == "float16"
     assert {t["name"]: t["dtype"] for t in decoder["inputs"]}["timestep"] == "float32"
     assert decoder["check"]["tolerance"] == export.CHECK_TOLERANCE["fp16"]
     # half-precision arithmetic really ran: its error is far above the fp32 build's (~1e-3 vs ~1e-6)
-    assert decoder["check"]["max_rel_error"] > 100 * manifest["components"]["unet_decoder"]["check"]["max_rel_error"]
+    assert decoder["check"]["max_rel_error"] > 100 * manifest["components"]["denoiser_decoder"]["check"]["max_rel_error"]

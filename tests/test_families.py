@@ -116,10 +116,10 @@ def test_sdxl_folder_records_its_family_and_upcast_vae(folders):
     manifest = json.loads((folders["tiny-xl"] / "manifest.json").read_text())
     assert manifest["family"] == "sdxl" and manifest["family_options"] == {"force_zeros_for_empty_prompt": True}
     assert [t["file"] for t in manifest["tokenizers"]] == ["tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json"]
-    assert set(manifest["components"]) == {"text_encoder", "text_encoder_2", "unet_encoder", "unet_decoder",
+    assert set(manifest["components"]) == {"text_encoder", "text_encoder_2", "denoiser_encoder", "denoiser_decoder",
                                            "vae_decoder"}
-    encoder_inputs = [t["name"] for t in manifest["components"]["unet_encoder"]["inputs"]]
-    decoder_inputs = [t["name"] for t in manifest["components"]["unet_decoder"]["inputs"]]
+    encoder_inputs = [t["name"] for t in manifest["components"]["denoiser_encoder"]["inputs"]]
+    decoder_inputs = [t["name"] for t in manifest["components"]["denoiser_decoder"]["inputs"]]
     assert encoder_inputs == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     assert decoder_inputs[:4] == ["timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
 
@@ -130,7 +130,7 @@ def test_sdxl_fp16_folder_keeps_the_vae_in_fp32(tmp_path):
     out = build(BuildOptions(model="tiny-xl", precision="fp16", out=str(tmp_path / "xl16")), log=lambda *_: None)
     specs = json.loads((out / "manifest.json").read_text())["components"]
     assert {t["dtype"] for t in specs["vae_decoder"]["inputs"] + specs["vae_decoder"]["outputs"]} == {"float32"}
-    assert specs["unet_decoder"]["outputs"][0]["dtype"] == "float16"
+    assert specs["denoiser_decoder"]["outputs"][0]["dtype"] == "float16"
     result = FasterDiffusionPipeline(out)(["a cat"], steps=4)
     assert np.isfinite(result.latents).all() and np.asarray(result.images[0]).std() > 0
 

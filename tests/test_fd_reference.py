@@ -195,7 +195,7 @@ def test_fd_two_prompts_in_one_batch_equal_reference(batch2_pipe, tiny_component
     prompts = ["a photo of a cat", "a painting of a dog on the moon"]
     latents = unit_noise(batch=2, seed=2)
     ours = batch2_pipe(prompts, negative_prompt="a horse", steps=20, scheduler="dpmpp-2m", latents=latents)
-    assert ours.calls["unet_decoder"] == 10  # windows 1,1,1,2,5,5,5 with 5 = 4 + 1
+    assert ours.calls["denoiser_decoder"] == 10  # windows 1,1,1,2,5,5,5 with 5 = 4 + 1
     want = reference(tiny_components, prompts, "a horse", latents, "dpmpp-2m", 20)
     assert relative_error(ours.latents, want) <= TOLERANCE
     # rows swapped (a wrong image/guidance layout) would be far off

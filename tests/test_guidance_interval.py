@@ -113,14 +113,14 @@ def test_rows_given_to_the_encoder_and_decoder_are_the_ones_the_interval_asks_fo
     negative, positive = embeddings[:1], embeddings[1:]
     # windows of the paper's keys: [0] [1] [2] [3,4] [5..9] [10..14] [15..24] [25..34] [35..49];
     # steps 0..8 and 46..49 are outside (0.28, 5.42]
-    encoder = seen["unet_encoder"]
+    encoder = seen["denoiser_encoder"]
     assert [len(call["sample"]) for call in encoder] == [1, 1, 1, 1, 2, 2, 2, 2, 2]
     for call in encoder[:4]:  # no guided step in the window: the prompt's row only
         np.testing.assert_array_equal(call["encoder_hidden_states"], positive)
     for call in encoder[4:]:
         np.testing.assert_array_equal(call["encoder_hidden_states"], np.concatenate([negative, positive]))
         np.testing.assert_array_equal(call["sample"][0], call["sample"][1])
-    decoder = seen["unet_decoder"]
+    decoder = seen["denoiser_decoder"]
     assert [len(call["timestep"]) for call in decoder] == [1, 1, 1, 2, 4 + 2, 10, 20, 20, 11 * 2 + 4]
     guided_rows = {i: 2 if 9 <= i <= 45 else 1 for i in range(50)}
     window_steps = [[0], [1], [2], [3, 4], range(5, 10), range(10, 15), range(15, 25), range(25, 35), range(35, 50)]
@@ -134,19 +134,19 @@ def test_rows_given_to_the_encoder_and_decoder_are_the_ones_the_interval_asks_fo
     assert straddle["mid"].shape[0] == 6
     np.testing.assert_array_equal(straddle["mid"][:4], np.repeat(spy_cache(pipe, cache_rows)["mid"][1:], 4, axis=0))
     np.testing.assert_array_equal(straddle["mid"][4:], spy_cache(pipe, cache_rows)["mid"])
-    assert result.rows == {"text_encoder": 2, "unet_encoder": 14, "unet_decoder": 87, "vae_decoder": 1}
-    assert result.calls == {"text_encoder": 1, "unet_encoder": 9, "unet_decoder": 9, "vae_decoder": 1}
+    assert result.rows == {"text_encoder": 2, "denoiser_encoder": 14, "denoiser_decoder": 87, "vae_decoder": 1}
+    assert result.calls == {"text_encoder": 1, "denoiser_encoder": 9, "denoiser_decoder": 9, "vae_decoder": 1}
 
 
 def spy_cache(pipe, encoder_feeds):
     """The cache the encoder made from these feeds (recomputed: graphs are deterministic)."""
-    outputs = pipe.runner.run("unet_encoder", encoder_feeds)
+    outputs = pipe.runner.run("denoiser_encoder", encoder_feeds)
     return {name: np.array(outputs[name]) for name in pipe.manifest["cache"]}
 
 
 def test_without_an_interval_rows_are_as_before(pipe):
     result = pipe([PROMPT], steps=50, seed=3)
-    assert result.rows == {"text_encoder": 2, "unet_encoder": 18, "unet_decoder": 100, "vae_decoder": 1}
+    assert result.rows == {"text_encoder": 2, "denoiser_encoder": 18, "denoiser_decoder": 100, "vae_decoder": 1}
     assert result.policy["guidance_interval"] is None
 
 
@@ -159,9 +159,9 @@ def test_a_backend_that_holds_the_batch_minimum_gets_padded_decoder_calls(pipe, 
     seen = spy_on_graphs(pipe, monkeypatch)
     held = pipe([PROMPT], steps=20, scheduler="dpmpp-2m", seed=4, policy=policy)
     # DPM++-20 keys 0,1,2,3,5,10,15; steps 0..3 and 19 outside the paper's interval
-    assert free.rows["unet_decoder"] == 1 + 1 + 1 + (1 + 2) + 10 + 10 + (4 * 2 + 1)
-    assert [len(call["timestep"]) for call in seen["unet_decoder"]] == [2, 2, 2, 3, 10, 10, 9]
-    assert seen["unet_decoder"][0]["timestep"].tolist() == [999, 999]
+    assert free.rows["denoiser_decoder"] == 1 + 1 + 1 + (1 + 2) + 10 + 10 + (4 * 2 + 1)
+    assert [len(call["timestep"]) for call in seen["denoiser_decoder"]] == [2, 2, 2, 3, 10, 10, 9]
+    assert seen["denoiser_decoder"][0]["timestep"].tolist() == [999, 999]
     np.testing.assert_allclose(held.latents, free.latents, rtol=0, atol=1e-6 * np.abs(free.latents).max())
 
 
@@ -186,8 +186,8 @@ def test_an_empty_interval_equals_guidance_free_conditional_sampling(pipe, sched
     # the text encoder ran on two rows instead of one: equal up to its batch-dependent rounding
     assert relative_error(empty.latents, plain.latents) <= 1e-6
     assert relative_error(guided.latents, plain.latents) > 1e-2
-    assert empty.rows["unet_encoder"] == plain.rows["unet_encoder"] == 7
-    assert empty.rows["unet_decoder"] == plain.rows["unet_decoder"] == 20
+    assert empty.rows["denoiser_encoder"] == plain.rows["denoiser_encoder"] == 7
+    assert empty.rows["denoiser_decoder"] == plain.rows["denoiser_decoder"] == 20
 
 
 _references = {}
@@ -249,5 +249,5 @@ def test_fd_bench_arm_setting(tiny_engine, tmp_path):
     base, fd = r["arms"]["baseline"], r["arms"]["fasterdiffusion"]
     assert base["policy"]["guidance_interval"] is None and fd["policy"]["guidance_interval"] == [0.28, 5.42]
     # DDIM-20: steps 0, 1, 2 (σ > 5.42) and 18, 19 (σ ≤ 0.28) skip the unconditional row
-    assert base["rows"]["unet_decoder"] == 40 and fd["rows"]["unet_decoder"] == 35
-    assert base["rows"]["unet_encoder"] == 40 and fd["rows"]["unet_encoder"] == 3 * 1 + 4 * 2
+    assert base["rows"]["denoiser_decoder"] == 40 and fd["rows"]["denoiser_decoder"] == 35
+    assert base["rows"]["denoiser_encoder"] == 40 and fd["rows"]["denoiser_encoder"] == 3 * 1 + 4 * 2

@@ -113,7 +113,7 @@ def test_baseline_equals_the_diffusers_img2img_pipeline(pipes, components, model
     got_pixels = np.stack([np.asarray(image) for image in ours.images]).astype(np.int16)
     assert np.abs(got_pixels - want_pixels).max() <= 2
     assert want_pixels.std() > 20
-    assert ours.calls["vae_encoder"] == 1 and ours.calls["unet_encoder"] == run
+    assert ours.calls["vae_encoder"] == 1 and ours.calls["denoiser_encoder"] == run
 
 
 def test_fasterdiffusion_img2img_equals_the_reference(pipes, components):
@@ -122,7 +122,7 @@ def test_fasterdiffusion_img2img_equals_the_reference(pipes, components):
     ours = pipes["tiny"](PROMPTS, steps=steps, scheduler="dpmpp-2m", latents=noise, seed=SEED, init_image=image,
                          strength=strength)
     keys = default_key_steps(12)
-    assert ours.policy["key_steps"] == list(keys) and ours.calls["unet_encoder"] == len(keys)
+    assert ours.policy["key_steps"] == list(keys) and ours.calls["denoiser_encoder"] == len(keys)
     comps = components["tiny"]
     clean = fd_reference.init_latents(comps.vae, image, sample_noise(SEED, (1, *LATENT)), len(PROMPTS))
     want = fd_reference.reference_fd_sample(comps, PROMPTS, None, noise, "dpmpp-2m", steps, 7.5, keys,

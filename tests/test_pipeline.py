@@ -51,7 +51,7 @@ def test_baseline_equals_diffusers_pipeline(pipe, tiny_components, scheduler, st
     assert got_pixels.shape == want_pixels.shape == (128, 128, 3)
     assert np.abs(got_pixels - want_pixels).max() <= 2
     assert 20 < want_pixels.std()  # a real image, not a saturated one that any code would match
-    assert ours.calls == {"text_encoder": 1, "unet_encoder": steps, "unet_decoder": steps, "vae_decoder": 1}
+    assert ours.calls == {"text_encoder": 1, "denoiser_encoder": steps, "denoiser_decoder": steps, "vae_decoder": 1}
 
 
 def count_backend_calls(pipe, monkeypatch):
@@ -69,9 +69,9 @@ def count_backend_calls(pipe, monkeypatch):
 def test_fd_calls_encoder_once_per_key_step_and_decoder_once_per_window(pipe, monkeypatch):
     counts = count_backend_calls(pipe, monkeypatch)
     result = pipe([PROMPT], steps=50, seed=3)
-    assert len(counts["unet_encoder"]) == 9
+    assert len(counts["denoiser_encoder"]) == 9
     # windows of the paper's key steps: 1,1,1,2,5,5,10,10,15 steps, two rows (CFG) per step
-    assert counts["unet_decoder"] == [2 * n for n in (1, 1, 1, 2, 5, 5, 10, 10, 15)]
+    assert counts["denoiser_decoder"] == [2 * n for n in (1, 1, 1, 2, 5, 5, 10, 10, 15)]
     assert result.policy["key_steps"] == [0, 1, 2, 3, 5, 10, 15, 25, 35]
     assert np.isfinite(result.latents).all()
 
@@ -79,8 +79,8 @@ def test_fd_calls_encoder_once_per_key_step_and_decoder_once_per_window(pipe, mo
 def test_long_windows_split_into_several_calls_sharing_one_cache(pipe, monkeypatch):
     counts = count_backend_calls(pipe, monkeypatch)
     pipe([PROMPT], steps=20, seed=3, policy=FasterDiffusionPolicy((0, 10), max_window=4))
-    assert len(counts["unet_encoder"]) == 2
-    assert counts["unet_decoder"] == [8, 8, 4, 8, 8, 4]  # 10 steps as 4+4+2, twice
+    assert len(counts["denoiser_encoder"]) == 2
+    assert counts["denoiser_decoder"] == [8, 8, 4, 8, 8, 4]  # 10 steps as 4+4+2, twice
 
 
 def test_fd_is_deterministic_for_a_seed(pipe):
@@ -158,7 +158,7 @@ def test_two_prompts_in_one_batch_equal_two_separate_generations(batch2_pipe):
     prompts = ["a photo of a cat", "a painting of a dog on the moon"]
     latents = np.random.default_rng(11).standard_normal((2, 4, 16, 16), dtype=np.float32)
     together = batch2_pipe(prompts, steps=20, scheduler="dpmpp-2m", latents=latents)
-    assert together.calls["unet_decoder"] == 10  # windows 1,1,1,2,5,5,5; max window 4 splits each 5 into 4+1
+    assert together.calls["denoiser_decoder"] == 10  # windows 1,1,1,2,5,5,5; max window 4 splits each 5 into 4+1
     for row, prompt in enumerate(prompts):
         alone = batch2_pipe([prompt], steps=20, scheduler="dpmpp-2m", latents=latents[row:row + 1])
         np.testing.assert_allclose(together.latents[row], alone.latents[0], rtol=0,

@@ -95,7 +95,7 @@ def test_baseline_equals_the_diffusers_pipeline(pipes, tiny_components, name):
     assert 20 < want_pixels.std()  # a real image, not a saturated one that any code would match
     evaluations = steps + 1 if name == "pndm" else steps  # PLMS evaluates the model once more than it steps
     assert len(ours.timesteps) == evaluations
-    assert ours.calls["unet_encoder"] == ours.calls["unet_decoder"] == evaluations
+    assert ours.calls["denoiser_encoder"] == ours.calls["denoiser_decoder"] == evaluations
 
 
 def fd_policy():
@@ -117,7 +117,7 @@ def test_fasterdiffusion_equals_the_reference(pipes, tiny_components, name):
     latents = initial_latents(1)
     ours = pipes(name)([PROMPT], steps=FD_STEPS, scheduler=name, seed=SEED, latents=latents, policy=fd_policy())
     assert ours.policy["key_steps"] == list(FD_KEYS)
-    assert ours.calls["unet_encoder"] == len(FD_KEYS)
+    assert ours.calls["denoiser_encoder"] == len(FD_KEYS)
     assert relative_error(ours.latents, reference(tiny_components, name, latents, FD_KEYS)) <= TOLERANCE
     # The reuse matters on this model: FD differs from the plain sampler by far more than the tolerance.
     plain = pipes(name)([PROMPT], steps=FD_STEPS, scheduler=name, seed=SEED, latents=latents,
@@ -152,8 +152,8 @@ def test_fractional_timesteps_reach_the_graphs_as_float32(pipes, monkeypatch):
     sampler.set_timesteps(FD_STEPS)
     assert np.any(sampler.timesteps != np.round(sampler.timesteps))
     assert result.timesteps == sampler.timesteps.tolist()
-    decoded = np.concatenate([t.reshape(-1, 2)[:, 0] for graph, t in fed if graph == "unet_decoder"])
-    encoded = [t[0] for graph, t in fed if graph == "unet_encoder"]
+    decoded = np.concatenate([t.reshape(-1, 2)[:, 0] for graph, t in fed if graph == "denoiser_decoder"])
+    encoded = [t[0] for graph, t in fed if graph == "denoiser_encoder"]
     assert all(t.dtype == np.float32 for _, t in fed)
     assert np.array_equal(decoded, sampler.timesteps)  # every step decoded with its own fractional timestep
     assert np.array_equal(encoded, sampler.timesteps[list(FD_KEYS)])
@@ -184,7 +184,7 @@ def test_few_steps_make_every_step_a_key_step(pipes, name):
     result = pipes(name)([PROMPT], steps=FEW_STEPS, scheduler=name, latents=initial_latents())
     evaluations = len(result.timesteps)
     assert result.policy["key_steps"] == list(range(evaluations))
-    assert result.calls["unet_encoder"] == evaluations
+    assert result.calls["denoiser_encoder"] == evaluations
 
 
 def test_fd_run_says_once_that_few_steps_use_every_step(tiny_engine, tmp_path, capsys):

@@ -352,7 +352,7 @@ def test_a_served_image_equals_fd_runs(server, engine_b4, tmp_path):
     as_json = server.client().generate(request, accept="application/json")
     document = json.loads(as_json.body)
     assert document["seed"] == 77 and document["policy"]["key_steps"] == [0, 1, 2, 3, 5]  # the paper's, below 10
-    assert set(document["timings"]) >= {"text_encoder", "unet_encoder", "unet_decoder", "vae_decoder", "total"}
+    assert set(document["timings"]) >= {"text_encoder", "denoiser_encoder", "denoiser_decoder", "vae_decoder", "total"}
     import base64
     assert np.abs(pixels(base64.b64decode(document["image"])) - want).max() <= PIXEL_TOLERANCE
 

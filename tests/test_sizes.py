@@ -29,7 +29,7 @@ def test_manifest_records_the_range(dynamic_engine):
     assert manifest["dynamic_shape"] == {"min": 64, "max": 256}
     assert (manifest["height"], manifest["width"]) == (128, 128)  # the size TensorRT would tune for
     # the build checked each image-like graph at the built size and at the range's smallest side
-    for name in ("unet_encoder", "unet_decoder", "vae_decoder"):
+    for name in ("denoiser_encoder", "denoiser_decoder", "vae_decoder"):
         assert manifest["components"][name]["check"]["sizes"] == [[128, 128], [64, 64]]
 
 
@@ -51,7 +51,7 @@ def test_baseline_at_another_size_equals_diffusers(dynamic_pipe, tiny_components
 def test_fd_runs_at_the_range_ends(dynamic_pipe, height, width):
     result = dynamic_pipe([PROMPT], steps=20, seed=1, height=height, width=width)
     assert result.images[0].size == (width, height) and result.latents.shape == (1, 4, height // 8, width // 8)
-    assert np.isfinite(result.latents).all() and result.calls["unet_encoder"] == 7
+    assert np.isfinite(result.latents).all() and result.calls["denoiser_encoder"] == 7
 
 
 @pytest.mark.parametrize("height,width,fragment", [

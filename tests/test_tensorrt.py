@@ -82,7 +82,7 @@ def tiny_manifest(specs_at):
 @pytest.mark.parametrize("batch,window", [(1, 15), (2, 3), (4, 1)])
 def test_static_profiles_follow_the_batch_ranges(specs_at, batch, window):
     specs, geometry = specs_at(batch, window), {"height": 128, "width": 128, "dynamic_shape": None}
-    decoder = trt_plan.profile_shapes(specs["unet_decoder"], geometry)
+    decoder = trt_plan.profile_shapes(specs["denoiser_decoder"], geometry)
     assert decoder["timestep"] == ((2,), (2 * min(5, window),), (2 * batch * window,))
     assert decoder["skip_00"] == ((2, 32, 16, 16), (2 * min(5, window), 32, 16, 16), (2 * batch * window, 32, 16, 16))
     assert set(decoder) == {"timestep", "encoder_hidden_states", "mid", *(f"skip_{i:02d}" for i in range(12))}
@@ -95,11 +95,11 @@ def test_static_profiles_follow_the_batch_ranges(specs_at, batch, window):
 def test_dynamic_profiles_scale_the_height_and_width_axes(specs_at):
     specs = specs_at(hw=(128, 192))
     geometry = {"height": 128, "width": 192, "dynamic_shape": {"min": 64, "max": 256}}
-    encoder = trt_plan.profile_shapes(specs["unet_encoder"], geometry)
+    encoder = trt_plan.profile_shapes(specs["denoiser_encoder"], geometry)
     assert encoder["sample"] == ((1, 4, 8, 8), (2, 4, 16, 24), (2, 4, 32, 32))
     assert encoder["timestep"] == ((1,), (2,), (2,))
     assert encoder["encoder_hidden_states"] == ((1, 77, 32), (2, 77, 32), (2, 77, 32))  # "sequence" stays
-    decoder = trt_plan.profile_shapes(specs["unet_decoder"], geometry)
+    decoder = trt_plan.profile_shapes(specs["denoiser_decoder"], geometry)
     assert decoder["mid"] == ((2, 64, 1, 1), (10, 64, 2, 3), (30, 64, 4, 4))
     assert trt_plan.max_shapes(specs["vae_decoder"], geometry)["image"] == (1, 3, 256, 256)
     record = trt_plan.profile_record({"mid": decoder["mid"]})
@@ -110,7 +110,7 @@ def test_dynamic_profiles_scale_the_height_and_width_axes(specs_at):
 def test_sides_the_downsampling_does_not_divide_are_refused(specs_at):
     geometry = {"height": 128, "width": 128, "dynamic_shape": {"min": 96, "max": 256}}
     with pytest.raises(ValueError, match="not whole"):
-        trt_plan.profile_shapes(specs_at()["unet_decoder"], geometry)  # mid: 2 x 96 / 128
+        trt_plan.profile_shapes(specs_at()["denoiser_decoder"], geometry)  # mid: 2 x 96 / 128
 
 
 def test_side_step_is_vae_times_unet_downsampling(specs_at):
@@ -119,7 +119,7 @@ def test_side_step_is_vae_times_unet_downsampling(specs_at):
 
 
 def test_names_and_versions():
-    assert trt_plan.engine_filename("unet_decoder") == "unet_decoder.plan"
+    assert trt_plan.engine_filename("denoiser_decoder") == "denoiser_decoder.plan"
     assert trt_plan.parse_version("10.7.0.23") == trt_plan.parse_version("10.7.0.post1") == (10, 7, 0)
     with pytest.raises(ValueError):
         trt_plan.parse_version("ten")
@@ -161,7 +161,7 @@ def test_sizes_outside_the_engines_are_refused(tiny_manifest):
 
 
 def test_batch_rows_outside_the_profile_are_refused(tiny_manifest):
-    assert "--max-window" in refused(tiny_manifest(), batch_rows={"unet_decoder": 32})
+    assert "--max-window" in refused(tiny_manifest(), batch_rows={"denoiser_decoder": 32})
 
 
 def test_folder_without_a_build_record_is_refused(tiny_manifest):
@@ -417,7 +417,7 @@ def test_runner_logic_reproduces_onnxruntime(fake_trt_folder, fake_cuda, tiny_en
         want, got = reference([PROMPT], steps=20, seed=seed), pipe([PROMPT], steps=20, seed=seed)
         np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5 * np.abs(want.latents).max())
         # the paper's keys for 20 steps: windows of 1, 1, 1, 2, 5, 5, 5 steps
-        assert got.calls == want.calls == {"text_encoder": 1, "unet_encoder": 7, "unet_decoder": 7, "vae_decoder": 1}
+        assert got.calls == want.calls == {"text_encoder": 1, "denoiser_encoder": 7, "denoiser_decoder": 7, "vae_decoder": 1}
     if cuda_graphs:
         # encoder: one key; decoder: windows of 1 read the encoder's buffers, of 2 and 5 their own rows
         assert len(pipe.runner.graphs) == 1 + 1 + 3 + 1
@@ -435,7 +435,7 @@ def test_sdxl_graphs_and_concats_reproduce_onnxruntime(tiny_xl_engine, tmp_path,
     unconditional rows, time_ids shared by both UNet halves, all on the device."""
     folder = dressed_as_tensorrt(tiny_xl_engine, tmp_path / "tiny-xl-fake-tensorrt")
     reference, pipe = FasterDiffusionPipeline(tiny_xl_engine), FasterDiffusionPipeline(folder, cuda_graphs=cuda_graphs)
-    assert set(pipe.runner.engines) == {"text_encoder", "text_encoder_2", "unet_encoder", "unet_decoder",
+    assert set(pipe.runner.engines) == {"text_encoder", "text_encoder_2", "denoiser_encoder", "denoiser_decoder",
                                         "vae_decoder"}
     captured = None
     for negative in (None, None, "blurry"):  # no negative prompt: zero rows; then a negative prompt's text
@@ -458,8 +458,8 @@ def test_host_arrays_go_into_the_graphs_own_input_buffers(runner):
     assert context.addresses["input_ids"] == runner.buffers["text_encoder"]["input_ids"].ptr
     assert outputs["text_embeddings"].buffer is runner.buffers["text_encoder"]["text_embeddings"]
     assert outputs["text_embeddings"].shape == (2, 77, 32) and runner.calls["text_encoder"] == 1
-    shared = runner.upload_input("unet_encoder", "timestep", np.array([3.0, 4.0]))
-    assert shared.buffer is runner.buffers["unet_encoder"]["timestep"] and shared.dtype == np.float32
+    shared = runner.upload_input("denoiser_encoder", "timestep", np.array([3.0, 4.0]))
+    assert shared.buffer is runner.buffers["denoiser_encoder"]["timestep"] and shared.dtype == np.float32
     np.testing.assert_array_equal(runner.download(shared), [3.0, 4.0])
     with pytest.raises(FdError, match="larger than this engine folder's profiles allow"):
         runner.run("text_encoder", {"input_ids": np.zeros((3, 77), np.int64)})  # 2 rows at most
@@ -467,8 +467,8 @@ def test_host_arrays_go_into_the_graphs_own_input_buffers(runner):
 
 def test_inputs_of_another_dtype_are_refused(runner):
     wrong = runner.upload(np.zeros((2, 77, 32)), "float16")
-    with pytest.raises(FdError, match="unet_encoder.encoder_hidden_states is given float16.*rebuild"):
-        runner.run("unet_encoder", {"sample": np.zeros((2, 4, 16, 16)), "timestep": np.zeros(2),
+    with pytest.raises(FdError, match="denoiser_encoder.encoder_hidden_states is given float16.*rebuild"):
+        runner.run("denoiser_encoder", {"sample": np.zeros((2, 4, 16, 16)), "timestep": np.zeros(2),
                                     "encoder_hidden_states": wrong})
 
 
@@ -481,12 +481,12 @@ def test_upload_and_download_round_trip(runner):
 def test_concat_along_rows_lands_in_the_decoders_input_buffer(runner):
     rows = rng_array(2, 64, 2, 2)
     mid = runner.upload(rows, "float32")
-    out = runner.concat([mid] * 3, key="unet_decoder.mid")
-    assert out.buffer is runner.buffers["unet_decoder"]["mid"]
+    out = runner.concat([mid] * 3, key="denoiser_decoder.mid")
+    assert out.buffer is runner.buffers["denoiser_decoder"]["mid"]
     np.testing.assert_array_equal(runner.download(out), np.concatenate([rows] * 3))
     np.testing.assert_array_equal(runner.download(mid), rows)  # the source is intact
     with pytest.raises(FdError, match="larger than this engine folder's profiles allow"):
-        runner.concat([mid] * 16, key="unet_decoder.mid")  # 32 rows; the decoder takes at most 2 x 1 x 15
+        runner.concat([mid] * 16, key="denoiser_decoder.mid")  # 32 rows; the decoder takes at most 2 x 1 x 15
 
 
 @pytest.mark.parametrize("axis", [-1, 1, 2])
@@ -501,7 +501,7 @@ def test_concat_along_inner_axes_copies_every_row(runner, axis):
 
 def test_concat_never_writes_where_an_input_lies(runner):
     x, y = rng_array(2, 64, 2, 2, seed=1), rng_array(2, 64, 2, 2, seed=2)
-    key, target = "unet_decoder.mid", runner.buffers["unet_decoder"]["mid"]
+    key, target = "denoiser_decoder.mid", runner.buffers["denoiser_decoder"]["mid"]
     first = runner.concat([runner.upload(x, "float32")] * 2, key=key)  # in the decoder's buffer
     grown = runner.concat([first, runner.upload(y, "float32")], key=key)  # first part already in place
     assert grown.buffer is target
@@ -572,7 +572,7 @@ def test_take_rows_is_a_view_where_aligned_and_a_stable_copy_where_not(runner, f
 
 def test_concat_moves_off_the_target_when_an_offset_part_lies_in_it(runner):
     x, y = rng_array(4, 64, 2, 2, seed=1), rng_array(2, 64, 2, 2, seed=2)
-    key, target = "unet_decoder.mid", runner.buffers["unet_decoder"]["mid"]
+    key, target = "denoiser_decoder.mid", runner.buffers["denoiser_decoder"]["mid"]
     first = runner.concat([runner.upload(x, "float32")], key=key)
     assert first.buffer is target
     inner = runner.take_rows(first, 1, 3)  # in the target, 1 KiB in: copying it to the start would overlap
@@ -592,7 +592,7 @@ def test_guidance_interval_on_the_stand_in_reproduces_onnxruntime(fake_trt_folde
     decoder_rows = []
     execute = pipe.runner._execute
     monkeypatch.setattr(pipe.runner, "_execute", lambda graph, feeds: (
-        decoder_rows.append(feeds["timestep"].shape[0]) if graph == "unet_decoder" else None,
+        decoder_rows.append(feeds["timestep"].shape[0]) if graph == "denoiser_decoder" else None,
         execute(graph, feeds))[1])
     for seed in (3, 4):  # with CUDA graphs the second run replays
         want = reference([PROMPT], steps=20, scheduler="dpmpp-2m", seed=seed, negative_prompt="a horse", policy=policy)
@@ -600,7 +600,7 @@ def test_guidance_interval_on_the_stand_in_reproduces_onnxruntime(fake_trt_folde
         np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5 * np.abs(want.latents).max())
     # steps 0..3 and 19 conditional only; windows [0] [1] [2] padded from 1 row to the profile's 2
     assert decoder_rows[:7] == [2, 2, 2, 1 + 2, 10, 10, 4 * 2 + 1]
-    assert got.rows["unet_encoder"] == 3 * 1 + 4 * 2 and want.rows["unet_decoder"] == 35
+    assert got.rows["denoiser_encoder"] == 3 * 1 + 4 * 2 and want.rows["denoiser_decoder"] == 35
     pipe.close()
     assert not fake_cuda.blocks
 
@@ -616,7 +616,7 @@ def test_guidance_interval_sdxl_on_the_stand_in_reproduces_onnxruntime(tiny_xl_e
     np.testing.assert_allclose(got.latents, want.latents, rtol=0, atol=1e-5 * np.abs(want.latents).max())
     # DDIM-8 σ: 7.37 (step 0) and 0.041 (step 7) fall outside: window [0] conditional only (its one-row
     # decoder call padded to the profile's 2), [5..7] straddles
-    assert got.rows["unet_decoder"] == 2 * 8 - 2 + 1 and got.rows["unet_encoder"] == 1 + 4 * 2
+    assert got.rows["denoiser_decoder"] == 2 * 8 - 2 + 1 and got.rows["denoiser_encoder"] == 1 + 4 * 2
     pipe.close()
 
 
@@ -681,7 +681,7 @@ def test_timing_cache_of_earlier_builds_is_merged(tmp_path):
 
 def test_progress_monitor_never_cancels_a_build():
     from builder.tensorrt_build import progress_monitor
-    monitor = progress_monitor(SimpleNamespace(IProgressMonitor=object), "unet_decoder")
+    monitor = progress_monitor(SimpleNamespace(IProgressMonitor=object), "denoiser_decoder")
     monitor.phase_start("Building engine", None, 3)
     monitor.phase_start("Tactic selection", "Building engine", 2)
     assert all(monitor.step_complete("Tactic selection", step) for step in range(2))
@@ -717,7 +717,7 @@ def test_tensorrt_matches_onnxruntime_and_calls_the_encoder_at_key_steps(trt_bui
         pipe = FasterDiffusionPipeline(folder, cuda_graphs=cuda_graphs)
         for _ in range(2):  # with graphs, the second run replays them
             got = pipe([PROMPT], steps=50, seed=3)
-            assert got.calls == {"text_encoder": 1, "unet_encoder": 9, "unet_decoder": 9, "vae_decoder": 1}
+            assert got.calls == {"text_encoder": 1, "denoiser_encoder": 9, "denoiser_decoder": 9, "vae_decoder": 1}
             assert np.abs(got.latents - want.latents).max() <= tolerance * np.abs(want.latents).max()
         assert pipe.runner.peak_memory_bytes() >= pipe.runner.meter.held > 0
         pipe.close()

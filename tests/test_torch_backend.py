@@ -42,11 +42,11 @@ def test_folder_holds_only_torch_programs(torch_engine, torch_pipe):
         assert spec["file"].endswith(".pt2") and spec["export_seconds"] > 0 and "check_torch" not in spec
         # (a check over tolerance would have failed the build: only what was recorded is tested here)
         assert spec["check"]["tolerance"] == 1e-3 and spec["check"]["batches"]
-    assert manifest["flops_per_sample"]["unet_encoder"] > 0 and manifest["flops_per_sample"]["unet_decoder"] > 0
+    assert manifest["flops_per_sample"]["denoiser_encoder"] > 0 and manifest["flops_per_sample"]["denoiser_decoder"] > 0
     # unused weights are dropped: the encoder holds no up block, the decoder no down block
     modules = torch_pipe.runner.modules
-    encoder = [name for name, _ in modules["unet_encoder"].named_parameters()]
-    decoder = [name for name, _ in modules["unet_decoder"].named_parameters()]
+    encoder = [name for name, _ in modules["denoiser_encoder"].named_parameters()]
+    decoder = [name for name, _ in modules["denoiser_decoder"].named_parameters()]
     assert not any("up_blocks" in key for key in encoder) and any("down_blocks" in key for key in encoder)
     assert not any("down_blocks" in key for key in decoder) and any("up_blocks" in key for key in decoder)
 
@@ -69,7 +69,7 @@ def test_baseline_equals_diffusers_pipeline(torch_pipe, tiny_components):
     assert np.abs(ours.latents - want_latents).max() <= 1e-4 * np.abs(want_latents).max()
     want_pixels = (want_image * 255).round().astype(np.int16)
     assert np.abs(np.asarray(ours.images[0]).astype(np.int16) - want_pixels).max() <= 2
-    assert ours.calls == {"text_encoder": 1, "unet_encoder": 20, "unet_decoder": 20, "vae_decoder": 1}
+    assert ours.calls == {"text_encoder": 1, "denoiser_encoder": 20, "denoiser_decoder": 20, "vae_decoder": 1}
 
 
 @pytest.mark.parametrize("scheduler,steps,keys", [("ddim", 50, 9), ("dpmpp-2m", 20, 7)])
@@ -79,7 +79,7 @@ def test_fd_equals_onnxruntime_backend(torch_pipe, tiny_engine, scheduler, steps
     got = torch_pipe([PROMPT], steps=steps, scheduler=scheduler, latents=latents)
     want = ort_pipe([PROMPT], steps=steps, scheduler=scheduler, latents=latents)
     assert np.abs(got.latents - want.latents).max() <= 1e-4 * np.abs(want.latents).max()
-    assert got.calls == want.calls == {"text_encoder": 1, "unet_encoder": keys, "unet_decoder": keys,
+    assert got.calls == want.calls == {"text_encoder": 1, "denoiser_encoder": keys, "denoiser_decoder": keys,
                                        "vae_decoder": 1}
 
 
@@ -149,10 +149,10 @@ def test_fp16_decoder_exports_and_checks_on_cpu(tiny_components, tmp_path):
     comps = copy.deepcopy(tiny_components)  # graph_modules casts in place; the session's copy stays fp32
     modules = FAMILIES["sd"].graph_modules(comps, "fp16")
     geometry = model_geometry(comps, BuildOptions(model="tiny", backend="torch"))
-    spec = FAMILIES["sd"].specs(comps, modules, geometry, "fp16", Limits(1, 1))["unet_decoder"]
-    rng, path, vocab = np.random.default_rng(0), tmp_path / "unet_decoder.pt2", comps.text_encoder.config.vocab_size
-    torch_build.export_program(modules["unet_decoder"], spec, rng, vocab, path)
-    check = torch_build.check_program(path, modules["unet_decoder"], spec, rng, vocab, "fp16")
+    spec = FAMILIES["sd"].specs(comps, modules, geometry, "fp16", Limits(1, 1))["denoiser_decoder"]
+    rng, path, vocab = np.random.default_rng(0), tmp_path / "denoiser_decoder.pt2", comps.text_encoder.config.vocab_size
+    torch_build.export_program(modules["denoiser_decoder"], spec, rng, vocab, path)
+    check = torch_build.check_program(path, modules["denoiser_decoder"], spec, rng, vocab, "fp16")
     assert check["tolerance"] == 3e-2 and check["batches"] == [2]
     assert {t["name"]: t["dtype"] for t in spec["inputs"]}["mid"] == "float16"  # an fp16 program was checked
 

@@ -133,8 +133,8 @@ class BuildFamily:
         """Every graph's torch module, on the CPU in the build precision."""
         dtype = TORCH_DTYPES[precision]
         unet, vae = _cast(comps.unet, dtype), _cast(comps.vae, TORCH_DTYPES[self.vae_precision(comps, precision)])
-        return {**self.text_graphs(comps, dtype), "unet_encoder": UNetEncoder(unet).eval(),
-                "unet_decoder": FlatDecoder(unet).eval(), "vae_decoder": VaeDecoderGraph(vae).eval()}
+        return {**self.text_graphs(comps, dtype), "denoiser_encoder": UNetEncoder(unet).eval(),
+                "denoiser_decoder": FlatDecoder(unet).eval(), "vae_decoder": VaeDecoderGraph(vae).eval()}
 
     def specs(self, comps: Components, modules: dict, geometry: dict, precision: str, limits: Limits) -> dict:
         """Every graph's tensors, named axes and batch range."""
@@ -143,15 +143,15 @@ class BuildFamily:
         channels, lh, lw = geometry["latent_channels"], geometry["latent_height"], geometry["latent_width"]
         latent = [channels, Axis("height", lh), Axis("width", lw)]
         conditions = self.conditions(comps, unet_dtype)
-        shapes = _cache_shapes(modules["unet_encoder"], (channels, lh, lw), conditions, unet_dtype)
+        shapes = _cache_shapes(modules["denoiser_encoder"], (channels, lh, lw), conditions, unet_dtype)
         cache = [tensor(name, unet_dtype, [c, Axis("height", h), Axis("width", w)])
                  for name, (c, h, w) in zip(cache_names(len(shapes)), shapes)]
         timestep = tensor("timestep", "float32", [])  # fp32 even in fp16 engines: the sinusoid needs it
         image = [3, Axis("height", geometry["height"]), Axis("width", geometry["width"])]
         specs = {
             **self.text_specs(comps, unet_dtype),
-            "unet_encoder": {"inputs": [tensor("sample", unet_dtype, latent), timestep, *conditions], "outputs": cache},
-            "unet_decoder": {"inputs": [timestep, *conditions, *cache],
+            "denoiser_encoder": {"inputs": [tensor("sample", unet_dtype, latent), timestep, *conditions], "outputs": cache},
+            "denoiser_decoder": {"inputs": [timestep, *conditions, *cache],
                              "outputs": [tensor("noise_pred", unet_dtype, latent)]},
             "vae_decoder": {"inputs": [tensor("latent", vae_dtype, latent)], "outputs": [tensor("image", vae_dtype, image)]},
         }

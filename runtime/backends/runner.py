@@ -54,7 +54,7 @@ class Runner:
         raise NotImplementedError
 
     def concat(self, values: list, axis: int = 0, key: str | None = None):
-        """Join runner-native arrays along `axis`. `key` names the use ("unet_decoder.mid" for the decoder's
+        """Join runner-native arrays along `axis`. `key` names the use ("denoiser_decoder.mid" for the decoder's
         input), so a runner with fixed buffers can write the result where that graph reads it; a result
         stays valid until the next concat with the same key."""
         raise NotImplementedError

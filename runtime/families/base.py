@@ -1,11 +1,11 @@
-"""What a model family tells the runtime: the graphs of its engine folder and how prompts become the UNet's
+"""What a model family tells the runtime: the graphs of its engine folder and how prompts become the denoiser's
 conditioning. Tensor names, dtypes and axes are not here: they are in the manifest, written by the build
 side of the same family (builder/families/)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-UNET_GRAPHS = ("unet_encoder", "unet_decoder", "vae_decoder")
+DENOISER_GRAPHS = ("denoiser_encoder", "denoiser_decoder", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,11 @@ class PromptRequest:
 class Family:
     name: str
     text_graphs: tuple[str, ...]
-    conditions: tuple[str, ...]  # tensors the prompt stage hands to both UNet halves (besides sample, timestep)
+    conditions: tuple[str, ...]  # tensors the prompt stage hands to both denoiser halves (besides sample, timestep)
 
     @property
     def graphs(self) -> tuple[str, ...]:
-        return (*self.text_graphs, *UNET_GRAPHS)
+        return (*self.text_graphs, *DENOISER_GRAPHS)
 
     def encode_prompt(self, runner, tokenizers: list, request: PromptRequest, options: dict) -> dict:
         """{condition name: runner-native value} with one row per prompt (two per prompt when guided)."""

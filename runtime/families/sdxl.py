@@ -29,7 +29,7 @@ class StableDiffusionXL(Family):
                              *request.crops_coords_top_left, request.height, request.width], np.float32)
         rows = 2 * len(request.prompts) if request.guided else len(request.prompts)
         return {"encoder_hidden_states": hidden, "text_embeds": pooled,
-                "time_ids": runner.upload_input("unet_encoder", "time_ids", np.tile(time_ids, (rows, 1)))}
+                "time_ids": runner.upload_input("denoiser_encoder", "time_ids", np.tile(time_ids, (rows, 1)))}
 
     @staticmethod
     def _embed(runner, tokenizers, texts: list[str]):
