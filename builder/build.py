@@ -19,7 +19,6 @@ from pathlib import Path
 from builder.flops import unet_flops
 from builder.graphs import export_and_check
 from builder.staging import staged_folder
-from builder.split import check_supported, unet_levels
 from runtime.backends import BACKENDS, backend_info
 from runtime.batch import Limits
 from runtime.errors import FdError
@@ -105,14 +104,14 @@ def build(opts: BuildOptions, log=print) -> Path:
     with staged_folder(out, opts.force) as stage:  # output problems surface here, before the model loads
         comps = load_components(opts.model)
         family = FAMILIES[comps.family]
-        check_supported(comps.unet)
+        family.check_supported(comps)
         log(f"loaded {opts.model} ({family.name} family) in {time.perf_counter() - started:.1f} s")
         geometry = model_geometry(comps, opts)
         limits = Limits(opts.max_batch_size, opts.max_window)
         modules = family.graph_modules(comps, export_precision)
         specs = family.specs(comps, modules, geometry, export_precision, limits)
         controlnets = add_image_input_graphs(opts, comps, family, modules, specs, geometry, export_precision, limits)
-        vocab = min(encoder.config.vocab_size for encoder in (comps.text_encoder, comps.text_encoder_2) if encoder)
+        vocab = min((encoder.config.vocab_size for encoder in comps.text_encoders), default=None)
         export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed)
         flops = unet_flops(modules, specs)
         engines = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
@@ -168,11 +167,16 @@ def _backend_builder(backend: str):
 
 def model_geometry(comps, opts: BuildOptions) -> dict:
     """Image/latent sizes for the build, refusing sizes the UNet cannot split evenly."""
+    from builder.families import FAMILIES
+    family = FAMILIES[comps.family]
+    latent_channels, latent_multiple, native_latent = family.size_rule(comps)
     vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    multiple = vae_scale * unet_levels(comps.unet)
-    native = comps.unet.config.sample_size * vae_scale
+    multiple, native = vae_scale * latent_multiple, native_latent * vae_scale
     height, width = opts.height or native, opts.width or native
     side_range = dynamic_range(opts)
+    if side_range and not family.supports_dynamic_shape:
+        raise FdError(f"--dynamic-shape is not supported for the {family.name} family: build one folder per size "
+                      "with --height/--width")
     checked = [("height", height), ("width", width)]
     if side_range:
         checked += [("dynamic-shape MIN", side_range[0]), ("dynamic-shape MAX", side_range[1])]
@@ -182,10 +186,10 @@ def model_geometry(comps, opts: BuildOptions) -> dict:
     for name, value in checked:
         if value % multiple:
             raise FdError(f"--{name} {value} does not fit this model: use a multiple of {multiple} "
-                          f"(VAE scale {vae_scale} x UNet downsampling {multiple // vae_scale}), e.g. {native}")
+                          f"(VAE scale {vae_scale} x denoiser downsampling {multiple // vae_scale}), e.g. {native}")
     return {"height": height, "width": width, "vae_scale_factor": vae_scale,
             "latent_height": height // vae_scale, "latent_width": width // vae_scale,
-            "latent_channels": comps.unet.config.in_channels,
+            "latent_channels": latent_channels,
             # image side range in pixels the engines accept; None: only height x width
             "dynamic_shape": {"min": side_range[0], "max": side_range[1]} if side_range else None}
 

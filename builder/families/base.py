@@ -1,7 +1,8 @@
-"""What every build-side family shares: the loaded components, and the UNet and VAE graphs.
+"""What every build-side family shares: the loaded components, and the denoiser and VAE graphs.
 
 A family file (sd.py, sdxl.py) adds what differs: how a folder loads, its generated models, its text
-graphs and their tensors, and the UNet's conditioning tensors. Everything else (export, checks, TensorRT
+graphs and their tensors, and the denoiser's conditioning tensors. The denoiser is a UNet unless the family
+overrides the four denoiser methods (transformer families: DiT, PixArt). Everything else (export, checks, TensorRT
 profiles, the manifest) reads the specs these produce; the runtime reads them from the manifest.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from builder.specs import Axis, cache_names, tensor
-from builder.split import UNetDecoder, UNetEncoder, added_condition_names
+from builder.split import UNetDecoder, UNetEncoder, added_condition_names, check_supported, unet_levels
 from runtime.batch import Limits, batch_range
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -32,14 +33,19 @@ class Components:
     tokenizer_2: object = None
     text_encoder_2: object = None
     options: dict = field(default_factory=dict)  # family options the runtime needs (manifest "family_options")
+    transformer: object = None  # transformer families (DiT, PixArt) fill this instead of `unet`
 
     @property
     def tokenizers(self) -> list:
         return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
+    @property
+    def text_encoders(self) -> list:
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+
     def torch_modules(self) -> dict:
         modules = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "unet": self.unet,
-                   "vae": self.vae}
+                   "transformer": self.transformer, "vae": self.vae}
         return {name: module for name, module in modules.items() if module is not None}
 
 
@@ -128,13 +134,36 @@ class BuildFamily:
         """A VAE whose config asks for it (SDXL's force_upcast) stays fp32 in fp16 folders: it overflows in fp16."""
         return "fp32" if precision == "fp16" and comps.vae.config.get("force_upcast", False) else precision
 
-    # --- written once for every UNet family ----------------------------------------------------------
+    # --- the denoiser: a UNet here; transformer families override these four ------------------------
+    supports_dynamic_shape = True  # --dynamic-shape: the cache's spatial axes scale with the image
+
+    def check_supported(self, comps: Components) -> None:
+        """Refuse, in one line, a denoiser whose features the split does not carry."""
+        check_supported(comps.unet)
+
+    def denoiser_halves(self, comps: Components, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+        """(encoder, decoder) modules in `dtype`: the encoder's outputs are the cache, and the decoder takes
+        timestep, the conditions, then the cache, all positional (the order of their specs)."""
+        unet = _cast(comps.unet, dtype)
+        return UNetEncoder(unet), FlatDecoder(unet)
+
+    def size_rule(self, comps: Components) -> tuple[int, int, int]:
+        """(latent channels, the latent side's required multiple, the native latent side)."""
+        return comps.unet.config.in_channels, unet_levels(comps.unet), comps.unet.config.sample_size
+
+    def cache_tensors(self, shapes: list[tuple], dtype: str) -> list[dict]:
+        """Tensor records of the cache from its per-row shapes (mid, then every skip: C x h x w)."""
+        return [tensor(name, dtype, [c, Axis("height", h), Axis("width", w)])
+                for name, (c, h, w) in zip(cache_names(len(shapes)), shapes)]
+
+    # --- written once for every family ----------------------------------------------------------------
     def graph_modules(self, comps: Components, precision: str) -> dict[str, nn.Module]:
         """Every graph's torch module, on the CPU in the build precision."""
         dtype = TORCH_DTYPES[precision]
-        unet, vae = _cast(comps.unet, dtype), _cast(comps.vae, TORCH_DTYPES[self.vae_precision(comps, precision)])
-        return {**self.text_graphs(comps, dtype), "denoiser_encoder": UNetEncoder(unet).eval(),
-                "denoiser_decoder": FlatDecoder(unet).eval(), "vae_decoder": VaeDecoderGraph(vae).eval()}
+        encoder, decoder = self.denoiser_halves(comps, dtype)
+        vae = _cast(comps.vae, TORCH_DTYPES[self.vae_precision(comps, precision)])
+        return {**self.text_graphs(comps, dtype), "denoiser_encoder": encoder.eval(),
+                "denoiser_decoder": decoder.eval(), "vae_decoder": VaeDecoderGraph(vae).eval()}
 
     def specs(self, comps: Components, modules: dict, geometry: dict, precision: str, limits: Limits) -> dict:
         """Every graph's tensors, named axes and batch range."""
@@ -144,8 +173,7 @@ class BuildFamily:
         latent = [channels, Axis("height", lh), Axis("width", lw)]
         conditions = self.conditions(comps, unet_dtype)
         shapes = _cache_shapes(modules["denoiser_encoder"], (channels, lh, lw), conditions, unet_dtype)
-        cache = [tensor(name, unet_dtype, [c, Axis("height", h), Axis("width", w)])
-                 for name, (c, h, w) in zip(cache_names(len(shapes)), shapes)]
+        cache = self.cache_tensors(shapes, unet_dtype)
         timestep = tensor("timestep", "float32", [])  # fp32 even in fp16 engines: the sinusoid needs it
         image = [3, Axis("height", geometry["height"]), Axis("width", geometry["width"])]
         specs = {
@@ -178,7 +206,7 @@ DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
 def _cache_shapes(encoder: nn.Module, latent: tuple, conditions: list[dict], unet_dtype: str) -> list[tuple]:
     """One tiny encoder pass tells the cache's per-row shapes (mid, then every skip)."""
     def zeros(shape, dtype_name):
-        return torch.zeros(1, *shape, dtype=TORCH_DTYPES["fp16" if dtype_name == "float16" else "fp32"])
+        return torch.zeros(1, *shape, dtype=getattr(torch, dtype_name))  # "float16", "int64", …
     with torch.no_grad():
         cache = encoder(zeros(latent, unet_dtype), torch.zeros(1),
                         *(zeros(t["shape"][1:], t["dtype"]) for t in conditions))
