@@ -42,6 +42,7 @@ class BuildOptions:
     backend_options: dict | None = None  # backend-specific knobs (TensorRT: opt level, dynamic shape, …)
     controlnets: tuple[str, ...] = ()  # --controlnet: tiny-controlnet, local folders or hub ids, applied in order
     img2img: bool = False  # --img2img: also build the VAE encoder (fd-run --init-image)
+    split_block: int | None = None  # --split-block: transformer families' first decoder block (None: the family's)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -60,6 +61,9 @@ def validate_options(opts: BuildOptions) -> None:
             raise FdError(f"--{name} {value} is not allowed: use a multiple of 8 between 8 and {MAX_SIDE}")
     if not 1 <= opts.max_batch_size <= 64:
         raise FdError(f"--max-batch-size {opts.max_batch_size} is out of range: use 1 to 64")
+    if opts.split_block is not None and opts.split_block < 1:
+        raise FdError(f"--split-block {opts.split_block} is not allowed: give the index of the first decoder block, "
+                      "1 or more")
     if not 1 <= opts.max_window <= 1000:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
     from builder.controlnet import check_controlnet_options
@@ -105,6 +109,7 @@ def build(opts: BuildOptions, log=print) -> Path:
         comps = load_components(opts.model)
         family = FAMILIES[comps.family]
         family.check_supported(comps)
+        family.set_split_block(comps, opts.split_block)
         log(f"loaded {opts.model} ({family.name} family) in {time.perf_counter() - started:.1f} s")
         geometry = model_geometry(comps, opts)
         limits = Limits(opts.max_batch_size, opts.max_window)

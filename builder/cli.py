@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "id in the local cache); repeat for several, whose residuals add up")
     p.add_argument("--img2img", action="store_true",
                    help="also build the VAE encoder, for fd-run --init-image (image to image)")
+    p.add_argument("--split-block", type=int, metavar="S",
+                   help="transformer families (DiT, PixArt): blocks 0..S-1 are the encoder, S.. the decoder "
+                        "(default: the paper's 18 of 28, scaled to the model's depth)")
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default: TensorRT's, 3)")
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
             force=args.force, backend_options={"dynamic_shape": args.dynamic_shape,
                                                "optimization_level": args.builder_optimization_level,
                                                "timing_cache": args.timing_cache},
-            controlnets=tuple(args.controlnet), img2img=args.img2img)
+            controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block)
         out = build(opts)
         print(f"engine folder: {out}")
 

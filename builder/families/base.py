@@ -15,6 +15,7 @@ from torch import nn
 from builder.specs import Axis, cache_names, tensor
 from builder.split import UNetDecoder, UNetEncoder, added_condition_names, check_supported, unet_levels
 from runtime.batch import Limits, batch_range
+from runtime.errors import FdError
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -140,6 +141,12 @@ class BuildFamily:
     def check_supported(self, comps: Components) -> None:
         """Refuse, in one line, a denoiser whose features the split does not carry."""
         check_supported(comps.unet)
+
+    def set_split_block(self, comps: Components, split_block: int | None) -> None:
+        """--split-block: a UNet splits at its mid block, so only transformer families take it."""
+        if split_block is not None:
+            raise FdError(f"--split-block applies to transformer families (DiT, PixArt); a {self.name} UNet is split "
+                          "at its mid block: drop --split-block")
 
     def denoiser_halves(self, comps: Components, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
         """(encoder, decoder) modules in `dtype`: the encoder's outputs are the cache, and the decoder takes
