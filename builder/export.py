@@ -28,7 +28,9 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 def random_inputs(spec: dict, batch: int, rng: np.random.Generator, vocab_size: int,
                   resize: tuple[tuple[int, int], tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
-    """Random inputs of a spec's shapes: ids in the vocabulary, timesteps in [0, 1000), the rest N(0, 1).
+    """Random inputs of a spec's shapes: integers in the tensor record's "range" [low, high] (inclusive; e.g.
+    DiT's class labels, the null class included) or else ids in the vocabulary, timesteps in [0, 1000), the
+    rest N(0, 1).
 
     `resize=(built_hw, hw)` scales the height/width axes from the built image size to another one."""
     feeds = {}
@@ -37,7 +39,8 @@ def random_inputs(spec: dict, batch: int, rng: np.random.Generator, vocab_size: 
         if resize:
             shape = scaled_shape(shape, tensor["axes"], *resize)
         if tensor["dtype"] == "int64":
-            feeds[tensor["name"]] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+            low, high = tensor["range"] if "range" in tensor else (0, vocab_size - 1)
+            feeds[tensor["name"]] = rng.integers(low, high, size=shape, dtype=np.int64, endpoint=True)
         elif tensor["name"] == "timestep":
             feeds[tensor["name"]] = rng.uniform(0, 1000, size=shape).astype(np.float32)
         else:

@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/sd15-dynamic --prompt "a cat" --height 768 --width 512  # built with --dynamic-shape
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --control-image edges.png   # fd-build --controlnet …
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --init-image cat.png --strength 0.6  # fd-build --img2img
+  fd-run --engine-dir engines/tiny-dit-fp32-onnxruntime --class-label 207 --class-label "tabby cat"  # DiT: classes
 """
 
 
@@ -30,12 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine-dir", required=True, help="engine folder made by fd-build")
     p.add_argument("--prompt", action="append", default=[], help="prompt; repeat for several images")
+    p.add_argument("--class-label", action="append", default=[], metavar="LABEL",
+                   help="class-conditional models (DiT): a class id or a name from the model's id2label, one image "
+                        "each; repeat for several images")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none; as diffusers, SD then encodes "
                                              "the empty prompt and SDXL conditions on zeros)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", choices=CHOICES, default=DEFAULT, metavar="NAME",
                    help=f"sampler, configured from the model's scheduler config: {choices_help()}")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, 1 or less: off (default: the "
+                                                         "model family's, 7.5 for SD/SDXL and 4.0 for DiT)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the size the folder was built for; "
                                               "others need a folder built with --dynamic-shape)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the size the folder was built for)")
@@ -108,7 +113,7 @@ def output_paths(out: str, count: int) -> list[Path]:
 def check_outputs(args) -> list[Path]:
     """Every output path checked before the engines load, so no one waits for an image that cannot be saved."""
     check_writable(args.out, "--out")
-    paths = output_paths(args.out, len(args.prompt))
+    paths = output_paths(args.out, len(args.prompt) or len(args.class_label))
     for path in paths:
         check_writable(path, "--out")
     if args.save_latents is not None:
@@ -164,13 +169,26 @@ def sdxl_size_options(args, family: str) -> dict:
     return options
 
 
+def check_prompt_kind(args, family) -> list[str]:
+    """--class-label for class-conditional folders (DiT), --prompt for text ones; the other is refused."""
+    if family.class_conditional and args.prompt:
+        raise FdError(f"this engine folder is a class-conditional {family.name} model: give --class-label ID_OR_NAME "
+                      "instead of --prompt")
+    if not family.class_conditional and args.class_label:
+        raise FdError(f"--class-label is for class-conditional models (DiT); this engine folder is a {family.name} "
+                      "text-to-image model: give --prompt")
+    return args.class_label if family.class_conditional else args.prompt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
         from runtime.pipeline import FasterDiffusionPipeline
-        if not args.prompt:
-            raise FdError("give at least one --prompt")
+        if not args.prompt and not args.class_label:
+            raise FdError("give at least one --prompt (or --class-label for a class-conditional model such as DiT)")
+        if args.prompt and args.class_label:
+            raise FdError("give --prompt (text models) or --class-label (class-conditional models), not both")
         check_engine_dir(args.engine_dir)
         paths = check_outputs(args)
         if args.guidance_interval is not None:
@@ -178,12 +196,14 @@ def main(argv=None) -> int:
         latents = load_latents(args.latents) if args.latents is not None else None
         image_inputs, steps_run = image_input_options(args)  # image to image runs the last steps only
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
+        prompts = check_prompt_kind(args, pipe.family)
         policy = policy_from_options(steps_run, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
                                      uniform=args.uniform, baseline=args.no_fd,
                                      noise_injection=not args.no_noise_injection,
-                                     guidance_interval=args.guidance_interval)
+                                     guidance_interval=args.guidance_interval,
+                                     noise_injection_tau=pipe.family.noise_injection_tau)
         size_conditioning = sdxl_size_options(args, pipe.family.name)
-        result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+        result = pipe(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
                       latents=latents, policy=policy, height=args.height, width=args.width, **size_conditioning,
                       **image_inputs)

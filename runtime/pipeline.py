@@ -82,17 +82,20 @@ class FasterDiffusionPipeline:
         return self.manifest["latent_channels"], height // scale, width // scale
 
     def default_policy(self, steps: int) -> FasterDiffusionPolicy:
-        from runtime.policy import default_key_steps
-        return FasterDiffusionPolicy(default_key_steps(steps), self.manifest["limits"]["max_window"])
+        from runtime.policy import NoiseInjection, default_key_steps
+        return FasterDiffusionPolicy(default_key_steps(steps), self.manifest["limits"]["max_window"],
+                                     NoiseInjection(tau=self.family.noise_injection_tau))
 
     def __call__(self, prompts: list[str], *, negative_prompt: str | list[str] | None = None, steps: int = 50,
-                 scheduler: str = "ddim", guidance_scale: float = 7.5, seed: int | None = 0,
+                 scheduler: str = "ddim", guidance_scale: float | None = None, seed: int | None = 0,
                  latents: np.ndarray | None = None, policy: FasterDiffusionPolicy | None = None,
                  height: int | None = None, width: int | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] = (0, 0), callback=None, control_images=None,
                  controlnet_scales=None, init_image=None, strength: float | None = None) -> GenerationResult:
         """Generate one image per prompt. `policy=None` uses the paper's key steps for `steps`;
         `FasterDiffusionPolicy.baseline(steps)` runs every step in full (the diffusers baseline).
+        Class-conditional families (DiT) take class labels as prompts: ids (int or digits) or id2label names.
+        `guidance_scale=None` is the family's default (SD/SDXL 7.5, DiT 4.0, as DiTPipeline).
         `negative_prompt=None` is "no negative prompt" (SD: "", SDXL: zero embeddings, as diffusers); a list
         gives each prompt its own (fd-serve batches requests that way, with one seed each through `latents`).
         `height`/`width` default to the size the folder was built for; other sizes need a folder built
@@ -103,6 +106,7 @@ class FasterDiffusionPipeline:
         `init_image` with `strength` (0 < strength <= 1, default 0.8) is image to image: the last
         int(steps x strength) steps run, from the encoded image noised to the first of them."""
         # 1. check inputs (all of them, before any heavy work)
+        guidance_scale = self.family.default_guidance_scale if guidance_scale is None else guidance_scale
         height, width = self.image_size(height, width)
         control_inputs = prepare_control(self.manifest, control_images, controlnet_scales, height, width)
         init = prepare_init(self.manifest, init_image, strength, steps, height, width, self.engine_dir)
@@ -188,8 +192,10 @@ class FasterDiffusionPipeline:
 
     def _check_inputs(self, prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height,
                       width) -> None:
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise FdError("give at least one prompt (a list of strings)")
+        kinds = (str, int, np.integer) if self.family.class_conditional else str  # DiT: class ids too
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, kinds) for p in prompts):
+            raise FdError("give at least one class label (a list of ints or names)" if self.family.class_conditional
+                          else "give at least one prompt (a list of strings)")
         if not (negative_prompt is None or isinstance(negative_prompt, str) or (
                 isinstance(negative_prompt, list) and len(negative_prompt) == len(prompts)
                 and all(isinstance(n, str) for n in negative_prompt))):

@@ -30,7 +30,7 @@ PAPER_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 # reuses the encoder over steps far apart in noise level, and saves too few calls to pay off.
 FEW_STEPS = 8
 NOISE_ALPHA = 0.003
-NOISE_TAU = 500
+NOISE_TAU = 500  # SD's; each runtime family says its own (runtime/families: noise_injection_tau, DiT 300)
 # The paper's interval for SD-XL (EDM2-style sigma); the flag's "paper" value.
 PAPER_GUIDANCE_INTERVAL = (0.28, 5.42)
 
@@ -169,9 +169,10 @@ def parse_key_steps(text: str) -> tuple[int, ...]:
 
 def policy_from_options(steps: int, max_window: int, *, key_steps: str | None = None, uniform: int | None = None,
                         baseline: bool = False, noise_injection: bool = True,
-                        guidance_interval: str | None = None) -> FasterDiffusionPolicy:
+                        guidance_interval: str | None = None, noise_injection_tau: int = NOISE_TAU
+                        ) -> FasterDiffusionPolicy:
     """The policy the command-line options describe (--key-steps "0,1,…" | --uniform K | --no-fd, and
-    --guidance-interval LOW,HIGH | paper)."""
+    --guidance-interval LOW,HIGH | paper); `noise_injection_tau` is the folder's family's."""
     interval = None if guidance_interval is None else parse_guidance_interval(guidance_interval)
     if baseline:
         return FasterDiffusionPolicy.baseline(steps, interval)
@@ -181,4 +182,5 @@ def policy_from_options(steps: int, max_window: int, *, key_steps: str | None = 
         keys = uniform_key_steps(steps, uniform)
     else:
         keys = default_key_steps(steps)
-    return FasterDiffusionPolicy(keys, max_window, NoiseInjection() if noise_injection else None, interval)
+    return FasterDiffusionPolicy(keys, max_window, NoiseInjection(tau=noise_injection_tau) if noise_injection else None,
+                                 interval)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from runtime.errors import FdError
 from builder.families.base import BuildFamily, Components
-from builder.families import sd, sdxl
+from builder.families import dit, sd, sdxl
 
-FAMILIES: dict[str, BuildFamily] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY)}
+FAMILIES: dict[str, BuildFamily] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY, dit.FAMILY)}
 
 
 def family_generating(model: str):

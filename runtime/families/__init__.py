@@ -6,8 +6,9 @@ from runtime.errors import FdError
 from runtime.families.base import Family, PromptRequest
 from runtime.families.sd import StableDiffusion
 from runtime.families.sdxl import StableDiffusionXL
+from runtime.families.dit import DiT
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), DiT())}
 
 
 def family_of(manifest: dict) -> Family:

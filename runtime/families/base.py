@@ -23,6 +23,9 @@ class Family:
     name: str
     text_graphs: tuple[str, ...]
     conditions: tuple[str, ...]  # tensors the prompt stage hands to both denoiser halves (besides sample, timestep)
+    class_conditional = False  # prompts are class labels (DiT), not text
+    default_guidance_scale = 7.5  # when the caller gives none: the family's diffusers pipeline's default
+    noise_injection_tau = 500  # prior noise injection's tau in the default policy (the paper's, per family)
 
     @property
     def graphs(self) -> tuple[str, ...]:

@@ -8,6 +8,8 @@ class StableDiffusion(Family):
     name = "sd"
     text_graphs = ("text_encoder",)
     conditions = ("encoder_hidden_states",)
+    default_guidance_scale = 7.5  # StableDiffusionPipeline's
+    noise_injection_tau = 500  # the paper's for SD
 
     def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
         (tokenizer,) = tokenizers

@@ -16,6 +16,8 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     text_graphs = ("text_encoder", "text_encoder_2")
     conditions = ("encoder_hidden_states", "text_embeds", "time_ids")
+    default_guidance_scale = 7.5  # StableDiffusionXLPipeline's (default 5.0), kept at fd's 7.5 as before
+    noise_injection_tau = 500
 
     def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
         zero_negative = request.negative_prompt is None and options.get("force_zeros_for_empty_prompt", True)

@@ -43,6 +43,9 @@ class DDPMScheduler:
         cfg = common.resolve_config(config, DEFAULTS)
         if cfg["thresholding"]:
             raise common.unsupported("thresholding=True", NAME, "set thresholding to false")
+        if cfg["variance_type"] in ("learned", "learned_range"):  # a learned-sigma model's (DiT's) own DDPM
+            raise common.unsupported(f"variance_type={cfg['variance_type']!r}", NAME, "it steps with the model's "
+                                     "predicted variance, which fd's denoiser does not return: use ddim or dpmpp-2m")
         common.check_choice(cfg, "variance_type", VARIANCE_TYPES, NAME)
         common.check_choice(cfg, "prediction_type", self.prediction_types, NAME)
         common.check_choice(cfg, "timestep_spacing", common.TIMESTEP_SPACINGS, NAME)

@@ -70,10 +70,12 @@ def _validate(cfg: dict) -> None:
                 "use_flow_sigmas", "use_dynamic_shifting"):
         if cfg[key]:
             raise common.unsupported(f"{key}=True", name, _NOT_SIGMAS)
-    if cfg["variance_type"] is not None:
-        raise common.unsupported(
-            f"variance_type={cfg['variance_type']!r}", name, "use a model that predicts plain noise"
-        )
+    # A learned-variance model (DiT) predicts noise and a variance; DPM-Solver uses the noise alone, and fd's
+    # denoiser graphs already return only that (the variance channels are dropped inside the decoder), so
+    # "learned"/"learned_range" need nothing here. diffusers instead slices the first 3 channels (DeepFloyd IF's).
+    if cfg["variance_type"] not in (None, "learned", "learned_range"):
+        raise common.unsupported(f"variance_type={cfg['variance_type']!r}", name,
+                                 "use none, learned or learned_range (fd steps on the predicted noise)")
 
 
 _alpha_sigma, _lam = common.alpha_sigma, common.half_log_snr
