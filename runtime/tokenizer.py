@@ -1,4 +1,5 @@
-"""Prompt → token ids with the model's own CLIP tokenizer (the `tokenizers` library, no transformers)."""
+"""Prompt → token ids (and attention mask) with the model's own tokenizer: CLIP, or T5 for PixArt (the `tokenizers`
+library, no transformers)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,12 +26,19 @@ class PromptTokenizer:
         self.pad_token_id = pad_token_id
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
+        return self.with_mask(prompts)[0]
+
+    def with_mask(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, attention mask): the mask is 1 on each prompt's own tokens and 0 on the padding, as the
+        transformers tokenizer's attention_mask (T5 and PixArt read it; CLIP models do not)."""
         ids = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(prompts), self.max_length), dtype=np.int64)
         for row, prompt in enumerate(prompts):
-            tokens = self.tokenizer.encode(prompt).ids  # with start and end tokens
+            tokens = self.tokenizer.encode(prompt).ids  # with the model's special tokens (CLIP: start and end)
             if len(tokens) > self.max_length:
                 # diffusers silently truncates; fd refuses rather than drop words the user wrote.
                 raise FdError(f"prompt {prompt[:40]!r}… is {len(tokens)} tokens long; the text encoder takes at most "
-                              f"{self.max_length} (start and end included): shorten it")
+                              f"{self.max_length} (special tokens included): shorten it")
             ids[row, :len(tokens)] = tokens
-        return ids
+            mask[row, :len(tokens)] = 1
+        return ids, mask

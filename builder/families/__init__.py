@@ -7,9 +7,10 @@ from pathlib import Path
 
 from runtime.errors import FdError
 from builder.families.base import BuildFamily, Components
-from builder.families import dit, sd, sdxl
+from builder.families import dit, pixart, sd, sdxl
 
-FAMILIES: dict[str, BuildFamily] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY, dit.FAMILY)}
+FAMILIES: dict[str, BuildFamily] = {family.name: family
+                                    for family in (sd.FAMILY, sdxl.FAMILY, dit.FAMILY, pixart.FAMILY)}
 
 
 def family_generating(model: str):

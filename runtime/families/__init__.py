@@ -7,8 +7,10 @@ from runtime.families.base import Family, PromptRequest
 from runtime.families.sd import StableDiffusion
 from runtime.families.sdxl import StableDiffusionXL
 from runtime.families.dit import DiT
+from runtime.families.pixart import PixArtAlpha
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), DiT())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), DiT(),
+                                                                  PixArtAlpha())}
 
 
 def family_of(manifest: dict) -> Family:
