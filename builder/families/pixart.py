@@ -57,12 +57,13 @@ def make_tiny_t5_tokenizer():
 
 
 def make_tiny_pixart_components(seed: int = TINY_SEED, *, sample_size: int = 16, patch_size: int = 2,
-                                vae_levels: int = 4) -> Components:
+                                vae_levels: int = 4, heads: int = 2) -> Components:
     """A random-weight pipeline with PixArt-α's structure at toy width, 128 px native: a 6-block
     PixArtTransformer2DModel (adaLN-single, caption projection, cross-attention with the T5 mask, learned
     sigma: 8 output channels for 4 latent ones), a 2-layer T5 v1.1 encoder (gated GELU), an 8x VAE and
     PixArt's DPM-Solver++ config. `sample_size` 128 gives the 1024 models' resolution / aspect-ratio
-    conditions (tests pair it with a larger patch and a shallower VAE to stay small)."""
+    conditions (tests pair it with a larger patch and a shallower VAE to stay small, and 3 heads: those
+    conditions need a width divisible by 3)."""
     from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -73,8 +74,8 @@ def make_tiny_pixart_components(seed: int = TINY_SEED, *, sample_size: int = 16,
         feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, dropout_rate=0.0,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=6,
-        cross_attention_dim=32, caption_channels=32, sample_size=sample_size, patch_size=patch_size,
+        num_attention_heads=heads, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=6,
+        cross_attention_dim=16 * heads, caption_channels=32, sample_size=sample_size, patch_size=patch_size,
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32, 32)[:vae_levels],
