@@ -17,14 +17,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from benchmarks.fidelity import compare
+from runtime.control import controlnet_records, is_image_input_graph, prepare_control
 from runtime.errors import FdError
-from runtime.pipeline import MAX_STEPS, STAGES, FasterDiffusionPipeline, check_guidance_scale, check_seed
+from runtime.images import load_image
+from runtime.img2img import DEFAULT_STRENGTH, prepare_init, steps_run
+from runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, check_guidance_scale, check_seed
 from runtime.policy import FasterDiffusionPolicy
 from runtime.schedulers import diffusers_scheduler
 from runtime.sizes import check_size
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
 BASELINE, FD, DIFFUSERS = "baseline", "fasterdiffusion", "diffusers"
+DENOISER_STAGES = ("denoiser_encoder", "controlnet", "denoiser_decoder")  # the work the FLOP floor counts
 
 
 @dataclass
@@ -40,6 +44,18 @@ class Settings:
     compare_diffusers: bool = False
     height: int | None = None  # None: the size the engine folder was built for
     width: int | None = None
+    # The folder's image inputs, as fd-run takes them: one control image (path or PIL image) per ControlNet,
+    # their scales (None: 1.0; one for all or one each), and image to image's start image and strength.
+    control_images: tuple = ()
+    controlnet_scales: tuple | None = None
+    init_image: object = None
+    strength: float | None = None
+
+    def steps_that_run(self) -> int:
+        """Image to image runs the last int(steps x strength) steps; key steps index those."""
+        if self.init_image is None:
+            return self.steps
+        return steps_run(self.steps, DEFAULT_STRENGTH if self.strength is None else self.strength)
 
 
 @dataclass
@@ -75,6 +91,26 @@ def check_settings(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDif
     if policy.max_window > pipe.manifest["limits"]["max_window"]:
         raise FdError(f"max window {policy.max_window} is larger than the engine folder's "
                       f"{pipe.manifest['limits']['max_window']}")
+    check_image_inputs(pipe.manifest, s, pipe.engine_dir, policy)
+
+
+def check_image_inputs(manifest: dict, s: Settings, engine_dir, policy=None) -> None:
+    """The pipeline's own checks of --control-image/--controlnet-scale and --init-image/--strength against the
+    folder (a ControlNet folder needs its control images, other folders refuse them), so fd-bench refuses them
+    in fd-run's words before any engine loads or runs."""
+    height = manifest["height"] if s.height is None else s.height
+    width = manifest["width"] if s.width is None else s.width
+    prepare_control(manifest, list(s.control_images) or None, _list_or_none(s.controlnet_scales), height, width)
+    init = prepare_init(manifest, s.init_image, s.strength, s.steps, height, width, engine_dir)
+    if init is not None and policy is not None:
+        init.check_policy(policy)
+    if init is not None and s.compare_diffusers:
+        raise FdError("--compare diffusers does not take --init-image: diffusers' image-to-image pipelines draw "
+                      "their own noise, so their images could not be compared with fd's; drop one of them")
+
+
+def _list_or_none(values):
+    return None if values is None else list(values)
 
 
 def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiffusionPolicy,
@@ -88,14 +124,20 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
     prompts = [s.prompt] * s.batch_size
     latents = np.random.default_rng(s.seed).standard_normal(
         (s.batch_size, *pipe.latent_shape_at(s.height, s.width)), dtype=np.float32)
-    arms = {BASELINE: fd_arm(pipe, s, FasterDiffusionPolicy.baseline(s.steps), prompts, latents),
+    # each image read once, not in every timed run
+    s = dataclasses.replace(s, control_images=tuple(load_image(i, "--control-image") for i in s.control_images),
+                            init_image=None if s.init_image is None else load_image(s.init_image, "--init-image"))
+    arms = {BASELINE: fd_arm(pipe, s, FasterDiffusionPolicy.baseline(s.steps_that_run()), prompts, latents),
             FD: fd_arm(pipe, s, policy, prompts, latents)}
     measured = {name: [] for name in [*arms, *([DIFFUSERS] if s.compare_diffusers else [])]}
     last: dict[str, Sample] = {}
+    first_run: dict[str, float] = {}  # each arm's first generation, warm-up or not: what a cold start costs
     interrupted, rss_after_load, bar = False, None, None
     try:
         if s.compare_diffusers:
+            started = time.perf_counter()
             arms[DIFFUSERS] = diffusers_arm(pipe.manifest, s, prompts, latents, pipe.runner.capabilities.on_gpu)
+            arms[DIFFUSERS].info["load_seconds"] = time.perf_counter() - started
         rss_after_load = _proc_status("VmRSS")  # every model loaded, nothing run yet
         phases = ["warmup"] * s.warmup + ["measure"] * s.runs
         bar = progress(len(phases) * len(arms)) if progress else None
@@ -104,6 +146,7 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
                 if bar is not None:
                     bar.set_postfix_str(f"{phase} {name}")
                 last[name] = arm()
+                first_run.setdefault(name, last[name].total)
                 if phase == "measure":
                     measured[name].append(last[name])
                 if bar is not None:
@@ -116,6 +159,7 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
     result = summarize(pipe.manifest, s, policy, measured, last, interrupted, rss_after_load)
     for name, arm in arms.items():
         result["arms"][name].update(getattr(arm, "info", {}))
+        result["arms"][name]["first_run_seconds"] = first_run.get(name)
     if pipe.runner.capabilities.peak_memory:
         result["memory"]["device_peak"] = "per run"
     return result
@@ -125,9 +169,13 @@ def fd_arm(pipe, s: Settings, policy, prompts, latents):
     def run() -> Sample:
         reset = _reset_peaks(pipe.runner)
         result = pipe(prompts, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
-                      latents=latents, policy=policy, height=s.height, width=s.width)
+                      latents=latents, seed=s.seed, policy=policy, height=s.height, width=s.width,
+                      control_images=list(s.control_images) or None,
+                      controlnet_scales=_list_or_none(s.controlnet_scales), init_image=s.init_image,
+                      strength=s.strength)
         device = pipe.runner.peak_memory_bytes if pipe.runner.capabilities.peak_memory else None
-        stages = {k: result.timings[k] for k in STAGES}
+        # every stage the pipeline timed (the ControlNets and the VAE encoder too, when the run has them)
+        stages = {k: v for k, v in result.timings.items() if k != "total"}
         stages["other"] = max(result.timings["total"] - sum(stages.values()), 0.0)  # untimed glue
         images = np.stack([np.asarray(image) for image in result.images])
         return Sample(result.timings["total"], stages, dict(result.calls), host_peak_bytes(reset),
@@ -136,7 +184,9 @@ def fd_arm(pipe, s: Settings, policy, prompts, latents):
 
 
 def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
-    """diffusers' own pipeline of the folder's family on the weights the engine folder was built from."""
+    """diffusers' own pipeline of the folder's family on the weights the engine folder was built from; with the
+    folder's ControlNets, the family's ControlNet pipeline (StableDiffusionControlNetPipeline, the SDXL one)
+    given the same control images and scales."""
     try:
         import diffusers
         import torch
@@ -163,11 +213,25 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.float16 if device == "cuda" and manifest["precision"] == "fp16" else torch.float32
     pipe = FAMILIES[comps.family].diffusers_pipeline(comps, scheduler)
+    controlnets = diffusers_controlnets(manifest, comps)
+    if controlnets:
+        pipe = with_controlnets(pipe, controlnets)
     if (device, dtype) != ("cpu", torch.float32):  # the components load as fp32 on the CPU already
         pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     unet_calls = []
     pipe.unet.register_forward_pre_hook(lambda *_: unet_calls.append(1))
+    graphs = [record["graph"] for record in controlnet_records(manifest)]
+    controlnet_calls = {graph: [] for graph in graphs}  # named as fd's graphs, so the call rows line up
+    for graph, model in zip(graphs, controlnets):
+        model.register_forward_pre_hook(lambda *_, calls=controlnet_calls[graph]: calls.append(1))
+    control = {}
+    if controlnets:  # one image and scale for one ControlNet, lists for several (MultiControlNet)
+        scales = list(s.controlnet_scales or [1.0])
+        scales = scales * len(controlnets) if len(scales) == 1 else scales
+        control = {"image": list(s.control_images), "controlnet_conditioning_scale": scales}
+        if len(controlnets) == 1:
+            control = {k: v[0] for k, v in control.items()}
     start_latents = torch.from_numpy(latents).to(device, dtype)
 
     def run() -> Sample:
@@ -175,6 +239,7 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         final, before = {}, len(unet_calls)
+        control_before = {graph: len(calls) for graph, calls in controlnet_calls.items()}
 
         def keep_latents(_pipe, _i, _t, kwargs):
             final["latents"] = kwargs["latents"]
@@ -185,17 +250,50 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
             # (force_zeros_for_empty_prompt); SDXL's size conditioning defaults to the image size, as fd's.
             out = pipe(prompts, negative_prompt=None, height=s.height, width=s.width, num_inference_steps=s.steps,
                        guidance_scale=s.guidance_scale, latents=start_latents, output_type="np",
-                       callback_on_step_end=keep_latents)
+                       callback_on_step_end=keep_latents, **control)
         if device == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - started
         images = (np.asarray(out.images, dtype=np.float32) * 255).round().astype(np.uint8)
-        return Sample(total, None, {"unet": len(unet_calls) - before}, host_peak_bytes(reset),
+        calls = {"unet": len(unet_calls) - before,
+                 **{graph: len(c) - control_before[graph] for graph, c in controlnet_calls.items()}}
+        return Sample(total, None, calls, host_peak_bytes(reset),
                       torch.cuda.max_memory_allocated() if device == "cuda" else None, images,
                       final["latents"].float().cpu().numpy() if "latents" in final else None)
     run.info = {"pipeline": type(pipe).__name__, "device": device, "dtype": str(dtype).removeprefix("torch."),
                 "scheduler": type(scheduler).__name__}
     return run
+
+
+def diffusers_controlnets(manifest: dict, comps) -> list:
+    """The folder's ControlNets as diffusers ControlNetModels, made or loaded as fd-build did, in build order;
+    weights that are not the ones the folder was built from are one line."""
+    from builder.controlnet import load_controlnet
+    models = []
+    for record in controlnet_records(manifest):
+        source = record["source"]
+        name = source.get("path") if source.get("kind") == "local" else source.get("model")
+        if not name or (source.get("kind") == "local" and not os.path.isdir(name)):
+            raise FdError(f"--compare diffusers cannot find the ControlNet {record['graph']} was built from "
+                          f"({source.get('model')}, path {source.get('path')}): put it back there, or drop --compare")
+        loaded = load_controlnet(name, comps.unet)
+        if source.get("weights_sha256") and loaded.source["weights_sha256"] != source["weights_sha256"]:
+            raise FdError(f"the ControlNet weights at {name} are not the ones this engine folder was built from: "
+                          "rebuild the folder from them, or drop --compare")
+        models.append(loaded.model)
+    return models
+
+
+def with_controlnets(pipe, controlnets: list):
+    """The family's pipeline turned into its ControlNet pipeline on the same components and scheduler
+    (diffusers' AutoPipelineForText2Image.from_pipe picks StableDiffusion[XL]ControlNetPipeline)."""
+    import inspect
+    from diffusers import AutoPipelineForText2Image
+    extra = {}
+    if "add_watermarker" in inspect.signature(type(pipe).__init__).parameters:
+        extra["add_watermarker"] = False  # as the family's own pipeline: from_pipe does not carry it over
+    return AutoPipelineForText2Image.from_pipe(
+        pipe, controlnet=controlnets[0] if len(controlnets) == 1 else controlnets, **extra)
 
 
 # --- memory ---------------------------------------------------------------------------------------------
@@ -237,18 +335,51 @@ def _max(values):
     return max((v for v in values if v is not None), default=None)
 
 
+def encoder_side(flops: dict) -> list[str]:
+    """The graphs that run only at key steps with FasterDiffusion: the denoiser encoder and every ControlNet."""
+    return ["denoiser_encoder", *(name for name in flops if is_controlnet_graph(name))]
+
+
+def is_controlnet_graph(name: str) -> bool:
+    return is_image_input_graph(name) and name != "vae_encoder"
+
+
 def flop_floor(flops: dict, steps: int, key_steps: int) -> float:
-    """The UNet speedup skipping the encoder allows at best: steps·(E+D) / (K·E + steps·D)."""
-    e, d = flops["denoiser_encoder"], flops["denoiser_decoder"]
+    """The denoiser speedup skipping the encoder side allows at best: steps·(E+C+D) / (K·(E+C) + steps·D), with
+    C the ControlNets' FLOPs (0 without), which run where the encoder runs."""
+    e, d = sum(flops[name] for name in encoder_side(flops)), flops["denoiser_decoder"]
     return steps * (e + d) / (key_steps * e + steps * d)
 
 
 def flop_floor_of_rows(flops: dict, baseline_rows: dict, fd_rows: dict) -> float:
-    """The same floor from the rows each arm's UNet halves really computed: it also counts rows a guidance
-    interval skips and extra model evaluations (PLMS), which the key-step count alone does not see."""
+    """The same floor from the rows each arm's graphs really computed (the denoiser halves and the ControlNets
+    whose FLOPs the manifest holds): it also counts rows a guidance interval skips and extra model
+    evaluations (PLMS), which the key-step count alone does not see."""
     def work(rows):
-        return rows["denoiser_encoder"] * flops["denoiser_encoder"] + rows["denoiser_decoder"] * flops["denoiser_decoder"]
+        return sum(rows.get(name, 0) * flops[name] for name in [*encoder_side(flops), "denoiser_decoder"])
     return work(baseline_rows) / work(fd_rows)
+
+
+def floor_record(manifest: dict, s: Settings, policy, last: dict) -> dict | None:
+    """The FLOP floor and what it counted, or None when the folder has no FLOP counts."""
+    flops = manifest.get("flops_per_sample")
+    if not flops:
+        return None
+    graphs = [record["graph"] for record in controlnet_records(manifest)]
+    flops = {name: value for name, value in flops.items()
+             if name in ("denoiser_encoder", "denoiser_decoder") or name in graphs}
+    k = len(policy.key_steps)
+    rows = {name: last[name].rows for name in (BASELINE, FD) if name in last and last[name].rows}
+    floor = {"denoiser_encoder_flops": flops["denoiser_encoder"], "denoiser_decoder_flops": flops["denoiser_decoder"],
+             "controlnet_flops": {graph: flops.get(graph) for graph in graphs} or None,
+             "steps": s.steps_that_run(), "key_steps": k, "counted": "rows" if len(rows) == 2 else "key steps",
+             "unet_speedup": flop_floor_of_rows(flops, rows[BASELINE], rows[FD]) if len(rows) == 2
+             else flop_floor(flops, s.steps_that_run(), k)}
+    missing = [graph for graph in graphs if graph not in flops]
+    if missing:
+        floor["note"] = (f"no FLOP count for {', '.join(missing)} in the manifest (built before fd-build counted "
+                         "ControlNets): the floor leaves them out; rebuild the folder to count them")
+    return floor
 
 
 def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interrupted: bool, rss_after_load) -> dict:
@@ -271,8 +402,8 @@ def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interru
     arms[FD]["policy"] = policy.describe()
 
     def pairwise(slow: str, fast: str, unet_only=False):
-        def seconds(x):
-            return x.stages["denoiser_encoder"] + x.stages["denoiser_decoder"] if unet_only else x.total
+        def seconds(x):  # "UNet only": the denoiser's halves and the ControlNets, the work the floor counts
+            return sum(x.stages.get(stage, 0.0) for stage in DENOISER_STAGES) if unet_only else x.total
         pairs = list(zip(measured.get(slow, []), measured.get(fast, [])))
         return spread([seconds(a) / seconds(b) for a, b in pairs])
 
@@ -282,15 +413,8 @@ def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interru
         speedup["fd_over_diffusers"] = pairwise(DIFFUSERS, FD)
         speedup["baseline_over_diffusers"] = pairwise(DIFFUSERS, BASELINE)
 
-    floor = None
-    if manifest.get("flops_per_sample"):
-        k = len(policy.key_steps)
-        flops = manifest["flops_per_sample"]
-        rows = {name: last[name].rows for name in (BASELINE, FD) if name in last and last[name].rows}
-        floor = {"denoiser_encoder_flops": flops["denoiser_encoder"], "denoiser_decoder_flops": flops["denoiser_decoder"],
-                 "steps": s.steps, "key_steps": k, "counted": "rows" if len(rows) == 2 else "key steps",
-                 "unet_speedup": flop_floor_of_rows(flops, rows[BASELINE], rows[FD]) if len(rows) == 2
-                 else flop_floor(flops, s.steps, k)}
+    floor = floor_record(manifest, s, policy, last)
+    if floor:
         for key, measured_key in (("fraction_of_floor", "fd_over_baseline"),
                                   ("fraction_of_floor_unet", "fd_over_baseline_unet")):
             got = speedup[measured_key]

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -22,6 +24,7 @@ EXAMPLES = """examples:
   fd-bench --engine-dir engines/tiny-fp32-onnxruntime --steps 20 --runs 3
   fd-bench --engine-dir engines/sd15-fp16-tensorrt --compare diffusers --json bench.json --plot stages.png
   fd-bench --engine-dir engines/sd15-fp16-tensorrt --steps 20 --scheduler dpmpp-2m --uniform 4
+  fd-bench --engine-dir engines/sd15-control --control-image edges.png --controlnet-scale 0.8 --compare diffusers
 """
 
 
@@ -43,10 +46,20 @@ def parse_args(argv) -> argparse.Namespace:
     keys.add_argument("--uniform", type=int, metavar="K", help="FD arm: a key step every K steps")
     p.add_argument("--guidance-interval", metavar="LOW,HIGH", help="FD arm: classifier-free guidance only for sigma "
                    "in (LOW, HIGH], conditional rows alone elsewhere; 'paper' = 0.28,5.42 (default: every step)")
+    images = p.add_argument_group("image inputs (every arm, as fd-run takes them)")
+    images.add_argument("--control-image", action="append", metavar="PATH",
+                        help="conditioning image of the folder's ControlNet (repeat: one per ControlNet, in build "
+                             "order); the baseline runs the ControlNets at every step, FD at key steps only")
+    images.add_argument("--controlnet-scale", action="append", type=float, metavar="S",
+                        help="ControlNet conditioning scale (default 1.0): one for all ControlNets, or one each")
+    images.add_argument("--init-image", metavar="PATH", help="image to image (a folder built with --img2img)")
+    images.add_argument("--strength", type=float, metavar="S",
+                        help="image to image: the share of the schedule that runs, 0 < S <= 1 (default 0.8)")
     p.add_argument("--runs", type=int, default=5, help="measured runs per arm (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured runs per arm first (default 2)")
     p.add_argument("--compare", choices=["diffusers"], help="add diffusers' own pipeline of the folder's family "
-                   "(StableDiffusionPipeline, StableDiffusionXLPipeline) as a third arm")
+                   "(StableDiffusionPipeline, StableDiffusionXLPipeline; their ControlNet pipelines with "
+                   "--control-image) as a third arm")
     p.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table block (for benchmarks/RESULTS.md)")
     p.add_argument("--plot", metavar="FILE.png", help="draw per-stage stacked bars per arm (needs matplotlib)")
@@ -58,8 +71,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
+        from benchmarks.bench import check_image_inputs
+        from runtime.cli import image_input_options
+        from runtime.manifest import load_manifest
         from runtime.pipeline import FasterDiffusionPipeline
-        from runtime.policy import policy_from_options
+        from runtime.policy import parse_guidance_interval, policy_from_options
         check_engine_dir(args.engine_dir)
         if args.plot:  # fail now, not after the runs
             report.require_matplotlib()
@@ -68,21 +84,36 @@ def main(argv=None) -> int:
         for option, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
             if path is not None:  # before the engines load and minutes of runs
                 check_writable(path, option)
-        pipe = FasterDiffusionPipeline(args.engine_dir)
-        policy = policy_from_options(args.steps, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
-                                     uniform=args.uniform, guidance_interval=args.guidance_interval)
-        height, width = pipe.image_size(args.height, args.width)  # resolved here: the JSON records the size used
+        if args.guidance_interval is not None:
+            parse_guidance_interval(args.guidance_interval)
+        # The image inputs against the folder, in fd-run's words, before the engines load: a ControlNet folder
+        # without --control-image (or --control-image on another folder) is one line, not minutes later.
+        image_inputs, steps_run = image_input_options(args)  # reads each image once; image to image runs fewer steps
         settings = Settings(prompt=args.prompt, steps=args.steps, scheduler=args.scheduler,
                             batch_size=args.batch_size, guidance_scale=args.guidance_scale, runs=args.runs,
                             warmup=args.warmup, seed=args.seed, compare_diffusers=args.compare == "diffusers",
-                            height=height, width=width)
+                            height=args.height, width=args.width,
+                            control_images=tuple(image_inputs["control_images"] or ()),
+                            controlnet_scales=None if args.controlnet_scale is None else tuple(args.controlnet_scale),
+                            init_image=image_inputs["init_image"], strength=args.strength)
+        check_image_inputs(load_manifest(args.engine_dir), settings, args.engine_dir)
+        started = time.perf_counter()
+        pipe = FasterDiffusionPipeline(args.engine_dir)
+        load_seconds = time.perf_counter() - started  # the folder's cold start: manifest, every graph, tokenizers
+        policy = policy_from_options(steps_run, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
+                                     uniform=args.uniform, guidance_interval=args.guidance_interval)
+        height, width = pipe.image_size(args.height, args.width)  # resolved here: the JSON records the size used
+        settings = dataclasses.replace(settings, height=height, width=width)
         measured = run_benchmark(pipe, settings, policy,
                                  progress=lambda total: tqdm(total=total, unit="run", desc="fd-bench", leave=False))
         result = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "command": shlex.join(["fd-bench", *argv]), "complete": measured.pop("complete"),
                   "machine": report.machine_info(), "versions": report.library_versions(),
                   "fd_revision": report.source_revision(),
-                  "engine": engine_info(pipe), "settings": settings_info(settings, policy), **measured}
+                  "engine": engine_info(pipe), "settings": settings_info(settings, policy, argv_images(args)),
+                  "load": {"engine_seconds": load_seconds,
+                           "what": "FasterDiffusionPipeline(engine_dir): manifest, runner with every graph, tokenizers"},
+                  **measured}
         pipe.close()
         print(report.format_table(result), end="")
         for path, write in ((args.json, report.write_json), (args.markdown, write_markdown),
@@ -107,15 +138,23 @@ def engine_info(pipe) -> dict:
             "model": m["source"].get("model"), "model_kind": m["source"].get("kind"),
             "height": m["height"], "width": m["width"], "dynamic_shape": m.get("dynamic_shape"),
             "max_batch_size": m["limits"]["max_batch_size"], "max_window": m["limits"]["max_window"],
-            "flops_per_sample": m.get("flops_per_sample"), "built": m.get("created")}
+            "flops_per_sample": m.get("flops_per_sample"), "built": m.get("created"),
+            "controlnets": [{"graph": r["graph"], "model": r["source"].get("model")} for r in m.get("controlnets") or []],
+            "img2img": "vae_encoder" in m["components"]}
 
 
-def settings_info(s: Settings, policy) -> dict:
+def argv_images(args) -> dict:
+    """The image inputs as given on the command line (paths), for the record."""
+    return {"control_images": args.control_image, "controlnet_scales": args.controlnet_scale,
+            "init_image": args.init_image, "strength": args.strength}
+
+
+def settings_info(s: Settings, policy, images: dict | None = None) -> dict:
     order = ["baseline", "fasterdiffusion", *(["diffusers"] if s.compare_diffusers else [])]
     return {"prompt": s.prompt, "batch_size": s.batch_size, "height": s.height, "width": s.width,
-            "steps": s.steps, "scheduler": s.scheduler,
+            "steps": s.steps, "steps_run": s.steps_that_run(), "scheduler": s.scheduler,
             "guidance_scale": s.guidance_scale, "seed": s.seed, "runs": s.runs, "warmup": s.warmup,
-            "order": f"alternating {' / '.join(order)}, warm-up runs first", **policy.describe()}
+            "order": f"alternating {' / '.join(order)}, warm-up runs first", **(images or {}), **policy.describe()}
 
 
 if __name__ == "__main__":

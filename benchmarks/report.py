@@ -20,8 +20,10 @@ from runtime.atomic import write_atomic
 from runtime.errors import FdError
 
 ARM_LABELS = {"baseline": "baseline", "fasterdiffusion": "FasterDiffusion", "diffusers": "diffusers"}
-STAGE_LABELS = {"text_encoder": "text encoder", "denoiser_encoder": "UNet encoder", "denoiser_decoder": "UNet decoder",
-                "scheduler": "scheduler", "other": "other (glue)", "vae_decoder": "VAE decoder"}
+STAGE_LABELS = {"text_encoder": "text encoder", "vae_encoder": "VAE encoder", "denoiser_encoder": "UNet encoder",
+                "controlnet": "ControlNet", "denoiser_decoder": "UNet decoder", "scheduler": "scheduler",
+                "other": "other (glue)", "vae_decoder": "VAE decoder"}
+OPTIONAL_STAGES = ("vae_encoder", "controlnet")  # shown only when a run had them (image inputs)
 PACKAGES = ("fd", "numpy", "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers", "tensorrt",
             "polygraphy", "cuda-python", "tokenizers")
 
@@ -90,9 +92,20 @@ def headline(r: dict) -> str:
             f"FD key steps {st['key_steps']}")
 
 
+def stages_shown(r: dict) -> list[str]:
+    """The stages of the table, Markdown and plot: every usual one, and the ControlNet and VAE encoder stages
+    when some arm timed them."""
+    timed = {name for arm in r["arms"].values() for name in (arm["stage_seconds_median"] or {})}
+    return [name for name in STAGE_LABELS if name not in OPTIONAL_STAGES or name in timed]
+
+
+def controlnet_graphs(r: dict) -> list[str]:
+    return [c["graph"] for c in r["engine"].get("controlnets") or []]
+
+
 def _rows(r: dict) -> list[tuple[str, list[str]]]:
     arms = r["arms"]
-    stages = list(STAGE_LABELS)
+    stages = stages_shown(r)
 
     def per_arm(get):
         return [get(arm) for arm in arms.values()]
@@ -103,8 +116,10 @@ def _rows(r: dict) -> list[tuple[str, list[str]]]:
     rows = [(label, per_arm(lambda a, k=k: _s((a["seconds_per_image"] or {}).get(k)))) for label, k in spi]
     rows += [(f"{STAGE_LABELS[n]} (s, median)", per_arm(stage(n))) for n in stages]
     rows.append(("total (s, median)", per_arm(stage("total"))))
-    counted = ["denoiser_encoder", "denoiser_decoder", *(["unet"] if "diffusers" in arms else [])]
-    labels = {"denoiser_encoder": "UNet encoder", "denoiser_decoder": "UNet decoder", "unet": "full UNet"}
+    controlnets = controlnet_graphs(r)
+    counted = ["denoiser_encoder", "denoiser_decoder", *controlnets, *(["unet"] if "diffusers" in arms else [])]
+    labels = {"denoiser_encoder": "UNet encoder", "denoiser_decoder": "UNet decoder", "unet": "full UNet",
+              **{graph: graph.replace("controlnet", "ControlNet").replace("_", " ") for graph in controlnets}}
     rows += [(f"{labels[c]} calls", per_arm(lambda a, c=c: str((a["calls"] or {}).get(c, "-")))) for c in counted]
     rows.append(("peak RSS (MiB)", per_arm(lambda a: _mib(a["peak_rss_bytes"]))))
     rows.append(("device peak (MiB)", per_arm(lambda a: _mib(a["device_peak_bytes"]))))
@@ -113,19 +128,31 @@ def _rows(r: dict) -> list[tuple[str, list[str]]]:
 
 def summary_lines(r: dict) -> list[str]:
     sp, floor, lines = r["speedup"], r["flop_floor"], []
+    denoiser = "UNet + ControlNet" if controlnet_graphs(r) else "UNet"
     lines.append(f"speedup FD over baseline, pair by pair: {_x(sp['fd_over_baseline'])} end to end, "
-                 f"{_x(sp['fd_over_baseline_unet'])} UNet only")
+                 f"{_x(sp['fd_over_baseline_unet'])} {denoiser} only")
     if "fd_over_diffusers" in sp:
         lines.append(f"speedup over diffusers: FD {_x(sp['fd_over_diffusers'])}, "
                      f"baseline {_x(sp['baseline_over_diffusers'])}")
     if floor:
         frac = [f"{floor[k]:.0%}" if floor[k] is not None else "-"
                 for k in ("fraction_of_floor", "fraction_of_floor_unet")]
-        lines.append(f"FLOP floor (UNet, {floor['key_steps']} key steps of {floor['steps']}): "
-                     f"{floor['unet_speedup']:.2f}x; measured = {frac[0]} of it end to end, {frac[1]} UNet only")
+        counted = "UNet + ControlNet" if any((floor.get("controlnet_flops") or {}).values()) else "UNet"
+        lines.append(f"FLOP floor ({counted}, {floor['key_steps']} key steps of {floor['steps']}): "
+                     f"{floor['unet_speedup']:.2f}x; measured = {frac[0]} of it end to end, {frac[1]} {denoiser} only")
+        if floor.get("note"):
+            lines.append(f"FLOP floor note: {floor['note']}")
     for name, f in r["fidelity"].items():
         lines.append(f"fidelity {name.replace('_', ' ')}: PSNR {f['psnr_db']:.2f} dB, SSIM {f['ssim']:.4f} "
                      f"({f['ssim_on']}), max |latent diff| {_s(f['max_abs_latent_diff'], 4)}")
+    load = r.get("load")
+    if load:
+        first = ", ".join(f"{ARM_LABELS[n]} {_s(a.get('first_run_seconds'))} s" for n, a in r["arms"].items()
+                          if a.get("first_run_seconds") is not None)
+        diffusers = r["arms"].get("diffusers", {}).get("load_seconds")
+        lines.append(f"load: engine folder {_s(load['engine_seconds'])} s (FasterDiffusionPipeline)"
+                     + (f", diffusers {_s(diffusers)} s" if diffusers is not None else "")
+                     + (f"; first generation: {first}" if first else ""))
     if not r["complete"]:
         lines.append("INTERRUPTED: figures cover the runs finished before Ctrl-C")
     return lines
@@ -141,8 +168,10 @@ def format_table(r: dict) -> str:
 
 def format_markdown(r: dict) -> str:
     m = r["machine"]
-    head = ["arm", "s/image median (min-max)", *[STAGE_LABELS[n] for n in STAGE_LABELS],
-            "enc/dec calls", "peak RSS MiB", "device peak MiB", "speedup vs baseline"]
+    stages, controlnets = stages_shown(r), controlnet_graphs(r)
+    head = ["arm", "s/image median (min-max)", *[STAGE_LABELS[n] for n in stages],
+            "enc/dec calls", *(["ControlNet calls"] if controlnets else []), "peak RSS MiB", "device peak MiB",
+            "speedup vs baseline"]
     out = [f"#### {headline(r)}", "", f"Machine: {m['cpu']}, {m['usable_cores']} cores"
            + (f", {m['gpus'][0]['name']}" if m["gpus"] else "") + f"; `{r['command']}`", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -150,11 +179,12 @@ def format_markdown(r: dict) -> str:
     if "baseline_over_diffusers" in r["speedup"] and r["speedup"]["baseline_over_diffusers"]:
         vs_baseline["diffusers"] = f"{1 / r['speedup']['baseline_over_diffusers']['median']:.2f}x"
     for name, a in r["arms"].items():
-        spi, stages, calls = a["seconds_per_image"] or {}, a["stage_seconds_median"] or {}, a["calls"] or {}
+        spi, medians, calls = a["seconds_per_image"] or {}, a["stage_seconds_median"] or {}, a["calls"] or {}
         unet = calls.get("unet", "-")  # diffusers runs the whole UNet: as many encoder as decoder passes
         cells = [ARM_LABELS[name], f"{_s(spi.get('median'))} ({_s(spi.get('min'))}-{_s(spi.get('max'))})",
-                 *[_s(stages.get(n)) for n in STAGE_LABELS],
+                 *[_s(medians.get(n)) for n in stages],
                  f"{calls.get('denoiser_encoder', unet)}/{calls.get('denoiser_decoder', unet)}",
+                 *(["/".join(str(calls.get(g, "-")) for g in controlnets)] if controlnets else []),
                  _mib(a["peak_rss_bytes"]), _mib(a["device_peak_bytes"]), vs_baseline.get(name, "-")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join([*out, "", *(f"- {line}" for line in summary_lines(r))]) + "\n"
@@ -200,7 +230,7 @@ def write_plot(path: str, r: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = [n for n, a in r["arms"].items() if a["stage_seconds_median"]]
     bottom = [0.0] * len(names)
-    for stage, label in [*STAGE_LABELS.items(), ("total", "total, not split (diffusers)")]:
+    for stage, label in [*((n, STAGE_LABELS[n]) for n in stages_shown(r)), ("total", "total, not split (diffusers)")]:
         heights = []
         for n in names:
             stages = r["arms"][n]["stage_seconds_median"]

@@ -25,7 +25,9 @@ from builder.split import added_condition_names
 from runtime.control import CONTROLLED  # prefix of the graph's outputs: the cache with the residuals added
 from runtime.errors import FdError
 
-GENERATED = "tiny-controlnet"
+GENERATED = "tiny-controlnet"  # made from the --model's own UNet
+SD15_RANDOM = "sd15-random-controlnet"  # made from sd15-random's UNet, whatever the --model: fits any SD1.5 UNet
+GENERATED_NAMES = (GENERATED, SD15_RANDOM)
 # Config keys that fix a ControlNet's residual shapes and what it reads: they must equal the UNet's.
 MATCHING_KEYS = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "cross_attention_dim",
                  "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
@@ -48,7 +50,7 @@ def check_controlnet_options(controlnets: list[str]) -> None:
     """Checks that need no model (run before the base model loads): local folders exist and hold a ControlNet."""
     from builder.models import looks_like_path
     for name in controlnets:
-        if name == GENERATED or not (Path(name).expanduser().exists() or looks_like_path(name)):
+        if name in GENERATED_NAMES or not (Path(name).expanduser().exists() or looks_like_path(name)):
             continue
         folder = Path(name).expanduser()
         if not folder.is_dir():
@@ -60,10 +62,11 @@ def check_controlnet_options(controlnets: list[str]) -> None:
 
 
 def load_controlnet(name: str, unet) -> LoadedControlNet:
-    """`name` (tiny-controlnet, a local folder or a hub id in the local cache) as a ControlNet for `unet`."""
+    """`name` (tiny-controlnet, sd15-random-controlnet, a local folder or a hub id in the local cache) as a
+    ControlNet for `unet`."""
     from builder.models import _hub_snapshot, looks_like_path
-    if name == GENERATED:
-        model = make_tiny_controlnet(unet)
+    if name in GENERATED_NAMES:
+        model = make_tiny_controlnet(unet if name == GENERATED else sd15_random_unet(unet))
         source = {"model": name, "kind": "generated", "seed": TINY_CONTROLNET_SEED,
                   "note": "random weights made from the UNet's config; it steers noise, not images"}
     elif Path(name).expanduser().exists() or looks_like_path(name):
@@ -80,6 +83,22 @@ def load_controlnet(name: str, unet) -> LoadedControlNet:
     check_fits(model, unet, name)
     source["weights_sha256"] = weights_sha256(model)
     return LoadedControlNet(model.eval(), source)
+
+
+def sd15_random_unet(unet):
+    """sd15-random's UNet (SD1.5's config, seeded random weights), which sd15-random-controlnet is made from.
+    It is regenerated (some seconds, 3.4 GB for the while) so the ControlNet's weights are the same whatever
+    SD1.5-shaped model it is built with; a UNet of another shape is refused first, in one line, from the
+    config alone (made on the meta device, nothing allocated)."""
+    from builder.families.sd import make_sd15_random_components
+    with torch.device("meta"):
+        shape_only = make_sd15_random_components().unet
+    for key in MATCHING_KEYS:
+        mine, theirs = shape_only.config.get(key), unet.config.get(key)
+        if _normal(mine) != _normal(theirs):
+            raise FdError(f"--controlnet {SD15_RANDOM} is SD1.5-shaped and does not fit this model: its {key} is "
+                          f"{mine!r}, the UNet's is {theirs!r}; use {GENERATED}, made from the model's own UNet")
+    return make_sd15_random_components().unet
 
 
 def _from_folder(folder: str, what: str):
