@@ -143,6 +143,19 @@ def test_manifest_records_the_split_and_the_token_cache(folders):
     assert [t["name"] for t in ms["inputs"]][-2:] == ["resolution", "aspect_ratio"]
 
 
+def test_fp16_folder_runs_close_to_fp32(pipes, tmp_path):
+    """fp16 engines (T5 computes in fp32 inside and hands fp16 embeddings over) stay near the fp32 ones."""
+    import json
+    from builder.build import BuildOptions, build
+    out = build(BuildOptions(model="tiny-pixart", precision="fp16", out=str(tmp_path / "fp16")), log=lambda *_: None)
+    specs = json.loads((out / "manifest.json").read_text())["components"]
+    assert specs["text_encoder"]["outputs"][0]["dtype"] == "float16" == specs["denoiser_decoder"]["outputs"][0]["dtype"]
+    latents = initial_latents(pipes["tiny-pixart"], batch=1)
+    half = FasterDiffusionPipeline(out, threads=1)(PROMPTS[:1], steps=10, scheduler="dpmpp-2m", latents=latents)
+    full = pipes["tiny-pixart"](PROMPTS[:1], steps=10, scheduler="dpmpp-2m", latents=latents)
+    assert relative_error(half.latents, full.latents) <= 1e-2
+
+
 # --- against diffusers' PixArtAlphaPipeline ----------------------------------------------------------
 
 def diffusers_generate(comps, scheduler: str, steps: int, latents, negative, height, width, prompts=PROMPTS):
@@ -299,12 +312,12 @@ def test_reference_with_every_step_a_key_step_equals_diffusers(pipes, components
     assert relative_error(ref, want) <= 1e-5
 
 
-@pytest.mark.parametrize("negative", [None, "blurry, low quality"])
-@pytest.mark.parametrize("scheduler,steps", [("ddim", 50), ("dpmpp-2m", 20)])
-@pytest.mark.parametrize("model", ["tiny-pixart", "1024-style"])
+@pytest.mark.parametrize("model,scheduler,steps,negative", [
+    *(("tiny-pixart", scheduler, steps, negative) for scheduler, steps in (("ddim", 50), ("dpmpp-2m", 20))
+      for negative in (None, "blurry, low quality")),
+    ("1024-style", "dpmpp-2m", 20, None),  # the added conditions; the other cases would repeat tiny-pixart's
+])
 def test_fasterdiffusion_equals_the_reference(pipes, components, model, scheduler, steps, negative):
-    if model == "1024-style" and (scheduler, negative) != ("dpmpp-2m", None):
-        pytest.skip("one case covers the added conditions; the others repeat tiny-pixart's")
     pipe, comps = pipes[model], components[model]
     latents = initial_latents(pipe)
     ours = pipe(PROMPTS, negative_prompt=negative, steps=steps, scheduler=scheduler, latents=latents)
@@ -348,6 +361,43 @@ def test_runtime_tokenizer_equals_the_transformers_one(folders, components):
     np.testing.assert_array_equal(ids, want["input_ids"])
     np.testing.assert_array_equal(mask, want["attention_mask"])
     np.testing.assert_array_equal(ours(texts), ids)  # the CLIP families' call gives the same ids
+
+
+def test_a_sentencepiece_tokenizer_folder_loads_and_tokenizes_alike(components, tmp_path):
+    """The hub's PixArt folders keep T5's tokenizer as tokenizer/spiece.model alone: fd loads it (transformers
+    converts it with sentencepiece) and the engine folder's tokenizer.json gives sentencepiece's own ids, the
+    end-of-sequence token appended, and the pipeline's 120-token mask."""
+    import io
+    import json
+    import shutil
+    spm = pytest.importorskip("sentencepiece")
+    from builder.build import save_tokenizers
+    from builder.families import save_pipeline_folder
+    from builder.models import load_components
+    from runtime.tokenizer import PromptTokenizer
+    folder = tmp_path / "model"
+    save_pipeline_folder(components["tiny-pixart"], str(folder))
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").mkdir()
+    model = io.BytesIO()
+    corpus = ["a photo of an astronaut riding a horse on the moon", "a painting of a cat", "a dog on the moon"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, model_type="unigram",
+                                   vocab_size=27, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+                                   minloglevel=2)
+    (folder / "tokenizer" / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 0}))  # T5's own length: 512
+    comps = load_components(str(folder))
+    (record,) = save_tokenizers(comps, tmp_path / "engine")
+    assert record["max_length"] == 120 and record["pad_token_id"] == 0
+    ours = PromptTokenizer(tmp_path / "engine" / record["file"], record["max_length"], record["pad_token_id"])
+    texts = ["a cat on the moon", "a painting of a dog", ""]
+    ids, mask = ours.with_mask(texts)
+    processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer" / "spiece.model"))
+    for row, text in enumerate(texts):
+        want = [*processor.encode(text), 1]
+        assert ids[row, :len(want)].tolist() == want and not ids[row, len(want):].any()
+        assert mask[row].sum() == len(want) and mask[row, :len(want)].all()
 
 
 def test_over_long_prompt_is_refused_in_one_line(pipes):

@@ -17,7 +17,9 @@ knows the latent's height and width from its own input, at any built size.
 """
 from __future__ import annotations
 
+import importlib.util
 import string
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -176,6 +178,11 @@ class PixArtAlphaFamily(TransformerFamily):
     def load_folder(self, folder: str, what: str) -> Components:
         from diffusers import AutoencoderKL, PixArtTransformer2DModel
         from transformers import T5EncoderModel, T5Tokenizer
+        tokenizer = Path(folder) / "tokenizer"
+        if not (tokenizer / "tokenizer.json").is_file() and importlib.util.find_spec("sentencepiece") is None:
+            # the hub's PixArt folders ship T5's spiece.model alone; transformers reads it with sentencepiece
+            raise FdError(f"{what} has its T5 tokenizer as a SentencePiece model ({tokenizer}/spiece.model), which "
+                          "needs the sentencepiece package: pip install sentencepiece")
         parts = load_weights(folder, what, {"tokenizer": T5Tokenizer, "text_encoder": T5EncoderModel,
                                             "transformer": PixArtTransformer2DModel, "vae": AutoencoderKL})
         parts["tokenizer"].model_max_length = MAX_SEQUENCE_LENGTH  # the pipeline's length, not T5's 512
