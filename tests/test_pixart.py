@@ -158,25 +158,27 @@ def test_fp16_folder_runs_close_to_fp32(pipes, tmp_path):
 
 # --- against diffusers' PixArtAlphaPipeline ----------------------------------------------------------
 
-def diffusers_generate(comps, scheduler: str, steps: int, latents, negative, height, width, prompts=PROMPTS):
+def diffusers_generate(comps, scheduler: str, steps: int, latents, negative, height, width, prompts=PROMPTS,
+                       guidance=GUIDANCE):
     """PixArtAlphaPipeline's final latents and uint8 image (no caption cleaning, no resolution binning)."""
     pipe = FAMILIES["pixart"].diffusers_pipeline(comps, diffusers_scheduler(scheduler, comps.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     final = {}
     negative_kwargs = {} if negative is None else {"negative_prompt": negative}
     with torch.no_grad():
-        out = pipe(prompts, guidance_scale=GUIDANCE, num_inference_steps=steps, latents=torch.from_numpy(latents),
+        out = pipe(prompts, guidance_scale=guidance, num_inference_steps=steps, latents=torch.from_numpy(latents),
                    height=height, width=width, output_type="np", clean_caption=False, use_resolution_binning=False,
                    callback=lambda i, t, z: final.update(latents=z), **negative_kwargs)
     return final["latents"].numpy(), (out.images * 255).round().astype(np.int16)
 
 
-def assert_baseline_matches(pipe, comps, prompts, scheduler, steps, negative):
+def assert_baseline_matches(pipe, comps, prompts, scheduler, steps, negative, guidance=None):
     latents = initial_latents(pipe, batch=len(prompts))
     ours = pipe(prompts, negative_prompt=negative, steps=steps, scheduler=scheduler, latents=latents,
-                policy=FasterDiffusionPolicy.baseline(steps))  # guidance: the family's default, 4.5
+                policy=FasterDiffusionPolicy.baseline(steps), guidance_scale=guidance)  # None: the family's, 4.5
     height, width = pipe.image_size(None, None)
-    want_latents, want_pixels = diffusers_generate(comps, scheduler, steps, latents, negative, height, width, prompts)
+    want_latents, want_pixels = diffusers_generate(comps, scheduler, steps, latents, negative, height, width, prompts,
+                                                   GUIDANCE if guidance is None else guidance)
     assert relative_error(ours.latents, want_latents) <= 1e-3
     got_pixels = np.stack([np.asarray(image) for image in ours.images]).astype(np.int16)
     assert got_pixels.shape == want_pixels.shape
@@ -196,6 +198,13 @@ def test_baseline_equals_the_diffusers_pipeline(pipes, components, model, schedu
 def test_empty_prompt_equals_the_diffusers_pipeline(pipes, components):
     """"" is a prompt like any other (T5 gives it one token, the end of sequence), as in the other families."""
     assert_baseline_matches(pipes["tiny-pixart"], components["tiny-pixart"], [""], "dpmpp-2m", 6, None)
+
+
+def test_unguided_baseline_equals_the_diffusers_pipeline(pipes, components):
+    """Guidance 1 or less: one row per prompt, no negative rows, as the pipeline."""
+    ours = assert_baseline_matches(pipes["tiny-pixart"], components["tiny-pixart"], PROMPTS, "ddim", 6, None,
+                                   guidance=1.0)
+    assert ours.rows["text_encoder"] == 2
 
 
 def test_the_mask_matters(pipes):
