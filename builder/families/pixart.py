@@ -106,21 +106,24 @@ class T5EncoderGraph(nn.Module):
 
 class _PixArtHalf(nn.Module):
     """What both halves compute from the conditions: adaLN-single's timestep embedding (per row), the
-    projected caption and the cross-attention mask as the bias PixArtTransformer2DModel adds."""
+    projected caption and the cross-attention mask as the bias PixArtTransformer2DModel adds. Each half holds
+    only the transformer's parts it runs (a torch.export program keeps every parameter its module holds)."""
 
     def __init__(self, transformer, blocks):
         super().__init__()
-        self.transformer, self.blocks = transformer, nn.ModuleList(blocks)
+        self.adaln_single, self.caption_projection = transformer.adaln_single, transformer.caption_projection
+        self.blocks = nn.ModuleList(blocks)
+        self.added_conditions, self.width = transformer.use_additional_conditions, transformer.inner_dim
+        self.patch, self.latent_channels = transformer.config.patch_size, transformer.config.in_channels
 
     def prepare(self, timestep, encoder_hidden_states, encoder_attention_mask, added, dtype):
-        model, rows = self.transformer, timestep.shape[0]
+        rows = timestep.shape[0]
         # the pipeline casts resolution / aspect ratio to the transformer's dtype before their sinusoid
-        kwargs = (dict(zip(ADDED_CONDITIONS, (a.to(dtype) for a in added))) if model.use_additional_conditions
-                  else None)
-        emb, embedded_timestep = model.adaln_single(timestep, kwargs, batch_size=rows, hidden_dtype=dtype)
+        kwargs = dict(zip(ADDED_CONDITIONS, (a.to(dtype) for a in added))) if self.added_conditions else None
+        emb, embedded_timestep = self.adaln_single(timestep, kwargs, batch_size=rows, hidden_dtype=dtype)
         text = encoder_hidden_states
-        if model.caption_projection is not None:
-            text = model.caption_projection(text).reshape(rows, -1, model.inner_dim)
+        if self.caption_projection is not None:
+            text = self.caption_projection(text).reshape(rows, -1, self.width)
         bias = (1 - encoder_attention_mask.to(dtype)) * MASKED_BIAS
         return emb, embedded_timestep, text, bias.unsqueeze(1)
 
@@ -135,13 +138,13 @@ class PixArtEncoder(_PixArtHalf):
 
     def __init__(self, transformer, split: int):
         super().__init__(transformer, transformer.transformer_blocks[:split])
+        self.pos_embed = transformer.pos_embed
 
     def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask, *added):
-        patch = self.transformer.config.patch_size
-        hidden = self.transformer.pos_embed(sample)
+        hidden = self.pos_embed(sample)
         emb, _, text, bias = self.prepare(timestep, encoder_hidden_states, encoder_attention_mask, added, hidden.dtype)
         hidden = self.run_blocks(hidden, emb, text, bias)
-        return (hidden.reshape(hidden.shape[0], sample.shape[-2] // patch, sample.shape[-1] // patch, -1),)
+        return (hidden.reshape(hidden.shape[0], sample.shape[-2] // self.patch, sample.shape[-1] // self.patch, -1),)
 
 
 class PixArtDecoder(_PixArtHalf):
@@ -149,18 +152,19 @@ class PixArtDecoder(_PixArtHalf):
 
     def __init__(self, transformer, split: int):
         super().__init__(transformer, transformer.transformer_blocks[split:])
-        self.latent_channels = transformer.config.in_channels
+        self.scale_shift_table, self.norm_out, self.proj_out = (transformer.scale_shift_table, transformer.norm_out,
+                                                                transformer.proj_out)
+        self.out_channels = transformer.out_channels
 
     def forward(self, timestep, encoder_hidden_states, encoder_attention_mask, *rest):
         *added, tokens = rest
-        model, patch = self.transformer, self.transformer.config.patch_size
         rows, height, width, inner = tokens.shape
         emb, embedded_timestep, text, bias = self.prepare(timestep, encoder_hidden_states, encoder_attention_mask,
                                                           added, tokens.dtype)
         hidden = self.run_blocks(tokens.reshape(rows, height * width, inner), emb, text, bias)
-        shift, scale = (model.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
-        hidden = model.proj_out(model.norm_out(hidden) * (1 + scale) + shift)
-        channels = model.out_channels
+        shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
+        hidden = self.proj_out(self.norm_out(hidden) * (1 + scale) + shift)
+        patch, channels = self.patch, self.out_channels
         hidden = hidden.reshape(rows, height, width, patch, patch, channels)
         out = torch.einsum("nhwpqc->nchpwq", hidden).reshape(rows, channels, height * patch, width * patch)
         return out[:, :self.latent_channels]
