@@ -222,6 +222,19 @@ REFUSED = {
 }
 
 
+@pytest.mark.parametrize("target,allowed", [
+    ("torch.ops.aten.add.Tensor", True), ("torch.ops.aten.__and__.Tensor", True),  # T5's attention mask
+    ("torch.ops.aten.__ior__.Scalar", True), ("torch.ops.aten.__class__.__init__", False),
+    ("torch.ops.aten.__getattribute__.default", False), ("torch.ops.aten.add.__self__", False),
+    ("torch.ops.aten.__and__.__call__", False), ("torch.ops.aten.__and____class__.x", False),
+    ("_operator.mul", True), ("torch.sym_max", True), ("math.trunc", True),  # arithmetic on symbolic sizes
+    ("_operator.attrgetter", False), ("_operator.mul.__call__", False), ("math.__loader__", False),
+])
+def test_operator_targets(target, allowed):
+    from runtime.backends.torch_archive import ATEN_TARGET, SYM_SIZE_TARGETS
+    assert bool(ATEN_TARGET.fullmatch(target) or target in SYM_SIZE_TARGETS) == allowed
+
+
 @pytest.mark.parametrize("case", REFUSED)
 def test_unsafe_graph_is_refused(copy_of, case):
     edit, reason = REFUSED[case]

@@ -6,6 +6,7 @@ that (see check_archive), so every program is checked before torch reads it and 
 from __future__ import annotations
 
 import json
+import math
 import operator
 import re
 from pathlib import Path
@@ -25,7 +26,17 @@ PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": "weight_",
                    "data/constants/model_constants_config.json": "tensor_"}
 # Node targets are resolved by attribute lookup from `torch`, `_operator` or `math` and then called, so a
 # name such as torch.ops.load_library or torch.os.system would run; fd's programs only call aten operators.
-ATEN_TARGET = re.compile(r"torch\.ops\.aten\.(?!__)\w+\.(?!__)\w+")
+# aten's operators, never a dunder attribute (torch resolves a target by getattr, so `__class__` would walk
+# out of the namespace), except the bitwise operators aten itself registers under dunder names (T5's masks).
+ATEN_BITWISE = "__(?:i?and|i?or|i?xor|i?lshift|i?rshift)__"
+ATEN_TARGET = re.compile(rf"torch\.ops\.aten\.(?:(?!__)\w+|{ATEN_BITWISE})\.(?!__)\w+")
+# Arithmetic on symbolic sizes (a batch-dependent reshape): the names torch's serializer writes for its own
+# table of size operators (torch._export.serde.serialize._SYM_OPS), each a pure function of numbers.
+SYM_SIZE_TARGETS = frozenset({
+    *(f"_operator.{name}" for name in ("eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub",
+                                       "floordiv", "mod", "pow", "truediv", "and_", "or_", "lshift", "rshift")),
+    "math.trunc", *(f"torch.sym_{name}" for name in ("not", "int", "float", "ite", "max", "min", "sqrt")),
+})
 # Symbolic sizes are stored as sympy srepr text, which torch parses with sympy.sympify, i.e. eval. Allow only
 # the tokens of such text: numbers, quoted symbol names, these sympy names, and punctuation (no dots, no
 # brackets, no other names), so that the eval can only build sympy expressions.
@@ -90,7 +101,7 @@ def _check_fields(value, key: str | None = None) -> None:
         for item in value:
             _check_fields(item, key)
     elif isinstance(value, str):
-        if key == "target" and not ATEN_TARGET.fullmatch(value):
+        if key == "target" and not (ATEN_TARGET.fullmatch(value) or value in SYM_SIZE_TARGETS):
             raise UnsafeProgram(f"its graph calls {value[:80]!r}, which is not an aten operator")
         if key == "expr_str" and not _plain_sympy(value):
             raise UnsafeProgram(f"its graph has a size expression that is not plain sympy: {value[:80]!r}")
@@ -114,10 +125,13 @@ def check_loaded(program, spec: dict, declared: str | None) -> None:
     """
     import torch
 
+    modules = {"_operator": operator, "math": math, "torch": torch}
+    size_ops = {getattr(modules[name.split(".")[0]], name.split(".")[1]) for name in SYM_SIZE_TARGETS}
     for node in program.graph.nodes:
         target = node.target
         if node.op not in ("placeholder", "call_function", "output") or node.op == "call_function" and not (
-                target is operator.getitem or isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
+                target is operator.getitem or target in size_ops
+                or isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
             raise UnsafeProgram(f"its graph has a {node.op} node {node.name}, which fd's programs never do")
     want = {"inputs": [t["name"] for t in spec["inputs"]], "outputs": [t["name"] for t in spec["outputs"]]}
     try:
