@@ -110,6 +110,10 @@ def build(opts: BuildOptions, log=print) -> Path:
         family = FAMILIES[comps.family]
         family.check_supported(comps)
         family.set_split_block(comps, opts.split_block)
+        if (opts.controlnets or opts.img2img) and comps.unet is None:  # both are proven on UNet pipelines only
+            flag = "--controlnet" if opts.controlnets else "--img2img"
+            raise FdError(f"{flag} is for UNet families (sd, sdxl); the {family.name} family has no diffusers "
+                          f"{flag[2:]} pipeline fd is checked against: drop {flag}")
         log(f"loaded {opts.model} ({family.name} family) in {time.perf_counter() - started:.1f} s")
         geometry = model_geometry(comps, opts)
         limits = Limits(opts.max_batch_size, opts.max_window)
@@ -156,12 +160,14 @@ def save_tokenizers(comps, stage: Path) -> list[dict]:
 
 
 def _backend_builder(backend: str):
-    """The backend's build module, whose finish() completes the folder (None: the ONNX graphs are the engines).
+    """The backend's build module, whose finish() completes the folder.
 
-    tensorrt_build turns the checked ONNX graphs into engines; torch_build's programs replace the ONNX
-    export in build()'s loop, so its finish() only describes them."""
+    onnxruntime_build stores the checked graphs as ONNX Runtime optimizes them (a faster load); tensorrt_build
+    turns them into engines; torch_build's programs replace the ONNX export in build()'s loop, so its
+    finish() only describes them."""
     if backend == "onnxruntime":
-        return None
+        from builder import onnxruntime_build
+        return onnxruntime_build
     if backend == "tensorrt":
         from builder import tensorrt_build
         tensorrt_build.require_tensorrt()

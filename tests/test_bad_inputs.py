@@ -64,6 +64,13 @@ CASES = [
                  "truncated/text_encoder/model.safetensors is damaged or incomplete", id="build-truncated-weights"),
     pytest.param(BUILD, ["--model", "models/mysd", "--out", "{tmp}/engines/x"], "--model models/mysd: no such folder",
                  id="build-relative-path-missing"),
+    # fd-build: options a family does not take
+    pytest.param(BUILD, ["--model", "tiny", "--split-block", "3", "--out", "{tmp}/engines/x"],
+                 "--split-block applies to transformer families", id="build-split-block-unet"),
+    pytest.param(BUILD, ["--model", "tiny-dit", "--controlnet", "tiny-controlnet", "--out", "{tmp}/engines/x"],
+                 "--controlnet is for UNet families (sd, sdxl); the dit family", id="build-controlnet-dit"),
+    pytest.param(BUILD, ["--model", "tiny-pixart", "--img2img", "--out", "{tmp}/engines/x"],
+                 "--img2img is for UNet families (sd, sdxl); the pixart family", id="build-img2img-pixart"),
 ]
 
 
