@@ -317,7 +317,7 @@ UNSUPPORTED = [
     ("dpmpp-2m", {"solver_order": 3}),
     ("dpmpp-2m", {"solver_order": 1}),
     ("dpmpp-2m", {"solver_type": "unknown"}),
-    ("dpmpp-2m", {"variance_type": "learned_range"}),
+    ("dpmpp-2m", {"variance_type": "fixed_large"}),
     ("dpmpp-2m", {"prediction_type": "flow_prediction"}),
     ("dpmpp-2m", {"final_sigmas_type": "denoise_to_zero"}),
     ("dpmpp-2m-karras", {"use_beta_sigmas": True}),
