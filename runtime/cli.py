@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     noise.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     noise.add_argument("--latents", help="initial noise as float32 .npy of shape batch x channels x h x w")
     keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--key-steps", help="comma-separated 0-based step indices that run the UNet encoder "
+    keys.add_argument("--key-steps", help="comma-separated 0-based step indices that run the denoiser encoder "
                                           "(default: the paper's 0,1,2,3,5,10,15,25,35 at 50 steps)")
     keys.add_argument("--uniform", type=int, metavar="K", help="a key step every K steps")
     keys.add_argument("--no-fd", action="store_true", help="baseline: every step a key step, no noise injection")

@@ -227,7 +227,7 @@ def test_fd_run_prints_the_rows_it_computed(tiny_engine, tmp_path):
     done = run_fd("runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a cat", "--steps", "50",
                   "--guidance-interval", "paper", "--timings", "--out", str(tmp_path / "x.png"))
     assert done.returncode == 0, done.stderr
-    assert "rows: text encoder 2, unet encoder 14, unet decoder 87, vae decoder 1" in done.stdout
+    assert "rows: text encoder 2, denoiser encoder 14, denoiser decoder 87, vae decoder 1" in done.stdout
     assert "guidance interval: sigma in (0.28, 5.42]" in done.stdout
 
 
