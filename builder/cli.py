@@ -34,8 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image side range in pixels that fd-run --height/--width may choose from (TensorRT and "
                         "ONNX Runtime; default: only --height x --width)")
     p.add_argument("--controlnet", action="append", default=[], metavar="ID_OR_FOLDER",
-                   help="also build this ControlNet (tiny-controlnet, a local diffusers ControlNet folder, or a hub "
-                        "id in the local cache); repeat for several, whose residuals add up")
+                   help="also build this ControlNet (tiny-controlnet, made from the model's UNet; sd15-random-controlnet, "
+                        "a fixed SD1.5-shaped random one; a local diffusers ControlNet folder, or a hub id in the "
+                        "local cache); repeat for several, whose residuals add up")
     p.add_argument("--img2img", action="store_true",
                    help="also build the VAE encoder, for fd-run --init-image (image to image)")
     p.add_argument("--split-block", type=int, metavar="S",
