@@ -70,8 +70,12 @@ DIM = Rule(None, lambda v: v == "batch" or (_is(v, int) and v > 0), 'a positive 
 TENSOR = {"name": str, "dtype": Rule(str, lambda v: v in NUMPY_DTYPES, f"one of {', '.join(NUMPY_DTYPES)}"),
           "shape": ListOf(DIM), "axes": ListOf(Nullable(str))}
 TOKENIZER = {"file": FILE, "max_length": POSITIVE, "pad_token_id": COUNT}
+# ONNX Runtime folders: the graph as ONNX Runtime optimized it at build time, and its weights file
+# (builder/onnxruntime_build.py); used only on the CPU they were made for (backend_info.optimized_graphs)
+OPTIMIZED_GRAPH = {"file": FILE, "data": Optional(FILE)}
+OPTIMIZED_GRAPHS = {"level": str, "provider": str, "onnxruntime": str, "cpu": {"machine": str, "isa": ListOf(str)}}
 COMPONENT = {"file": FILE, "inputs": ListOf(TENSOR), "outputs": ListOf(TENSOR),
-             "batch": {"min": POSITIVE, "opt": POSITIVE, "max": POSITIVE}}
+             "batch": {"min": POSITIVE, "opt": POSITIVE, "max": POSITIVE}, "optimized": Optional(OPTIMIZED_GRAPH)}
 CONTROLNET = {"graph": str, "source": dict, "conditioning_channels": POSITIVE, "conditioning_size": ListOf(POSITIVE)}
 MANIFEST = {
     "manifest_version": int,
@@ -89,7 +93,8 @@ MANIFEST = {
     "tokenizers": ListOf(TOKENIZER),  # one per text graph (SDXL: two)
     "cache": ListOf(str),
     "components": MapOf(COMPONENT, required=REQUIRED_COMPONENTS),
-    "backend_info": Optional(dict),
+    # ONNX Runtime's keys (builder/onnxruntime_build.py); other backends keep their own
+    "backend_info": Optional({"optimized_graphs": Optional(OPTIMIZED_GRAPHS), "file_bytes": Optional(MapOf(COUNT))}),
     "flops_per_sample": Optional(MapOf(float)),
     "controlnets": Optional(ListOf(CONTROLNET)),  # fd-build --controlnet, in the order they apply
 }

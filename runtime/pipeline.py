@@ -111,7 +111,8 @@ class FasterDiffusionPipeline:
         control_inputs = prepare_control(self.manifest, control_images, controlnet_scales, height, width)
         init = prepare_init(self.manifest, init_image, strength, steps, height, width, self.engine_dir)
         policy = policy or self.default_policy(steps if init is None else init.steps_run)  # key steps index run steps
-        self._check_inputs(prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height, width)
+        self.check_request(prompts, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
+                           seed=seed, latents=latents, policy=policy, height=height, width=width)
         if init is not None:
             init.check_policy(policy)
         sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])  # refuses unsupported options
@@ -190,8 +191,18 @@ class FasterDiffusionPipeline:
         rows = dict(Counter(self.runner.rows) - rows_before)
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist(), rows)
 
-    def _check_inputs(self, prompts, negative_prompt, steps, guidance_scale, seed, latents, policy, height,
-                      width) -> None:
+    def check_request(self, prompts: list[str], *, negative_prompt: str | list[str] | None = None, steps: int = 50,
+                      guidance_scale: float = 7.5, seed: int | None = 0, latents: np.ndarray | None = None,
+                      policy: FasterDiffusionPolicy | None = None, height: int | None = None,
+                      width: int | None = None) -> None:
+        """Check a generation's options without running anything: raises the FdError line that calling the
+        pipeline with them would raise first (prompts and negative prompts, batch size, steps, guidance, seed
+        or latents, size, key-step policy; `policy`/`height`/`width` None as in the call). Servers check each
+        request with it before batching (fd-serve). Not covered: the scheduler name (runtime.schedulers.
+        make_scheduler), control and init images (runtime.control.prepare_control, runtime.img2img.prepare_init)
+        and prompt length (the tokenizers)."""
+        height, width = self.image_size(height, width)
+        policy = policy or self.default_policy(steps)
         kinds = (str, int, np.integer) if self.family.class_conditional else str  # DiT: class ids too
         if isinstance(prompts, str) or not prompts or not all(isinstance(p, kinds) for p in prompts):
             raise FdError("give at least one class label (a list of ints or names)" if self.family.class_conditional

@@ -1,8 +1,9 @@
 """fd-serve's request schema: the JSON body of POST /v1/images, with fd-run's options and defaults.
 
 The schema (field names and JSON types) is checked here, without the engines; the values (steps, sizes,
-key steps, prompt length, ...) are checked by the engine replica with the pipeline's own checks, so a bad
-value gets the same one-line message fd-run prints.
+key steps, prompt length, images, ...) are checked by the engine replica with the pipeline's own checks, so
+a bad value gets the same one-line message fd-run prints. Images (ControlNet conditioning, the img2img start)
+travel as base64-encoded PNG or JPEG files.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-MAX_BODY_BYTES = 64 * 1024  # a request is a few fields of text; anything bigger is refused before parsing
+MAX_BODY_BYTES = 32 * 1024 * 1024  # text fields and a few base64 images; anything bigger is refused unparsed
 
 
 class BadRequest(Exception):
@@ -40,6 +41,17 @@ class ImageRequest(BaseModel):
     fd: StrictBool = True  # false: the baseline, every step a key step and no noise injection
     noise_injection: StrictBool = True
     guidance_interval: list[Union[StrictInt, StrictFloat]] | StrictStr | None = None  # [0.28, 5.42] or "paper"
+    original_size: list[StrictInt] | StrictStr | None = None  # SDXL: [H, W] or fd-run's "H,W"
+    crops_coords_top_left: list[StrictInt] | StrictStr | None = None  # SDXL: [Y, X] or "Y,X"
+    control_images: list[StrictStr] | None = None  # base64 images, one per ControlNet of the folder, in build order
+    controlnet_scale: list[Union[StrictInt, StrictFloat]] | StrictInt | StrictFloat | None = None  # one, or one each
+    init_image: StrictStr | None = None  # base64 image: image to image (a folder built with --img2img)
+    strength: Union[StrictInt, StrictFloat] | None = None  # image to image: the share of the schedule that runs
+
+    def pair_text(self, name: str) -> str | None:
+        """original_size / crops_coords_top_left as fd-run's "A,B" text, parsed (and refused) by fd-run's code."""
+        value = getattr(self, name)
+        return ",".join(str(v) for v in value) if isinstance(value, list) else value
 
     def key_steps_text(self) -> str | None:
         """key_steps as fd-run's --key-steps text, so the policy is parsed (and refused) by the same code."""
@@ -85,8 +97,10 @@ def parse_image_request(body: bytes) -> ImageRequest:
 
 def describe(error: dict) -> str:
     """One line for pydantic's first error, naming the field as the JSON has it."""
-    field = ".".join(str(part) for part in error["loc"]) or "body"
-    top = str(error["loc"][0]) if error["loc"] else field
+    # the field, then list indices; pydantic's union member tags ("list[int]", "int") are left out
+    loc = error["loc"]
+    field = (str(loc[0]) + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))) if loc else "body"
+    top = str(loc[0]) if loc else field
     if error["type"] == "extra_forbidden":
         return f'unknown field "{field}": the fields are {FIELDS}'
     if error["type"] == "missing":
@@ -94,5 +108,11 @@ def describe(error: dict) -> str:
     expected = {"prompt": "a string", "negative_prompt": "a string", "scheduler": "a string",
                 "guidance_scale": "a number",
                 "key_steps": 'a list of step indices such as [0, 1, 2, 5] or "0,1,2,5"',
-                "fd": "true or false", "noise_injection": "true or false"}.get(top, "a whole number")
+                "fd": "true or false", "noise_injection": "true or false",
+                "guidance_interval": 'two numbers such as [0.28, 5.42], or "paper"',
+                "original_size": 'two whole numbers such as [1024, 1024] or "1024,1024"',
+                "crops_coords_top_left": 'two whole numbers such as [0, 0] or "0,0"',
+                "control_images": "a list of base64-encoded PNG or JPEG images, one per ControlNet",
+                "controlnet_scale": "a number, or a list of numbers (one per ControlNet)",
+                "init_image": "a base64-encoded PNG or JPEG image", "strength": "a number"}.get(top, "a whole number")
     return f'"{field}" is {json.dumps(error.get("input"))}: give {expected}'

@@ -4,6 +4,11 @@ With no --address it starts a local Ray instance inside this process, deploys, p
 until Ctrl-C (or SIGTERM), which shuts Ray down and exits 0. With --address it deploys onto an existing
 Ray cluster (every node that runs a replica needs fd installed and the engine folder at the same path)
 and removes the application again on Ctrl-C.
+
+A problem is one line and exit status 2: the folder (manifest, files, their sizes) is checked here before Ray
+starts, and a replica that cannot load it is reported by the line of its FdError. Ray's and the replicas' own
+logs (the access log, tracebacks of internal errors) go to Ray's log folder, which the start line names;
+--verbose also prints them here.
 """
 from __future__ import annotations
 
@@ -46,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per engine replica")
     p.add_argument("--address", help="Ray cluster to deploy onto (auto, or ray://HOST:10001); "
                                      "default: a local Ray instance in this process")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray's and the replicas' logs here (they always go to Ray's log folder)")
     return p.parse_args(argv)
 
 
@@ -55,7 +62,10 @@ def check_local_options(args) -> str:
     from runtime.manifest import load_manifest
     from serve.service import check_batch_size
     check_engine_dir(args.engine_dir)
-    manifest = load_manifest(args.engine_dir)
+    manifest = load_manifest(args.engine_dir)  # the manifest, and every file it names inside the folder
+    if manifest["backend"] == "onnxruntime":  # the graph files' sizes as fd-build wrote them
+        from runtime.backends.onnxruntime import check_file_sizes
+        check_file_sizes(args.engine_dir, manifest)
     check_batch_size(args.max_batch_size, manifest)
     if not 0 < args.port < 65536:
         raise FdError(f"--port {args.port} is not a port: use 1 to 65535")
@@ -86,9 +96,9 @@ def serve_args(args, engine_dir: str):
                      max_queued_requests=args.max_queued_requests, num_gpus=args.num_gpus, num_cpus=args.num_cpus)
 
 
-def deploy_failure(serve, exc: Exception) -> FdError:
+def deploy_failure(serve, exc: Exception, logs: str | None) -> FdError:
     """One line for a deployment that failed: the replicas' FdError where Serve's status records one (its
-    message holds the replica's traceback), else the first line of Ray's error."""
+    message holds the replica's traceback), else the first line of Ray's error and where Ray's logs are."""
     text = str(exc)
     try:
         deployments = serve.status().applications[APP_NAME].deployments.values()
@@ -96,8 +106,25 @@ def deploy_failure(serve, exc: Exception) -> FdError:
     except Exception:  # noqa: BLE001 - no status to add; Ray's own message stays
         pass
     found = re.search(r"FdError: (.+)", text)
-    line = found.group(1) if found else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return FdError(f"the engine replicas did not start: {line.strip()}")
+    if found:
+        return FdError(f"the engine replicas did not start: {found.group(1).strip()}")
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+    return FdError(f"the engine replicas did not start: {line}" + (f" (Ray's logs: {logs})" if logs else ""))
+
+
+def quiet_driver_logs() -> None:
+    """This process's own Ray and Serve loggers print warnings and errors only (the start line says the rest)."""
+    for name in ("ray", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray's notice that a new local instance uses token authentication, on every start; fd's instance is
+    # private to this process, so the notice is noise before the one line fd prints.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+def logs_folder(context) -> str | None:
+    """Where Ray writes this instance's logs (Serve's under serve/), from ray.init's context."""
+    session = (getattr(context, "address_info", None) or {}).get("session_dir")
+    return str(Path(session) / "logs") if session else None
 
 
 def wait_for_stop_signal() -> None:
@@ -123,9 +150,14 @@ def main(argv=None) -> int:
         except ImportError:
             raise FdError("fd-serve needs Ray Serve: pip install 'fd[serve]'") from None
         from serve.app import build_app
-        # "local" starts a fresh instance even where RAY_ADDRESS names another cluster.
-        ray.init(address="local" if local else args.address, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        if not args.verbose:
+            quiet_driver_logs()
+        # "local" starts a fresh instance even where RAY_ADDRESS names another cluster. Workers' output (the
+        # replicas' and Serve's logs, Ray's tracebacks of a failed replica) reaches this terminal only with
+        # --verbose; it is in Ray's log folder either way.
+        context = ray.init(address="local" if local else args.address, include_dashboard=False,
+                           logging_level=logging.WARNING, log_to_driver=args.verbose)
+        logs, deployed = logs_folder(context), False
         try:
             if local:
                 check_local_resources(ray, args)
@@ -133,24 +165,28 @@ def main(argv=None) -> int:
             try:
                 serve.run(build_app(serve_args(args, engine_dir)), name=APP_NAME, route_prefix="/")
             except RuntimeError as exc:
-                raise deploy_failure(serve, exc) from None
+                raise deploy_failure(serve, exc, logs) from None
+            deployed = True
             print(f"fd-serve: serving {engine_dir} at http://{args.host}:{args.port} "
-                  "(POST /v1/images, GET /healthz, GET /v1/info); Ctrl-C stops", flush=True)
+                  "(POST /v1/images, GET /healthz, GET /v1/info); Ctrl-C stops"
+                  + (f"; logs in {logs}" if logs else ""), flush=True)
             wait_for_stop_signal()
             print("fd-serve: stopping", flush=True)
         finally:
-            stop_serving(serve, ray, local)
+            stop_serving(serve, ray, local, deployed)
 
     return run_cli(job)
 
 
-def stop_serving(serve, ray, local: bool) -> None:
-    """Local: shut Serve and the Ray instance down (no Ray process outlives fd-serve). Cluster: remove the app."""
+def stop_serving(serve, ray, local: bool, deployed: bool) -> None:
+    """Local: shut Serve and the Ray instance down (no Ray process outlives fd-serve); after a failed deployment
+    only the instance (Serve's graceful stop would wait on replicas that never started, and Ray reports the
+    stop it cuts short). Cluster: remove the app."""
     try:
-        if local:
-            serve.shutdown()
-        else:
+        if not local:
             serve.delete(APP_NAME)
+        elif deployed:
+            serve.shutdown()
     finally:
         ray.shutdown()
 

@@ -2,19 +2,28 @@
 (so a bad value gets fd-run's message), and requests that can share one generation run as one batched call.
 
 Requests share a generation when everything but the prompt, negative prompt and seed is equal (size, steps,
-scheduler, guidance, policy). Each row keeps its own text and its own initial noise (drawn from its seed
-exactly as a lone generation draws it), so a batched request gets the image it would get alone.
+scheduler, guidance, policy, SDXL's size conditioning, the control images and their scales, the init image
+and strength). Each row keeps its own text and its own initial noise (drawn from its seed exactly as a lone
+generation draws it), so a batched request gets the image it would get alone. Image to image also samples
+the encoded image with the generation's seed, so its requests share a generation only with the same seed.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import io
 import logging
 import threading
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from runtime.control import controlnet_records, prepare_control
 from runtime.errors import FdError
+from runtime.img2img import DEFAULT_STRENGTH, check_strength, prepare_init
 from runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, initial_noise
 from runtime.policy import FasterDiffusionPolicy, policy_from_options
 from runtime.schedulers import SCHEDULERS, make_scheduler
@@ -22,6 +31,7 @@ from serve.api import ImageRequest
 
 log = logging.getLogger("ray.serve")
 WARM_UP_STEPS = 2  # a key step and a non-key step: every graph runs once, at the largest batch
+MAX_IMAGE_PIXELS = 4096 * 4096  # a sent image is resized to the generation size; bigger ones are refused unread
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,9 @@ class GroupKey:
     guidance_scale: float
     policy: FasterDiffusionPolicy
     negative: bool  # with or without a negative prompt (SDXL conditions on zeros without one)
+    size_conditioning: tuple = ()  # SDXL's original_size / crops_coords_top_left, as given
+    images: str = ""  # digest of the control images, their scales, the init image and strength ("": none)
+    img2img_seed: int | None = None  # image to image: the seed that samples the encoded image
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class Job:
     negative_prompt: str | None
     seed: int
     key: GroupKey
+    inputs: dict = field(default_factory=dict, compare=False)  # the pipeline's image and size keyword arguments
 
 
 @dataclass
@@ -73,24 +87,42 @@ class ImageService:
         self.pipe(["warm-up"] * self.max_batch_size, steps=WARM_UP_STEPS, seed=0)
 
     def prepare(self, request: ImageRequest) -> Job:
-        """The request as a job, or FdError with the line fd-run prints for the same options."""
-        pipe = self.pipe
-        policy = policy_from_options(request.steps, pipe.manifest["limits"]["max_window"],
+        """The request as a job, or FdError with the line fd-run prints for the same options (in fd-run's
+        order: image to image's strength, the policy, the pipeline's checks, the images, the sampler)."""
+        pipe, manifest = self.pipe, self.pipe.manifest
+        init_image = None if request.init_image is None else decode_image(request.init_image, "init_image")
+        steps_run = request.steps  # image to image runs the last steps only; key steps index those
+        if init_image is not None:
+            steps_run = check_strength(DEFAULT_STRENGTH if request.strength is None else request.strength,
+                                       request.steps)
+        policy = policy_from_options(steps_run, manifest["limits"]["max_window"],
                                      key_steps=request.key_steps_text(), uniform=request.uniform,
                                      baseline=not request.fd, noise_injection=request.noise_injection,
                                      guidance_interval=request.guidance_interval_text())
         height, width = pipe.image_size(request.height, request.width)
         guidance = float(request.guidance_scale)
-        pipe._check_inputs(prompts=[request.prompt], negative_prompt=request.negative_prompt, steps=request.steps,
-                           guidance_scale=guidance, seed=request.seed, latents=None, policy=policy, height=height,
-                           width=width)
-        make_scheduler(request.scheduler, pipe.manifest["scheduler_config"])
+        # the size first: the images below are resized to it
+        pipe.check_request([request.prompt], negative_prompt=request.negative_prompt, steps=request.steps,
+                           guidance_scale=guidance, seed=request.seed, policy=policy, height=height, width=width)
+        controls = [decode_image(data, f"control_images[{i}]") for i, data in enumerate(request.control_images or [])]
+        prepare_control(manifest, controls or None, request.controlnet_scale, height, width)
+        init = prepare_init(manifest, init_image, request.strength, request.steps, height, width, pipe.engine_dir)
+        if init is not None:
+            init.check_policy(policy)
+        make_scheduler(request.scheduler, manifest["scheduler_config"])
+        from runtime.cli import sdxl_size_options  # fd-run's parsing and lines for the same two options
+        sizes = sdxl_size_options(SimpleNamespace(original_size=request.pair_text("original_size"),
+                                                  crops_coords_top_left=request.pair_text("crops_coords_top_left")),
+                                  pipe.family.name)
         texts = [request.prompt] + ([request.negative_prompt] if request.negative_prompt is not None else [])
         for tokenizer in pipe.tokenizers:  # an over-long prompt is refused here, not in the middle of a batch
             tokenizer(texts)
+        inputs = {"control_images": controls or None, "controlnet_scales": request.controlnet_scale,
+                  "init_image": init_image, "strength": request.strength, **sizes}
         key = GroupKey(height, width, request.steps, request.scheduler, guidance, policy,
-                       request.negative_prompt is not None)
-        return Job(request.prompt, request.negative_prompt, request.seed, key)
+                       request.negative_prompt is not None, tuple(sorted(sizes.items())), images_digest(request),
+                       request.seed if init is not None else None)
+        return Job(request.prompt, request.negative_prompt, request.seed, key, inputs)
 
     def run(self, jobs: list[Job]) -> list[Outcome]:
         """One outcome per job, in order. Jobs are grouped by key into generations of at most max_batch_size
@@ -126,9 +158,10 @@ class ImageService:
         shape = (1, *self.pipe.latent_shape_at(key.height, key.width))
         latents = np.concatenate([initial_noise(job.seed, shape) for job in jobs])
         negative = [job.negative_prompt for job in jobs] if key.negative else None
+        # the images and size conditioning are equal on every row (the key says so): the first job's serve all
         result = self.pipe([job.prompt for job in jobs], negative_prompt=negative, steps=key.steps,
                            scheduler=key.scheduler, guidance_scale=key.guidance_scale, latents=latents,
-                           seed=jobs[0].seed, policy=key.policy, height=key.height, width=key.width)
+                           seed=jobs[0].seed, policy=key.policy, height=key.height, width=key.width, **jobs[0].inputs)
         return [Outcome(200, png=png_bytes(image), seed=job.seed, timings=result.timings, calls=result.calls,
                         policy=result.policy, batch_size=len(jobs))
                 for image, job in zip(result.images, jobs)]
@@ -142,7 +175,10 @@ class ImageService:
                 "dynamic_shape": m.get("dynamic_shape"),
                 "limits": {**m["limits"], "max_steps": MAX_STEPS,
                            "max_prompt_tokens": min(t["max_length"] for t in m["tokenizers"])},
-                "schedulers": list(SCHEDULERS), "serve": {"max_batch_size": self.max_batch_size}}
+                "schedulers": list(SCHEDULERS), "serve": {"max_batch_size": self.max_batch_size},
+                "image_inputs": {"controlnets": [r.get("source", {}).get("model", r["graph"])
+                                                 for r in controlnet_records(m)],
+                                 "img2img": "vae_encoder" in m["components"]}}
 
 
 def check_batch_size(requested: int | None, manifest: dict) -> int:
@@ -153,6 +189,35 @@ def check_batch_size(requested: int | None, manifest: dict) -> int:
         raise FdError(f"--max-batch-size {requested} is not allowed: this engine folder runs 1 to {built} images per "
                       f"generation (rebuild with fd-build --max-batch-size {max(requested, 1)} for more)")
     return requested
+
+
+def decode_image(data: str, field_name: str) -> Image.Image:
+    """A base64-encoded image file (a data: URL's prefix allowed) as a PIL image, or one FdError line."""
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise FdError(f'"{field_name}" is not base64: send the image file (PNG or JPEG) base64-encoded') from None
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise FdError(f'"{field_name}" is {image.width}x{image.height} pixels; at most {MAX_IMAGE_PIXELS} '
+                              "are accepted: send it at (about) the image size")
+            image.load()  # decode now: a truncated file fails here, not mid-generation
+            return image.copy()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FdError(f'"{field_name}" is not an image PIL can read ({reason}): send a base64-encoded PNG or '
+                      "JPEG file") from None
+
+
+def images_digest(request: ImageRequest) -> str:
+    """Equal for requests whose control images, scales, init image and strength are equal ("" for none)."""
+    parts = [request.control_images, request.controlnet_scale, request.init_image, request.strength]
+    if all(part is None for part in parts):
+        return ""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
 def png_bytes(image) -> bytes:

@@ -103,6 +103,8 @@ def service(pipe):
     ({"uniform": 0}, ["--uniform", "0"]),
     ({"seed": -3}, ["--seed", "-3"]),
     ({"prompt": "cat " * 90}, None),
+    ({"original_size": [256, 256]}, ["--original-size", "256,256"]),  # SDXL's size conditioning on an SD folder
+    ({"strength": 0.5}, ["--strength", "0.5"]),  # image to image's strength without an init image
 ])
 def test_bad_values_get_the_line_fd_run_prints(service, engine_b4, tmp_path, capsys, options, cli):
     from runtime.cli import main as fd_run
@@ -196,6 +198,72 @@ def test_an_internal_failure_is_a_500_line_logged_and_the_service_goes_on(servic
     assert [o.status for o in flaky.run(jobs)] == [200, 200]
 
 
+# --- image inputs: ControlNet conditioning and image to image ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def image_service(tmp_path_factory):
+    """tiny with tiny-controlnet and the VAE encoder (--img2img), at most 2 images per generation."""
+    from builder.build import BuildOptions, build
+    from serve.service import ImageService
+    out = tmp_path_factory.mktemp("serve-images") / "tiny-control"
+    folder = build(BuildOptions(model="tiny", controlnets=("tiny-controlnet",), img2img=True, max_batch_size=2,
+                                max_window=6, out=str(out)), log=lambda *_: None)
+    return ImageService(str(folder))
+
+
+def smooth_image(seed: int) -> Image.Image:
+    y, x = np.mgrid[0:128, 0:128] / 128
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    rgb = np.stack([np.sin(6 * x + phase[0]), np.cos(5 * (x + y) + phase[1]), np.sin(4 * y + phase[2])], axis=-1)
+    return Image.fromarray(((rgb + 1) * 127.5).astype(np.uint8))
+
+
+def b64png(image: Image.Image) -> str:
+    import base64
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def test_image_inputs_batch_only_when_equal_and_match_lone_runs(image_service):
+    """Requests with the same control image share a generation; another control image, or image to image with
+    another seed (the encoded image is sampled with the generation's seed), runs apart. Every image equals
+    the pipeline's lone run with the same seed and images."""
+    pipe = image_service.pipe
+    edges, other, photo = smooth_image(1), smooth_image(2), smooth_image(3)
+    text = {"steps": 6, "key_steps": [0, 3]}
+    img2img = {"steps": 6, "init_image": b64png(photo), "strength": 0.5}  # 3 steps run
+    requests = [({"prompt": "a red cube", "seed": 1, **text}, edges),
+                ({"prompt": "a blue sphere", "seed": 2, **text}, edges),
+                ({"prompt": "a red cube", "seed": 3, **text}, other),
+                ({"prompt": "a red cube", "seed": 4, **img2img}, edges),
+                ({"prompt": "a blue sphere", "seed": 4, **img2img}, edges),
+                ({"prompt": "a red cube", "seed": 5, **img2img}, edges)]
+    jobs = [image_service.prepare(ImageRequest.model_validate({**r, "control_images": [b64png(control)],
+                                                                "controlnet_scale": 0.8}))
+            for r, control in requests]
+    outcomes = image_service.run(jobs)
+    assert [(o.status, o.batch_size) for o in outcomes] == [(200, 2), (200, 2), (200, 1), (200, 2), (200, 2), (200, 1)]
+    from runtime.policy import FasterDiffusionPolicy
+    for (request, control), outcome in zip(requests, outcomes):
+        policy = FasterDiffusionPolicy((0, 3), 6) if "key_steps" in request else None
+        init = {"init_image": photo, "strength": 0.5} if "init_image" in request else {}
+        lone = pipe([request["prompt"]], steps=6, seed=request["seed"], policy=policy, control_images=[control],
+                    controlnet_scales=0.8, **init)
+        assert np.abs(pixels(outcome.png) - np.asarray(lone.images[0], dtype=np.int16)).max() <= PIXEL_TOLERANCE
+
+    def refused(options: dict) -> str:
+        with pytest.raises(FdError) as caught:
+            image_service.prepare(ImageRequest.model_validate({"prompt": "a cat", **options}))
+        return str(caught.value)
+
+    assert refused({"control_images": ["not an image!"]}).startswith('"control_images[0]" is not base64')
+    assert refused({"control_images": [b64png(edges)[:200]]}).startswith(
+        '"control_images[0]" is not an image PIL can read')
+    assert "built with 1 ControlNet (tiny-controlnet): give --control-image PATH" in refused({})  # fd-run's line
+    assert "--strength 0 is out of range" in refused({"control_images": [b64png(edges)], **img2img, "strength": 0})
+
+
 # --- fd-serve's own options, refused before Ray starts ---------------------------------------------------
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -203,20 +271,42 @@ def test_an_internal_failure_is_a_500_line_logged_and_the_service_goes_on(servic
     (["--replicas", "0"], "--replicas and --max-queued-requests must be at least 1"),
     (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
     (["--engine-dir", "{tmp}"], "manifest.json"),
+    (["--engine-dir", "{cut}"], "vae_decoder.opt.onnx.data (components.vae_decoder.optimized.data) is 1000 bytes"),
 ])
 def test_fd_serve_refuses_bad_options_in_one_line_before_ray_starts(engine_b4, tmp_path, capsys, extra, fragment):
     pytest.importorskip("ray.serve", reason="fd-serve needs the serve extra: pip install -e '.[serve]'")
     import ray
     from serve.cli import main as fd_serve
+    from tests.test_ort_stored_graphs import linked_copy
+    cut = linked_copy(engine_b4, tmp_path / "cut", copied=("vae_decoder.opt.onnx.data",))
+    os.truncate(cut / "vae_decoder.opt.onnx.data", 1000)  # a copy cut short: its size says so, before Ray starts
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        names = {"busy": busy.getsockname()[1], "tmp": tmp_path}
+        names = {"busy": busy.getsockname()[1], "tmp": tmp_path, "cut": cut}
         args = [a.format(**names) for a in ["--engine-dir", str(engine_b4), *extra]]
         assert fd_serve(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and fragment.format(**names) in err, err
     assert not ray.is_initialized()
+
+
+def test_a_folder_the_replicas_cannot_load_is_one_line_and_exit_2(engine_b4, tmp_path):
+    """A graph damaged in place (its size unchanged) passes the checks before Ray starts; the replica's FdError
+    is then fd-serve's one line, without Ray's tracebacks."""
+    pytest.importorskip("ray.serve", reason="fd-serve needs the serve extra: pip install -e '.[serve]'")
+    from tests.test_ort_stored_graphs import linked_copy
+    broken = linked_copy(engine_b4, tmp_path / "broken", copied=("denoiser_decoder.opt.onnx",))
+    size = (broken / "denoiser_decoder.opt.onnx").stat().st_size
+    (broken / "denoiser_decoder.opt.onnx").write_bytes(np.random.default_rng(0).bytes(size))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "serve.cli", "--engine-dir", str(broken), "--port", str(free_port())],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
+    assert lines[0].startswith("error: the engine replicas did not start: ONNX Runtime") and \
+        "denoiser_decoder.opt.onnx (components.denoiser_decoder.optimized.file)" in lines[0], lines[0]
 
 
 # --- one real server ---------------------------------------------------------------------------------------
@@ -364,7 +454,7 @@ def test_requests_over_the_queue_limit_get_503_and_the_rest_are_served(server):
     def send(seed):
         client = server.client()
         barrier.wait()
-        return client.generate({"prompt": "a cat", "steps": 2, "seed": seed})
+        return client.generate({"prompt": "a cat", "steps": 16, "seed": seed})  # none ends during the burst
 
     with ThreadPoolExecutor(count) as pool:
         replies = list(pool.map(send, range(count)))

@@ -2,8 +2,22 @@
 
 Each graph's session is checked against the manifest when it opens (names, dtypes, ranks and fixed sizes
 of its inputs and outputs), so a corrupt or foreign .onnx file is one line at load, not an error mid-run.
+
+Cold start. Creating a session optimizes its graph (constant folding, fusions, the CPU's NCHWc layout),
+which took most of an SD-sized folder's load. fd-build therefore also stores each graph as ONNX Runtime
+optimized it for the CPU (builder/onnxruntime_build.py), with its weights in an external file ONNX Runtime
+memory-maps. Those graphs hold layouts for one CPU's vector width, so the runner opens them (optimizations
+off) only on the CPU provider, with the ONNX Runtime version and the CPU instruction sets they were made
+with (`stored_graphs_usable`); anywhere else it opens the portable graphs and optimizes them at load, as
+before. CPU sessions are created in parallel threads (ONNX Runtime releases the GIL while it builds one).
 """
 from __future__ import annotations
+
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +27,13 @@ from runtime.errors import FdError
 REBUILD = "rebuild the engine folder with fd-build --force"
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32"}
+STORED_PROVIDER = "CPUExecutionProvider"  # the provider stored graphs are optimized for
+# Instruction-set extensions ONNX Runtime's CPU kernels (MLAS) pick code paths and NCHWc block sizes by
+# (/proc/cpuinfo's names, x86 and Arm): a stored graph is used only where the same ones are present.
+ISA_EXTENSIONS = frozenset((
+    "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq",
+    "avx512vl", "avx512cd", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx512vbmi", "avx_vnni", "amx_tile",
+    "amx_bf16", "amx_int8", "asimd", "asimdhp", "asimddp", "fphp", "i8mm", "sve", "sve2", "bf16"))
 
 
 class OnnxRuntimeRunner(Runner):
@@ -39,12 +60,36 @@ class OnnxRuntimeRunner(Runner):
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.capabilities = Capabilities(on_gpu=self.device == "cuda", peak_memory=False, cuda_graphs=False,
                                          dynamic_shapes=True)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.sessions = {name: open_session(ort, self.engine_dir / spec["file"], name, spec, options, self.providers)
-                         for name, spec in self.specs.items()}
+        check_file_sizes(self.engine_dir, manifest)
+        self.load_seconds: dict[str, float] = {}  # per graph: creating its session (cold-start reports)
+        self.loaded_files: dict[str, str] = {}  # per graph: the file its session was made from
+        self.sessions = self._open_sessions(threads)
         self.output_names = {name: [t["name"] for t in spec["outputs"]] for name, spec in self.specs.items()}
+
+    def _open_sessions(self, threads: int | None) -> dict:
+        self.stored_graphs_problem = stored_graphs_usable(self.ort, self.manifest, self.providers)
+        stored = self.stored_graphs_problem is None
+
+        def one(name: str):
+            spec = self.specs[name]
+            options = self.ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            path, key = self.engine_dir / spec["file"], "file"
+            if stored and "optimized" in spec:
+                path, key = self.engine_dir / spec["optimized"]["file"], "optimized.file"
+                options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done at build
+            started = time.perf_counter()
+            session = open_session(self.ort, path, name, spec, options, self.providers, key)
+            self.load_seconds[name] = time.perf_counter() - started
+            self.loaded_files[name] = path.name
+            return session
+
+        names = list(self.specs)
+        if self.device != "cpu":  # one after another on the GPU: parallel creation there is untested
+            return {name: one(name) for name in names}
+        with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
+            return dict(zip(names, pool.map(one, names)))
 
     def _execute(self, graph, feeds):
         session = self.sessions[graph]
@@ -116,12 +161,72 @@ class OnnxRuntimeRunner(Runner):
                             rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice), "taking rows on the GPU")
         return out
 
-def open_session(ort, path, component: str, spec: dict, options, providers: list[str]):
+def check_file_sizes(engine_dir, manifest: dict) -> None:
+    """Every graph file has the size fd-build wrote (backend_info.file_bytes; folders built before it was
+    recorded are not checked): a truncated or partial copy is one line before any session opens."""
+    sizes = (manifest.get("backend_info") or {}).get("file_bytes") or {}
+    folder = Path(engine_dir)
+    for component, spec in manifest["components"].items():
+        optimized = spec.get("optimized") or {}
+        named = [(f"components.{component}.file", spec["file"]),
+                 (f"the external weights of components.{component}.file", spec["file"] + ".data"),
+                 *((f"components.{component}.optimized.{key}", optimized[key]) for key in ("file", "data")
+                   if key in optimized)]
+        for key, name in named:
+            if name not in sizes:
+                continue
+            try:
+                size = (folder / name).stat().st_size
+            except OSError:
+                raise FdError(f"{folder} is missing {name} ({key}): {REBUILD}") from None
+            if size != sizes[name]:
+                raise FdError(f"{folder / name} ({key}) is {size} bytes, fd-build wrote {sizes[name]}: the engine "
+                              f"folder is incomplete or damaged (a partial copy?): copy it again, or {REBUILD}")
+
+
+def cpu_signature() -> dict | None:
+    """What a graph optimized for the CPU depends on besides ONNX Runtime's version: the machine and the
+    instruction-set extensions its kernels use. None where /proc/cpuinfo cannot be read (then no stored graph
+    is made or used)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return {"machine": platform.machine(), "isa": sorted(flags & ISA_EXTENSIONS)}
+
+
+def stored_graphs_record(ort_version: str, signature: dict) -> dict:
+    """manifest["backend_info"]["optimized_graphs"]: what the stored graphs were optimized for."""
+    return {"level": "all", "provider": STORED_PROVIDER, "onnxruntime": ort_version, "cpu": signature}
+
+
+def stored_graphs_usable(ort, manifest: dict, providers: list[str]) -> str | None:
+    """Why the folder's stored optimized graphs cannot be used here (None: they can)."""
+    record = (manifest.get("backend_info") or {}).get("optimized_graphs")
+    if not record:
+        return "the folder has none (built before fd stored them)"
+    if record["level"] != "all":  # opened with optimizations off, so they must hold every level's work
+        return f"they were optimized at level {record['level']!r}, this fd opens level 'all' only"
+    if providers != [record["provider"]]:
+        return f"they are for {record['provider']} alone, this session runs on {', '.join(providers)}"
+    if record["onnxruntime"] != ort.__version__:
+        return f"they were made by ONNX Runtime {record['onnxruntime']}, this is {ort.__version__}"
+    if record["cpu"] != cpu_signature():
+        return "they were made on a CPU with other instruction sets"
+    return None
+
+
+def open_session(ort, path, component: str, spec: dict, options, providers: list[str], key: str = "file"):
     """A session for one graph, refused in one line if the file is not the graph the manifest describes."""
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT's exceptions (InvalidProtobuf, Fail, ...) share no base
-        raise FdError(f"ONNX Runtime {ort.__version__} cannot load {path} (components.{component}.file): "
+        raise FdError(f"ONNX Runtime {ort.__version__} cannot load {path} (components.{component}.{key}): "
                       f"{_reason(exc)}; {REBUILD}") from None
     problem = signature_mismatch(session, spec)
     if problem:
