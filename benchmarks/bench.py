@@ -13,12 +13,15 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
 from benchmarks.fidelity import compare
-from runtime.control import controlnet_records, is_image_input_graph, prepare_control
+from runtime.cli import check_prompt_kind
+from runtime.control import controlnet_records, is_controlnet_graph, prepare_control
 from runtime.errors import FdError
+from runtime.families import family_of
 from runtime.images import load_image
 from runtime.img2img import DEFAULT_STRENGTH, prepare_init, steps_run
 from runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, check_guidance_scale, check_seed
@@ -27,17 +30,21 @@ from runtime.schedulers import diffusers_scheduler
 from runtime.sizes import check_size
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
+# Class-conditional folders (DiT): ImageNet's golden retriever, the first class DiT's own sample script draws
+# (a model with this few classes gets class 0)
+DEFAULT_CLASS_LABEL = "207"
 BASELINE, FD, DIFFUSERS = "baseline", "fasterdiffusion", "diffusers"
 DENOISER_STAGES = ("denoiser_encoder", "controlnet", "denoiser_decoder")  # the work the FLOP floor counts
 
 
 @dataclass
 class Settings:
-    prompt: str = DEFAULT_PROMPT
+    prompt: str | None = None  # text-to-image folders; None: DEFAULT_PROMPT
+    class_label: str | int | None = None  # class-conditional folders (DiT); None: default_class_label
     steps: int = 50
     scheduler: str = "ddim"
     batch_size: int = 1
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the folder's family's (SD/SDXL 7.5, DiT 4.0, PixArt-α 4.5)
     runs: int = 5
     warmup: int = 2
     seed: int = 0
@@ -50,6 +57,10 @@ class Settings:
     controlnet_scales: tuple | None = None
     init_image: object = None
     strength: float | None = None
+
+    def prompts(self) -> list:
+        """What every arm generates from: the prompt (or class label) repeated batch_size times."""
+        return [self.prompt if self.class_label is None else self.class_label] * self.batch_size
 
     def steps_that_run(self) -> int:
         """Image to image runs the last int(steps x strength) steps; key steps index those."""
@@ -70,6 +81,37 @@ class Sample:
     images: np.ndarray = field(repr=False)  # uint8 (N, H, W, 3)
     latents: np.ndarray | None = field(repr=False)
     rows: dict | None = None  # rows computed per graph (fd arms), so a guidance interval's saving shows
+
+
+def default_class_label(manifest: dict) -> str:
+    classes = int(manifest["family_options"]["num_classes"])
+    return DEFAULT_CLASS_LABEL if classes > int(DEFAULT_CLASS_LABEL) else "0"
+
+
+def check_prompt_inputs(manifest: dict, s: Settings) -> None:
+    """--prompt for text folders, --class-label for class-conditional ones (fd-run's check and words), and a class
+    label against the model's classes: from the manifest alone, before anything loads."""
+    family = family_of(manifest)
+    given = SimpleNamespace(prompt=[] if s.prompt is None else [s.prompt],
+                            class_label=[] if s.class_label is None else [s.class_label])
+    check_prompt_kind(given, family)
+    if family.class_conditional and s.class_label is not None:
+        from runtime.families.dit import class_id  # the class-conditional family's label rule (ids, id2label names)
+        class_id(s.class_label, manifest["family_options"])
+
+
+def resolve_settings(pipe: FasterDiffusionPipeline, s: Settings) -> Settings:
+    """The settings as every arm runs them (and the JSON records them): the image size, the family's guidance
+    scale and the family's default prompt or class label where none was given."""
+    check_prompt_inputs(pipe.manifest, s)
+    height, width = pipe.image_size(s.height, s.width)
+    guidance = pipe.family.default_guidance_scale if s.guidance_scale is None else s.guidance_scale
+    if pipe.family.class_conditional:
+        inputs = {"prompt": None,
+                  "class_label": default_class_label(pipe.manifest) if s.class_label is None else s.class_label}
+    else:
+        inputs = {"prompt": DEFAULT_PROMPT if s.prompt is None else s.prompt, "class_label": None}
+    return dataclasses.replace(s, height=height, width=width, guidance_scale=guidance, **inputs)
 
 
 def check_settings(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiffusionPolicy) -> None:
@@ -119,9 +161,9 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
 
     `progress(total)` makes a tqdm-like bar; it is made only once every check and load has passed, so
     a settings error stays one line on stderr."""
-    s = dataclasses.replace(s, **dict(zip(("height", "width"), pipe.image_size(s.height, s.width))))
+    s = resolve_settings(pipe, s)
     check_settings(pipe, s, policy)
-    prompts = [s.prompt] * s.batch_size
+    prompts = s.prompts()
     latents = np.random.default_rng(s.seed).standard_normal(
         (s.batch_size, *pipe.latent_shape_at(s.height, s.width)), dtype=np.float32)
     # each image read once, not in every timed run
@@ -186,7 +228,8 @@ def fd_arm(pipe, s: Settings, policy, prompts, latents):
 def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
     """diffusers' own pipeline of the folder's family on the weights the engine folder was built from; with the
     folder's ControlNets, the family's ControlNet pipeline (StableDiffusionControlNetPipeline, the SDXL one)
-    given the same control images and scales."""
+    given the same control images and scales. How each family's pipeline is called (its arguments, where its
+    denoiser and final latents are) is the build family's: diffusers_call, diffusers_denoiser."""
     try:
         import diffusers
         import torch
@@ -212,15 +255,17 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         raise FdError("--compare diffusers: the engine runs on a GPU but this torch has no CUDA: install a CUDA torch")
     device = "cuda" if on_gpu else "cpu"
     dtype = torch.float16 if device == "cuda" and manifest["precision"] == "fp16" else torch.float32
-    pipe = FAMILIES[comps.family].diffusers_pipeline(comps, scheduler)
+    family = FAMILIES[comps.family]
+    pipe = family.diffusers_pipeline(comps, scheduler)
+    family.check_diffusers_call(pipe, s.height, s.width)
     controlnets = diffusers_controlnets(manifest, comps)
     if controlnets:
         pipe = with_controlnets(pipe, controlnets)
     if (device, dtype) != ("cpu", torch.float32):  # the components load as fp32 on the CPU already
         pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    unet_calls = []
-    pipe.unet.register_forward_pre_hook(lambda *_: unet_calls.append(1))
+    denoiser_calls = []  # counted under the pipeline's own name for its denoiser: "unet", "transformer"
+    getattr(pipe, family.diffusers_denoiser).register_forward_pre_hook(lambda *_: denoiser_calls.append(1))
     graphs = [record["graph"] for record in controlnet_records(manifest)]
     controlnet_calls = {graph: [] for graph in graphs}  # named as fd's graphs, so the call rows line up
     for graph, model in zip(graphs, controlnets):
@@ -238,28 +283,22 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         reset = _reset_peaks(None)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        final, before = {}, len(unet_calls)
+        before = len(denoiser_calls)
         control_before = {graph: len(calls) for graph, calls in controlnet_calls.items()}
-
-        def keep_latents(_pipe, _i, _t, kwargs):
-            final["latents"] = kwargs["latents"]
-            return kwargs
         started = time.perf_counter()
-        with torch.inference_mode():
-            # No negative prompt, as in fd's arms: SD encodes "", SDXL conditions on zeros
-            # (force_zeros_for_empty_prompt); SDXL's size conditioning defaults to the image size, as fd's.
-            out = pipe(prompts, negative_prompt=None, height=s.height, width=s.width, num_inference_steps=s.steps,
-                       guidance_scale=s.guidance_scale, latents=start_latents, output_type="np",
-                       callback_on_step_end=keep_latents, **control)
+        with torch.inference_mode():  # the same prompts, latents and settings as fd's arms, no negative prompt
+            images, final = family.diffusers_call(pipe, prompts, start_latents, steps=s.steps,
+                                                  guidance_scale=s.guidance_scale, height=s.height, width=s.width,
+                                                  **control)
         if device == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - started
-        images = (np.asarray(out.images, dtype=np.float32) * 255).round().astype(np.uint8)
-        calls = {"unet": len(unet_calls) - before,
+        images = (np.asarray(images, dtype=np.float32) * 255).round().astype(np.uint8)
+        calls = {family.diffusers_denoiser: len(denoiser_calls) - before,
                  **{graph: len(c) - control_before[graph] for graph, c in controlnet_calls.items()}}
         return Sample(total, None, calls, host_peak_bytes(reset),
                       torch.cuda.max_memory_allocated() if device == "cuda" else None, images,
-                      final["latents"].float().cpu().numpy() if "latents" in final else None)
+                      None if final is None else final.float().cpu().numpy())
     run.info = {"pipeline": type(pipe).__name__, "device": device, "dtype": str(dtype).removeprefix("torch."),
                 "scheduler": type(scheduler).__name__}
     return run
@@ -338,10 +377,6 @@ def _max(values):
 def encoder_side(flops: dict) -> list[str]:
     """The graphs that run only at key steps with FasterDiffusion: the denoiser encoder and every ControlNet."""
     return ["denoiser_encoder", *(name for name in flops if is_controlnet_graph(name))]
-
-
-def is_controlnet_graph(name: str) -> bool:
-    return is_image_input_graph(name) and name != "vae_encoder"
 
 
 def flop_floor(flops: dict, steps: int, key_steps: int) -> float:

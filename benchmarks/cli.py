@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import shlex
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from benchmarks import report
-from benchmarks.bench import DEFAULT_PROMPT, Settings, run_benchmark
+from benchmarks.bench import DEFAULT_CLASS_LABEL, DEFAULT_PROMPT, Settings, run_benchmark
 from runtime.atomic import check_writable
 from runtime.cli import check_engine_dir
 from runtime.cli_common import run_cli
@@ -25,6 +24,8 @@ EXAMPLES = """examples:
   fd-bench --engine-dir engines/sd15-fp16-tensorrt --compare diffusers --json bench.json --plot stages.png
   fd-bench --engine-dir engines/sd15-fp16-tensorrt --steps 20 --scheduler dpmpp-2m --uniform 4
   fd-bench --engine-dir engines/sd15-control --control-image edges.png --controlnet-scale 0.8 --compare diffusers
+  fd-bench --engine-dir engines/dit-xl-random-fp32-onnxruntime --class-label 207 --runs 2 --warmup 1
+  fd-bench --engine-dir engines/tiny-pixart-fp32-onnxruntime --steps 20 --compare diffusers
 """
 
 
@@ -32,11 +33,17 @@ def parse_args(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fd-bench", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine-dir", required=True, help="engine folder made by fd-build")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt, repeated --batch-size times")
+    p.add_argument("--prompt", help=f"text-to-image folders: the prompt, repeated --batch-size times (default "
+                                    f"{DEFAULT_PROMPT!r})")
+    p.add_argument("--class-label", metavar="LABEL",
+                   help="class-conditional folders (DiT): a class id or a name from the model's id2label, repeated "
+                        f"--batch-size times (default {DEFAULT_CLASS_LABEL}, ImageNet's golden retriever; class 0 "
+                        f"for a model with {DEFAULT_CLASS_LABEL} classes or fewer)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", choices=CHOICES, default=DEFAULT, metavar="NAME", help=f"sampler: {choices_help()}")
     p.add_argument("--batch-size", type=int, default=1, help="images per generation (default 1)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale, 1 or less: off (default: "
+                   "the folder's model family's: 7.5 for SD/SDXL, 4.0 for DiT, 4.5 for PixArt-α)")
     p.add_argument("--height", type=int, help="image height (default: the folder's; others need --dynamic-shape)")
     p.add_argument("--width", type=int, help="image width (default: the folder's; others need --dynamic-shape)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one set of initial latents all arms share")
@@ -58,8 +65,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="measured runs per arm (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured runs per arm first (default 2)")
     p.add_argument("--compare", choices=["diffusers"], help="add diffusers' own pipeline of the folder's family "
-                   "(StableDiffusionPipeline, StableDiffusionXLPipeline; their ControlNet pipelines with "
-                   "--control-image) as a third arm")
+                   "(StableDiffusionPipeline, StableDiffusionXLPipeline, DiTPipeline, PixArtAlphaPipeline; the "
+                   "ControlNet pipelines with --control-image) as a third arm")
     p.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table block (for benchmarks/RESULTS.md)")
     p.add_argument("--plot", metavar="FILE.png", help="draw per-stage stacked bars per arm (needs matplotlib)")
@@ -71,10 +78,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        from benchmarks.bench import check_image_inputs
+        from benchmarks.bench import check_image_inputs, check_prompt_inputs, resolve_settings
         from runtime.cli import image_input_options
         from runtime.manifest import load_manifest
-        from runtime.pipeline import FasterDiffusionPipeline
+        from runtime.pipeline import FasterDiffusionPipeline, check_guidance_scale
         from runtime.policy import parse_guidance_interval, policy_from_options
         check_engine_dir(args.engine_dir)
         if args.plot:  # fail now, not after the runs
@@ -86,24 +93,29 @@ def main(argv=None) -> int:
                 check_writable(path, option)
         if args.guidance_interval is not None:
             parse_guidance_interval(args.guidance_interval)
+        if args.guidance_scale is not None:
+            check_guidance_scale(args.guidance_scale)
         # The image inputs against the folder, in fd-run's words, before the engines load: a ControlNet folder
         # without --control-image (or --control-image on another folder) is one line, not minutes later.
         image_inputs, steps_run = image_input_options(args)  # reads each image once; image to image runs fewer steps
-        settings = Settings(prompt=args.prompt, steps=args.steps, scheduler=args.scheduler,
-                            batch_size=args.batch_size, guidance_scale=args.guidance_scale, runs=args.runs,
-                            warmup=args.warmup, seed=args.seed, compare_diffusers=args.compare == "diffusers",
-                            height=args.height, width=args.width,
+        settings = Settings(prompt=args.prompt, class_label=args.class_label, steps=args.steps,
+                            scheduler=args.scheduler, batch_size=args.batch_size,
+                            guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, seed=args.seed,
+                            compare_diffusers=args.compare == "diffusers", height=args.height, width=args.width,
                             control_images=tuple(image_inputs["control_images"] or ()),
                             controlnet_scales=None if args.controlnet_scale is None else tuple(args.controlnet_scale),
                             init_image=image_inputs["init_image"], strength=args.strength)
-        check_image_inputs(load_manifest(args.engine_dir), settings, args.engine_dir)
+        manifest = load_manifest(args.engine_dir)
+        check_prompt_inputs(manifest, settings)  # --prompt on a DiT folder, --class-label on a text one: one line
+        check_image_inputs(manifest, settings, args.engine_dir)
         started = time.perf_counter()
         pipe = FasterDiffusionPipeline(args.engine_dir)
         load_seconds = time.perf_counter() - started  # the folder's cold start: manifest, every graph, tokenizers
         policy = policy_from_options(steps_run, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
-                                     uniform=args.uniform, guidance_interval=args.guidance_interval)
-        height, width = pipe.image_size(args.height, args.width)  # resolved here: the JSON records the size used
-        settings = dataclasses.replace(settings, height=height, width=width)
+                                     uniform=args.uniform, guidance_interval=args.guidance_interval,
+                                     noise_injection_tau=pipe.family.noise_injection_tau)
+        # resolved here (size, the family's guidance, its default prompt or class label): the JSON records them
+        settings = resolve_settings(pipe, settings)
         measured = run_benchmark(pipe, settings, policy,
                                  progress=lambda total: tqdm(total=total, unit="run", desc="fd-bench", leave=False))
         result = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -133,7 +145,8 @@ def write_markdown(path: str, result: dict) -> None:
 
 def engine_info(pipe) -> dict:
     m = pipe.manifest
-    return {"dir": str(pipe.engine_dir), "family": m.get("family"), "backend": m["backend"],
+    split_block = (m.get("family_options") or {}).get("split_block")  # transformer families: split at this block
+    return {"dir": str(pipe.engine_dir), "family": m.get("family"), "split_block": split_block, "backend": m["backend"],
             "precision": m["precision"], "providers": getattr(pipe.runner, "providers", None),
             "model": m["source"].get("model"), "model_kind": m["source"].get("kind"),
             "height": m["height"], "width": m["width"], "dynamic_shape": m.get("dynamic_shape"),
@@ -151,8 +164,8 @@ def argv_images(args) -> dict:
 
 def settings_info(s: Settings, policy, images: dict | None = None) -> dict:
     order = ["baseline", "fasterdiffusion", *(["diffusers"] if s.compare_diffusers else [])]
-    return {"prompt": s.prompt, "batch_size": s.batch_size, "height": s.height, "width": s.width,
-            "steps": s.steps, "steps_run": s.steps_that_run(), "scheduler": s.scheduler,
+    return {"prompt": s.prompt, "class_label": s.class_label, "batch_size": s.batch_size, "height": s.height,
+            "width": s.width, "steps": s.steps, "steps_run": s.steps_that_run(), "scheduler": s.scheduler,
             "guidance_scale": s.guidance_scale, "seed": s.seed, "runs": s.runs, "warmup": s.warmup,
             "order": f"alternating {' / '.join(order)}, warm-up runs first", **(images or {}), **policy.describe()}
 

@@ -1,4 +1,5 @@
-"""FLOPs per sample of fd's UNet encoder and decoder for a generated model, and FasterDiffusion's FLOP floor.
+"""FLOPs per sample of fd's denoiser encoder and decoder for a generated model (a UNet's halves, or a DiT's or
+PixArt-α's transformer split at its block, counted at its native size), and FasterDiffusion's FLOP floor.
 
     python -m benchmarks.flop_split --model sdxl-random --size 128 --size 1024 --json split.json
 
@@ -55,24 +56,39 @@ def parse_size(text: str) -> tuple[int, int]:
     return sides
 
 
+def vae_scale(comps) -> int:
+    return 2 ** (len(comps.vae.config.block_out_channels) - 1)
+
+
+def native_size(comps) -> int:
+    from builder.families import FAMILIES
+    return FAMILIES[comps.family].size_rule(comps)[2] * vae_scale(comps)
+
+
 def count_split(comps, height: int, width: int) -> dict:
-    """FLOPs of one sample (one CFG row) through fd's UNet encoder, decoder and the whole UNet."""
+    """FLOPs of one sample (one CFG row) through fd's denoiser encoder and decoder (the family's halves: a UNet's,
+    or a transformer's split at its block), and through the whole UNet (None for transformers)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from builder.families import FAMILIES
-    from builder.families.base import FlatDecoder
-    from builder.split import UNetEncoder, added_condition_names, unet_levels
+    from builder.split import added_condition_names
 
-    unet, vae = comps.unet, comps.vae
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    multiple = scale * unet_levels(unet)
+    family, unet = FAMILIES[comps.family], comps.unet
+    channels, latent_multiple, native = family.size_rule(comps)
+    scale = vae_scale(comps)
+    multiple = scale * latent_multiple
     if height % multiple or width % multiple:
         raise FdError(f"--size {height}x{width}: this model needs sides that are multiples of {multiple} pixels")
-    latent = (1, unet.config.in_channels, height // scale, width // scale)
-    meta = {"device": "meta", "dtype": torch.float32}
-    conditions = [torch.empty([1 if d == "batch" else d for d in spec["shape"]], **meta)
-                  for spec in FAMILIES[comps.family].conditions(comps, "float32")]
-    sample, timestep = torch.empty(latent, **meta), torch.empty(1, **meta)
+    if not family.supports_dynamic_shape and (height, width) != (native * scale,) * 2:
+        # a transformer's halves are made for one token grid; fd-build makes them for the size it builds
+        raise FdError(f"--size {height}x{width}: count a {comps.family} model at its native size, "
+                      f"{native * scale}x{native * scale}")
+    latent = (1, channels, height // scale, width // scale)
+    conditions = [torch.empty([1 if d == "batch" else d for d in spec["shape"]], device="meta",
+                              dtype=getattr(torch, spec["dtype"]))  # float32, or int64 (class labels, token masks)
+                  for spec in family.conditions(comps, "float32")]
+    sample, timestep = torch.empty(latent, device="meta"), torch.empty(1, device="meta")
+    encoder, decoder = family.denoiser_halves(comps, torch.float32)
 
     def counted(run):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -81,13 +97,15 @@ def count_split(comps, height: int, width: int) -> dict:
         attention = sum(n for op, n in ops.items() if str(op).rsplit(".", 1)[-1] in ATTENTION_SCORE_OPS)
         return out, {"flops": int(counter.get_total_flops()), "attention_scores": int(attention)}
 
-    cache, encoder = counted(lambda: UNetEncoder(unet).eval()(sample, timestep, *conditions))
-    _, decoder = counted(lambda: FlatDecoder(unet).eval()(timestep, *conditions, *cache))
-    added = dict(zip(added_condition_names(unet), conditions[1:]))  # SDXL's text_embeds, time_ids
-    _, whole = counted(lambda: unet(sample, timestep, conditions[0], added_cond_kwargs=added or None))
-    return {"height": height, "width": width, "latent": list(latent[1:]), "denoiser_encoder": encoder,
-            "denoiser_decoder": decoder, "unet": whole,
-            "decoder_share": decoder["flops"] / (encoder["flops"] + decoder["flops"])}
+    cache, encoder_flops = counted(lambda: encoder.eval()(sample, timestep, *conditions))
+    _, decoder_flops = counted(lambda: decoder.eval()(timestep, *conditions, *cache))
+    whole = None
+    if unet is not None:
+        added = dict(zip(added_condition_names(unet), conditions[1:]))  # SDXL's text_embeds, time_ids
+        _, whole = counted(lambda: unet(sample, timestep, conditions[0], added_cond_kwargs=added or None))
+    return {"height": height, "width": width, "latent": list(latent[1:]), "denoiser_encoder": encoder_flops,
+            "denoiser_decoder": decoder_flops, "unet": whole,
+            "decoder_share": decoder_flops["flops"] / (encoder_flops["flops"] + decoder_flops["flops"])}
 
 
 def floor(decoder_share: float, steps: int, key_steps: int) -> float:
@@ -124,8 +142,7 @@ def main(argv=None) -> int:
         sizes = [parse_size(s) for s in args.size] if args.size else None
         comps = make_on_meta(args.model)
         if sizes is None:
-            native = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
-            sizes = [(native, native)]
+            sizes = [(native_size(comps),) * 2]
         params = {name: sum(p.numel() for p in module.parameters()) for name, module in comps.torch_modules().items()}
         rows = []
         for height, width in sizes:
@@ -146,8 +163,9 @@ def main(argv=None) -> int:
 
 def format_table(r: dict) -> str:
     total = sum(r["parameters"].values())
-    unet = r["parameters"]["unet"]
-    lines = [f"{r['model']} ({r['family']}, {total / 1e9:.3f} B parameters, UNet {unet / 1e9:.3f} B): "
+    name = "UNet" if "unet" in r["parameters"] else "transformer"
+    denoiser = r["parameters"][name.lower()]
+    lines = [f"{r['model']} ({r['family']}, {total / 1e9:.3f} B parameters, {name} {denoiser / 1e9:.3f} B): "
              f"GFLOPs per sample (one CFG row); floor for {r['steps']} steps, key steps {r['key_steps']}", "",
              f"{'image':>11} {'latent':>9} {'encoder':>10} {'decoder':>10} {'enc+dec':>10} {'full UNet':>10} "
              f"{'attn scores':>11} {'enc/dec %':>10} {'floor':>7}"]
@@ -156,9 +174,13 @@ def format_table(r: dict) -> str:
         attention = (e["attention_scores"] + d["attention_scores"]) / (e["flops"] + d["flops"])
         lines.append(f"{row['height']:>5}x{row['width']:<5} {row['latent'][1]:>4}x{row['latent'][2]:<4} "
                      f"{e['flops'] / 1e9:>10.1f} {d['flops'] / 1e9:>10.1f} {(e['flops'] + d['flops']) / 1e9:>10.1f} "
-                     f"{row['unet']['flops'] / 1e9:>10.1f} {attention:>10.1%} "
+                     f"{_g(row['unet'])} {attention:>10.1%} "
                      f"{1 - row['decoder_share']:>5.1%}/{row['decoder_share']:.1%} {row['floor']:>6.3f}x")
     return "\n".join(lines) + "\n"
+
+
+def _g(count) -> str:
+    return f"{'-':>10}" if count is None else f"{count['flops'] / 1e9:>10.1f}"
 
 
 if __name__ == "__main__":

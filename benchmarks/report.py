@@ -92,6 +92,18 @@ def headline(r: dict) -> str:
             f"FD key steps {st['key_steps']}")
 
 
+def denoiser_name(r: dict) -> str:
+    """What the folder's denoiser is called in the labels: "transformer" for a folder split at a transformer block
+    (DiT, PixArt-α: the manifest's family_options.split_block), else "UNet". Lower-cased, it is also the name
+    under which the diffusers arm counts its denoiser's calls."""
+    return "transformer" if r["engine"].get("split_block") is not None else "UNet"
+
+
+def stage_labels(r: dict) -> dict[str, str]:
+    word = denoiser_name(r)
+    return {name: label.replace("UNet", word) for name, label in STAGE_LABELS.items()}
+
+
 def stages_shown(r: dict) -> list[str]:
     """The stages of the table, Markdown and plot: every usual one, and the ControlNet and VAE encoder stages
     when some arm timed them."""
@@ -105,7 +117,7 @@ def controlnet_graphs(r: dict) -> list[str]:
 
 def _rows(r: dict) -> list[tuple[str, list[str]]]:
     arms = r["arms"]
-    stages = stages_shown(r)
+    stages, stage_label, word = stages_shown(r), stage_labels(r), denoiser_name(r)
 
     def per_arm(get):
         return [get(arm) for arm in arms.values()]
@@ -114,11 +126,12 @@ def _rows(r: dict) -> list[tuple[str, list[str]]]:
         return lambda a: _s((a["stage_seconds_median"] or {}).get(name))
     spi = [("s/image median", "median"), ("s/image min", "min"), ("s/image max", "max")]
     rows = [(label, per_arm(lambda a, k=k: _s((a["seconds_per_image"] or {}).get(k)))) for label, k in spi]
-    rows += [(f"{STAGE_LABELS[n]} (s, median)", per_arm(stage(n))) for n in stages]
+    rows += [(f"{stage_label[n]} (s, median)", per_arm(stage(n))) for n in stages]
     rows.append(("total (s, median)", per_arm(stage("total"))))
     controlnets = controlnet_graphs(r)
-    counted = ["denoiser_encoder", "denoiser_decoder", *controlnets, *(["unet"] if "diffusers" in arms else [])]
-    labels = {"denoiser_encoder": "UNet encoder", "denoiser_decoder": "UNet decoder", "unet": "full UNet",
+    counted = ["denoiser_encoder", "denoiser_decoder", *controlnets, *([word.lower()] if "diffusers" in arms else [])]
+    labels = {"denoiser_encoder": f"{word} encoder", "denoiser_decoder": f"{word} decoder",
+              word.lower(): f"full {word}",
               **{graph: graph.replace("controlnet", "ControlNet").replace("_", " ") for graph in controlnets}}
     rows += [(f"{labels[c]} calls", per_arm(lambda a, c=c: str((a["calls"] or {}).get(c, "-")))) for c in counted]
     rows.append(("peak RSS (MiB)", per_arm(lambda a: _mib(a["peak_rss_bytes"]))))
@@ -128,7 +141,8 @@ def _rows(r: dict) -> list[tuple[str, list[str]]]:
 
 def summary_lines(r: dict) -> list[str]:
     sp, floor, lines = r["speedup"], r["flop_floor"], []
-    denoiser = "UNet + ControlNet" if controlnet_graphs(r) else "UNet"
+    word = denoiser_name(r)
+    denoiser = f"{word} + ControlNet" if controlnet_graphs(r) else word
     lines.append(f"speedup FD over baseline, pair by pair: {_x(sp['fd_over_baseline'])} end to end, "
                  f"{_x(sp['fd_over_baseline_unet'])} {denoiser} only")
     if "fd_over_diffusers" in sp:
@@ -137,7 +151,7 @@ def summary_lines(r: dict) -> list[str]:
     if floor:
         frac = [f"{floor[k]:.0%}" if floor[k] is not None else "-"
                 for k in ("fraction_of_floor", "fraction_of_floor_unet")]
-        counted = "UNet + ControlNet" if any((floor.get("controlnet_flops") or {}).values()) else "UNet"
+        counted = f"{word} + ControlNet" if any((floor.get("controlnet_flops") or {}).values()) else word
         lines.append(f"FLOP floor ({counted}, {floor['key_steps']} key steps of {floor['steps']}): "
                      f"{floor['unet_speedup']:.2f}x; measured = {frac[0]} of it end to end, {frac[1]} {denoiser} only")
         if floor.get("note"):
@@ -168,8 +182,8 @@ def format_table(r: dict) -> str:
 
 def format_markdown(r: dict) -> str:
     m = r["machine"]
-    stages, controlnets = stages_shown(r), controlnet_graphs(r)
-    head = ["arm", "s/image median (min-max)", *[STAGE_LABELS[n] for n in stages],
+    stages, controlnets, stage_label = stages_shown(r), controlnet_graphs(r), stage_labels(r)
+    head = ["arm", "s/image median (min-max)", *[stage_label[n] for n in stages],
             "enc/dec calls", *(["ControlNet calls"] if controlnets else []), "peak RSS MiB", "device peak MiB",
             "speedup vs baseline"]
     out = [f"#### {headline(r)}", "", f"Machine: {m['cpu']}, {m['usable_cores']} cores"
@@ -180,10 +194,10 @@ def format_markdown(r: dict) -> str:
         vs_baseline["diffusers"] = f"{1 / r['speedup']['baseline_over_diffusers']['median']:.2f}x"
     for name, a in r["arms"].items():
         spi, medians, calls = a["seconds_per_image"] or {}, a["stage_seconds_median"] or {}, a["calls"] or {}
-        unet = calls.get("unet", "-")  # diffusers runs the whole UNet: as many encoder as decoder passes
+        whole = calls.get(denoiser_name(r).lower(), "-")  # diffusers: whole-denoiser calls, encoder and decoder
         cells = [ARM_LABELS[name], f"{_s(spi.get('median'))} ({_s(spi.get('min'))}-{_s(spi.get('max'))})",
                  *[_s(medians.get(n)) for n in stages],
-                 f"{calls.get('denoiser_encoder', unet)}/{calls.get('denoiser_decoder', unet)}",
+                 f"{calls.get('denoiser_encoder', whole)}/{calls.get('denoiser_decoder', whole)}",
                  *(["/".join(str(calls.get(g, "-")) for g in controlnets)] if controlnets else []),
                  _mib(a["peak_rss_bytes"]), _mib(a["device_peak_bytes"]), vs_baseline.get(name, "-")]
         out.append("| " + " | ".join(cells) + " |")
@@ -230,7 +244,8 @@ def write_plot(path: str, r: dict) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = [n for n, a in r["arms"].items() if a["stage_seconds_median"]]
     bottom = [0.0] * len(names)
-    for stage, label in [*((n, STAGE_LABELS[n]) for n in stages_shown(r)), ("total", "total, not split (diffusers)")]:
+    stage_label = stage_labels(r)
+    for stage, label in [*((n, stage_label[n]) for n in stages_shown(r)), ("total", "total, not split (diffusers)")]:
         heights = []
         for n in names:
             stages = r["arms"][n]["stage_seconds_median"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from runtime.control import is_image_input_graph
+from runtime.control import is_controlnet_graph
 
 # On CPU tensors scaled_dot_product_attention runs a kernel the counter has no formula for (it would count
 # 0 FLOPs and leave attention out of the split); count it as the attention it is.
@@ -23,18 +23,21 @@ def counted_graphs(modules: dict) -> list[str]:
     return [*DENOISER_HALVES, *(name for name in modules if is_controlnet_graph(name))]
 
 
-def is_controlnet_graph(name: str) -> bool:
-    return is_image_input_graph(name) and name != "vae_encoder"
-
-
 def unet_flops(modules: dict, specs: dict) -> dict[str, int]:
     """FLOPs of one sample (one CFG row) through the encoder, the decoder and each ControlNet graph."""
     def ones(spec):
+        """One row of every input in its own dtype: floats 0.5, integers (DiT's class labels, PixArt's token mask)
+        0, the timestep 500. The count depends on shapes alone; the dtypes keep embedding lookups valid."""
         feeds = []
         for tensor in spec["inputs"]:
             shape = [1 if d == "batch" else d for d in tensor["shape"]]
-            dtype = torch.float16 if tensor["dtype"] == "float16" else torch.float32
-            feeds.append(torch.full(shape, 0.5, dtype=dtype) if tensor["name"] != "timestep" else torch.tensor([500.0]))
+            dtype = getattr(torch, tensor["dtype"])  # "float32", "float16", "int64"
+            if tensor["name"] == "timestep":
+                feeds.append(torch.tensor([500.0]))
+            elif dtype.is_floating_point:
+                feeds.append(torch.full(shape, 0.5, dtype=dtype))
+            else:
+                feeds.append(torch.zeros(shape, dtype=dtype))
         return feeds
 
     counts = {}

@@ -86,11 +86,16 @@ def is_image_input_graph(name: str) -> bool:
         name.startswith("controlnet_") and name[len("controlnet_"):].isdigit())
 
 
+def is_controlnet_graph(name: str) -> bool:
+    """A ControlNet's graph (`controlnet`, `controlnet_1`, …): it runs where the denoiser encoder runs."""
+    return is_image_input_graph(name) and name != "vae_encoder"
+
+
 def image_graph_problem(manifest: dict) -> str | None:
     """How the manifest's ControlNet records disagree with its graphs and cache (None: they agree)."""
     components, cache = manifest["components"], manifest["cache"]
     recorded = [r["graph"] for r in controlnet_records(manifest)]  # the schema checked their shape
-    graphs = [name for name in components if name != "vae_encoder" and is_image_input_graph(name)]
+    graphs = [name for name in components if is_controlnet_graph(name)]
     if sorted(recorded) != sorted(graphs):
         return f"controlnets names graphs {recorded}, components holds ControlNet graphs {graphs}"
     for graph in graphs:

@@ -93,6 +93,18 @@ def test_floor_leaves_out_a_controlnet_the_manifest_did_not_count():
     assert bench.flop_floor_of_rows(flops, rows_base, rows_fd) == pytest.approx(40 * 60 / (14 * 30 + 40 * 30))
 
 
+def test_controlnet_graph_names_are_the_runtimes():
+    """One rule (runtime/control.py) for which graphs are ControlNets, in the floor and in fd-build's count."""
+    from builder.flops import counted_graphs
+    from runtime.control import is_controlnet_graph
+    assert [is_controlnet_graph(n) for n in ("controlnet", "controlnet_1", "controlnet_x", "vae_encoder",
+                                              "denoiser_encoder")] == [True, True, False, False, False]
+    graphs = {name: None for name in ("text_encoder", "denoiser_encoder", "controlnet", "vae_encoder", "controlnet_1",
+                                      "denoiser_decoder")}
+    assert counted_graphs(graphs) == ["denoiser_encoder", "denoiser_decoder", "controlnet", "controlnet_1"]
+    assert bench.encoder_side(graphs) == ["denoiser_encoder", "controlnet", "controlnet_1"]
+
+
 def test_reports_show_the_controlnet_and_the_load_time(control_report):
     r, markdown = control_report
     assert "| UNet encoder | ControlNet | UNet decoder |" in markdown.splitlines()[4]  # a stage column of its own

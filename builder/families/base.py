@@ -131,6 +131,28 @@ class BuildFamily:
         benchmarked against."""
         raise NotImplementedError
 
+    # --- diffusers' pipeline as fd-bench's third arm runs it: each family's call quirks here, not in the bench --
+    diffusers_denoiser = "unet"  # the pipeline's attribute holding the denoiser (whose calls the bench counts)
+
+    def check_diffusers_call(self, pipe, height: int, width: int) -> None:
+        """Refuse, in one line and before any run, a size the pipeline cannot generate at."""
+
+    def diffusers_call(self, pipe, prompts: list, latents, *, steps: int, guidance_scale: float, height: int,
+                       width: int, **extra) -> tuple:
+        """Run `pipe` as fd runs the folder: these prompts, these initial latents (a torch tensor on the pipeline's
+        device and dtype), no negative prompt (SD encodes "", SDXL conditions on zeros: force_zeros_for_empty_prompt;
+        SDXL's size conditioning defaults to the image size, as fd's). `extra`: the ControlNet pipeline's image
+        and scales. Returns (images as floats in [0, 1], N x H x W x 3; the final latents, a torch tensor)."""
+        final = {}
+
+        def keep_latents(_pipe, _i, _t, kwargs):
+            final["latents"] = kwargs["latents"]
+            return kwargs
+        out = pipe(prompts, negative_prompt=None, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, latents=latents, output_type="np", callback_on_step_end=keep_latents,
+                   **extra)
+        return out.images, final.get("latents")
+
     def vae_precision(self, comps: Components, precision: str) -> str:
         """A VAE whose config asks for it (SDXL's force_upcast) stays fp32 in fp16 folders: it overflows in fp16."""
         return "fp32" if precision == "fp16" and comps.vae.config.get("force_upcast", False) else precision

@@ -13,6 +13,7 @@ Classes are 0 … num_classes-1; num_classes itself is the null class that class
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -172,6 +173,49 @@ class DiTFamily(TransformerFamily):
         if id2label:
             pipe.register_to_config(id2label=id2label)  # so save_pretrained writes it to model_index.json
         return pipe
+
+    diffusers_denoiser = "transformer"
+
+    def check_diffusers_call(self, pipe, height, width):
+        side = pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        if (height, width) != (side, side):
+            raise FdError(f"DiTPipeline generates only at its transformer's size, {side}x{side}, not {height}x{width}: "
+                          "drop --compare diffusers, or compare a folder built at that size")
+
+    def diffusers_call(self, pipe, prompts, latents, *, steps, guidance_scale, height, width, **extra):
+        """DiTPipeline as fd runs DiT: the labels as class ids (fd's rule: ids, or id2label names in any case),
+        guidance when above 1 (as fd). It has no `latents` argument: its noise draw returns ours, and its VAE
+        decode call hands back the final latents; both only for this call."""
+        from diffusers.pipelines.dit import pipeline_dit
+        from runtime.families.dit import class_id
+        options = {"num_classes": pipe.transformer.config.num_embeds_ada_norm,
+                   "id2label": dict(pipe.config.get("id2label") or {})}
+        final, decode = {}, pipe.vae.decode
+
+        def keep_latents(scaled, *args, **kwargs):
+            final["latents"] = scaled * pipe.vae.config.scaling_factor  # the pipeline decodes latents / factor
+            return decode(scaled, *args, **kwargs)
+        with _replaced(pipeline_dit, "randn_tensor", lambda shape, **_: latents.reshape(shape)), \
+                _replaced(pipe.vae, "decode", keep_latents):
+            out = pipe([class_id(label, options) for label in prompts], guidance_scale=guidance_scale,
+                       num_inference_steps=steps, output_type="np", **extra)
+        return out.images, final.get("latents")
+
+
+@contextmanager
+def _replaced(owner, name: str, value):
+    """`owner.name` is `value` inside the block only: a module's function, or one object's method (whose own
+    attribute is removed again, so the class's method shows through)."""
+    own = vars(owner)
+    had, before = name in own, own.get(name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(owner, name, before)
+        else:
+            delattr(owner, name)
 
 
 def _options(transformer, id2label: dict) -> dict:

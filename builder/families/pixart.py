@@ -209,6 +209,18 @@ class PixArtAlphaFamily(TransformerFamily):
         return PixArtAlphaPipeline(tokenizer=comps.tokenizer, text_encoder=comps.text_encoder, vae=comps.vae,
                                    transformer=comps.transformer, scheduler=scheduler)
 
+    diffusers_denoiser = "transformer"
+
+    def diffusers_call(self, pipe, prompts, latents, *, steps, guidance_scale, height, width, **extra):
+        """PixArtAlphaPipeline as fd runs PixArt: the negative prompt "" (fd's default; None crashes the pipeline), no
+        caption cleaning (fd lower-cases and strips only) and no resolution binning (fd generates at the size asked
+        for). It ignores callback_on_step_end, so the final latents come from the older `callback`."""
+        final = {}
+        out = pipe(prompts, negative_prompt="", height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, latents=latents, output_type="np", clean_caption=False,
+                   use_resolution_binning=False, callback=lambda _i, _t, z: final.update(latents=z), **extra)
+        return out.images, final.get("latents")
+
     def denoiser_halves(self, comps: Components, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
         transformer, split = _cast(comps.transformer, dtype), self.split_block(comps)
         return PixArtEncoder(transformer, split), PixArtDecoder(transformer, split)
