@@ -169,6 +169,14 @@ def sdxl_size_options(args, family: str) -> dict:
     return options
 
 
+def check_one_input_kind(args) -> None:
+    """--prompt or --class-label, at least one and not both (which one the folder takes: check_prompt_kind)."""
+    if not args.prompt and not args.class_label:
+        raise FdError("give at least one --prompt (or --class-label for a class-conditional model such as DiT)")
+    if args.prompt and args.class_label:
+        raise FdError("give --prompt (text models) or --class-label (class-conditional models), not both")
+
+
 def check_prompt_kind(args, family) -> list[str]:
     """--class-label for class-conditional folders (DiT), --prompt for text ones; the other is refused."""
     if family.class_conditional and args.prompt:
@@ -185,10 +193,7 @@ def main(argv=None) -> int:
 
     def job():
         from runtime.pipeline import FasterDiffusionPipeline
-        if not args.prompt and not args.class_label:
-            raise FdError("give at least one --prompt (or --class-label for a class-conditional model such as DiT)")
-        if args.prompt and args.class_label:
-            raise FdError("give --prompt (text models) or --class-label (class-conditional models), not both")
+        check_one_input_kind(args)
         check_engine_dir(args.engine_dir)
         paths = check_outputs(args)
         if args.guidance_interval is not None:

@@ -192,15 +192,15 @@ class FasterDiffusionPipeline:
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist(), rows)
 
     def check_request(self, prompts: list[str], *, negative_prompt: str | list[str] | None = None, steps: int = 50,
-                      guidance_scale: float = 7.5, seed: int | None = 0, latents: np.ndarray | None = None,
+                      guidance_scale: float | None = None, seed: int | None = 0, latents: np.ndarray | None = None,
                       policy: FasterDiffusionPolicy | None = None, height: int | None = None,
                       width: int | None = None) -> None:
         """Check a generation's options without running anything: raises the FdError line that calling the
         pipeline with them would raise first (prompts and negative prompts, batch size, steps, guidance, seed
-        or latents, size, key-step policy; `policy`/`height`/`width` None as in the call). Servers check each
-        request with it before batching (fd-serve). Not covered: the scheduler name (runtime.schedulers.
-        make_scheduler), control and init images (runtime.control.prepare_control, runtime.img2img.prepare_init)
-        and prompt length (the tokenizers)."""
+        or latents, size, key-step policy; `guidance_scale`/`policy`/`height`/`width` None as in the call).
+        Servers check each request with it before batching (fd-serve). Not covered: the scheduler name
+        (runtime.schedulers.make_scheduler), control and init images (runtime.control.prepare_control,
+        runtime.img2img.prepare_init) and prompt length (the tokenizers)."""
         height, width = self.image_size(height, width)
         policy = policy or self.default_policy(steps)
         kinds = (str, int, np.integer) if self.family.class_conditional else str  # DiT: class ids too
@@ -217,7 +217,7 @@ class FasterDiffusionPipeline:
                           f"images per generation: rebuild with fd-build --max-batch-size {len(prompts)}")
         if not 1 <= steps <= MAX_STEPS:
             raise FdError(f"--steps {steps} is out of range: use 1 to {MAX_STEPS}")
-        check_guidance_scale(guidance_scale)
+        check_guidance_scale(self.family.default_guidance_scale if guidance_scale is None else guidance_scale)
         if latents is None:
             check_seed(seed)
         if not all(isinstance(side, int) and 0 < side for side in (height, width)):

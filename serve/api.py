@@ -3,11 +3,14 @@
 The schema (field names and JSON types) is checked here, without the engines; the values (steps, sizes,
 key steps, prompt length, images, ...) are checked by the engine replica with the pipeline's own checks, so
 a bad value gets the same one-line message fd-run prints. Images (ControlNet conditioning, the img2img start)
-travel as base64-encoded PNG or JPEG files.
+travel as base64-encoded PNG or JPEG files. A request gives a `prompt` (text folders) or a `class_label`
+(class-conditional folders: DiT), as fd-run takes --prompt or --class-label; which one the folder takes is
+checked by the engine replica, which knows the folder's family.
 """
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -28,11 +31,12 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: StrictStr
+    prompt: StrictStr | None = None  # text folders
+    class_label: StrictInt | StrictStr | None = None  # class-conditional folders (DiT): a class id or an id2label name
     negative_prompt: StrictStr | None = None
     steps: StrictInt = 50
     scheduler: StrictStr = "ddim"
-    guidance_scale: Union[StrictInt, StrictFloat] = 7.5
+    guidance_scale: Union[StrictInt, StrictFloat] | None = None  # None: the folder's family's (SD 7.5, DiT 4.0, ...)
     seed: StrictInt = 0
     height: StrictInt | None = None
     width: StrictInt | None = None
@@ -71,7 +75,8 @@ FIELDS = ", ".join(ImageRequest.model_fields)
 
 def parse_image_request(body: bytes) -> ImageRequest:
     """The request of a POST body, or BadRequest: 400 for a body that is not a JSON object, 422 for a schema
-    problem (unknown field, missing prompt, wrong type, empty prompt, conflicting key-step options)."""
+    problem (unknown field, wrong type, neither or both of prompt and class_label, empty prompt, conflicting
+    key-step options)."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(413, f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted")
     try:
@@ -85,7 +90,14 @@ def parse_image_request(body: bytes) -> ImageRequest:
         request = ImageRequest.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(422, describe(exc.errors()[0])) from None
-    if not request.prompt.strip():
+    from runtime.cli import check_one_input_kind  # fd-run's lines for --prompt / --class-label
+    from runtime.errors import FdError
+    try:
+        check_one_input_kind(SimpleNamespace(prompt=[] if request.prompt is None else [request.prompt],
+                                             class_label=[] if request.class_label is None else [request.class_label]))
+    except FdError as exc:
+        raise BadRequest(422, str(exc)) from None
+    if request.prompt is not None and not request.prompt.strip():
         raise BadRequest(422, '"prompt" is empty: give the text of the image to generate')
     chosen = [name for name, given in (("key_steps", request.key_steps is not None),
                                        ("uniform", request.uniform is not None), ("fd", not request.fd)) if given]
@@ -103,9 +115,8 @@ def describe(error: dict) -> str:
     top = str(loc[0]) if loc else field
     if error["type"] == "extra_forbidden":
         return f'unknown field "{field}": the fields are {FIELDS}'
-    if error["type"] == "missing":
-        return f'"{field}" is missing: give it, e.g. {{"prompt": "a photo of a cat"}}'
-    expected = {"prompt": "a string", "negative_prompt": "a string", "scheduler": "a string",
+    expected = {"prompt": "a string", "class_label": "a class id (a whole number) or a class name (a string)",
+                "negative_prompt": "a string", "scheduler": "a string",
                 "guidance_scale": "a number",
                 "key_steps": 'a list of step indices such as [0, 1, 2, 5] or "0,1,2,5"',
                 "fd": "true or false", "noise_injection": "true or false",

@@ -85,12 +85,13 @@ def name_of(state) -> str:
 
 
 def image_response(outcome: Outcome, as_json: bool) -> Response:
-    """The PNG, with the seed, key steps, batch size and timings in headers; or all of it as JSON."""
+    """The PNG, with the seed, guidance scale, key steps, batch size and timings in headers; or all of it (and
+    the whole policy) as JSON."""
     if as_json:
         return JSONResponse({"image": base64.b64encode(outcome.png).decode("ascii"), "seed": outcome.seed,
-                             "timings": outcome.timings, "calls": outcome.calls, "policy": outcome.policy,
-                             "batch_size": outcome.batch_size})
-    headers = {"X-Seed": str(outcome.seed),
+                             "guidance_scale": outcome.guidance_scale, "timings": outcome.timings,
+                             "calls": outcome.calls, "policy": outcome.policy, "batch_size": outcome.batch_size})
+    headers = {"X-Seed": str(outcome.seed), "X-Guidance-Scale": f"{outcome.guidance_scale:g}",
                "X-Key-Steps": ",".join(str(k) for k in outcome.policy.get("key_steps", [])),
                "X-Batch-Size": str(outcome.batch_size),
                "X-Timings": json.dumps({stage: round(s, 6) for stage, s in outcome.timings.items()},

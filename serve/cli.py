@@ -28,6 +28,7 @@ APP_NAME = "fd"
 EXAMPLES = """examples:
   fd-serve --engine-dir engines/tiny-fp32-onnxruntime
   curl -s localhost:8000/v1/images -H 'content-type: application/json' -d '{"prompt": "a cat", "seed": 1}' -o cat.png
+  curl -s localhost:8000/v1/images -H 'content-type: application/json' -d '{"class_label": 207}' -o dog.png  # DiT
   fd-serve --engine-dir /models/sd15-fp16-tensorrt --replicas 4 --address auto   # on a Ray cluster, 1 GPU each
 """
 

@@ -1,11 +1,13 @@
 """The engine side of fd-serve, without Ray: one pipeline, each request checked with the pipeline's own checks
 (so a bad value gets fd-run's message), and requests that can share one generation run as one batched call.
 
-Requests share a generation when everything but the prompt, negative prompt and seed is equal (size, steps,
-scheduler, guidance, policy, SDXL's size conditioning, the control images and their scales, the init image
-and strength). Each row keeps its own text and its own initial noise (drawn from its seed exactly as a lone
-generation draws it), so a batched request gets the image it would get alone. Image to image also samples
-the encoded image with the generation's seed, so its requests share a generation only with the same seed.
+Requests share a generation when everything but the prompt (or class label), negative prompt and seed is equal
+(size, steps, scheduler, guidance, policy, SDXL's size conditioning, the control images and their scales, the
+init image and strength). Each row keeps its own text or label and its own initial noise (drawn from its seed
+exactly as a lone generation draws it), so a batched request gets the image it would get alone. Image to image
+also samples the encoded image with the generation's seed, so its requests share a generation only with the
+same seed. Defaults that depend on the model (guidance scale, noise injection's tau) are the folder's family's,
+as in fd-run.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from runtime.control import controlnet_records, prepare_control
 from runtime.errors import FdError
+from runtime.families import PromptRequest
 from runtime.img2img import DEFAULT_STRENGTH, check_strength, prepare_init
 from runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, initial_noise
 from runtime.policy import FasterDiffusionPolicy, policy_from_options
@@ -54,7 +57,7 @@ class GroupKey:
 class Job:
     """One checked request, ready to be a row of a batch."""
 
-    prompt: str
+    prompt: str | int  # the text, or the class label of a class-conditional folder (the pipeline takes both)
     negative_prompt: str | None
     seed: int
     key: GroupKey
@@ -73,6 +76,7 @@ class Outcome:
     calls: dict = field(default_factory=dict)
     policy: dict = field(default_factory=dict)
     batch_size: int = 0
+    guidance_scale: float | None = None  # as used: the request's, or the family's default
 
 
 class ImageService:
@@ -83,13 +87,17 @@ class ImageService:
 
     def warm_up(self) -> None:
         """One short generation at the largest batch, so the first request does not pay for first-run setup
-        (allocations, CUDA contexts) and a replica that cannot run its engines fails before it takes traffic."""
-        self.pipe(["warm-up"] * self.max_batch_size, steps=WARM_UP_STEPS, seed=0)
+        (allocations, CUDA contexts) and a replica that cannot run its engines fails before it takes traffic.
+        Guided, as requests are by default (every family's default guidance is above 1)."""
+        first_input = 0 if self.pipe.family.class_conditional else "warm-up"  # DiT: the first class id
+        self.pipe([first_input] * self.max_batch_size, steps=WARM_UP_STEPS, seed=0)
 
     def prepare(self, request: ImageRequest) -> Job:
         """The request as a job, or FdError with the line fd-run prints for the same options (in fd-run's
-        order: image to image's strength, the policy, the pipeline's checks, the images, the sampler)."""
+        order: prompt or class label, image to image's strength, the policy, the pipeline's checks, the images,
+        the sampler)."""
         pipe, manifest = self.pipe, self.pipe.manifest
+        given = check_input_kind(pipe.family, request)
         init_image = None if request.init_image is None else decode_image(request.init_image, "init_image")
         steps_run = request.steps  # image to image runs the last steps only; key steps index those
         if init_image is not None:
@@ -98,12 +106,16 @@ class ImageService:
         policy = policy_from_options(steps_run, manifest["limits"]["max_window"],
                                      key_steps=request.key_steps_text(), uniform=request.uniform,
                                      baseline=not request.fd, noise_injection=request.noise_injection,
-                                     guidance_interval=request.guidance_interval_text())
+                                     guidance_interval=request.guidance_interval_text(),
+                                     noise_injection_tau=pipe.family.noise_injection_tau)
         height, width = pipe.image_size(request.height, request.width)
-        guidance = float(request.guidance_scale)
+        guidance = float(pipe.family.default_guidance_scale if request.guidance_scale is None
+                         else request.guidance_scale)
         # the size first: the images below are resized to it
-        pipe.check_request([request.prompt], negative_prompt=request.negative_prompt, steps=request.steps,
+        pipe.check_request([given], negative_prompt=request.negative_prompt, steps=request.steps,
                            guidance_scale=guidance, seed=request.seed, policy=policy, height=height, width=width)
+        if pipe.family.class_conditional:
+            check_class_input(pipe, given, request.negative_prompt, height, width)
         controls = [decode_image(data, f"control_images[{i}]") for i, data in enumerate(request.control_images or [])]
         prepare_control(manifest, controls or None, request.controlnet_scale, height, width)
         init = prepare_init(manifest, init_image, request.strength, request.steps, height, width, pipe.engine_dir)
@@ -114,7 +126,7 @@ class ImageService:
         sizes = sdxl_size_options(SimpleNamespace(original_size=request.pair_text("original_size"),
                                                   crops_coords_top_left=request.pair_text("crops_coords_top_left")),
                                   pipe.family.name)
-        texts = [request.prompt] + ([request.negative_prompt] if request.negative_prompt is not None else [])
+        texts = [given] + ([request.negative_prompt] if request.negative_prompt is not None else [])
         for tokenizer in pipe.tokenizers:  # an over-long prompt is refused here, not in the middle of a batch
             tokenizer(texts)
         inputs = {"control_images": controls or None, "controlnet_scales": request.controlnet_scale,
@@ -122,7 +134,7 @@ class ImageService:
         key = GroupKey(height, width, request.steps, request.scheduler, guidance, policy,
                        request.negative_prompt is not None, tuple(sorted(sizes.items())), images_digest(request),
                        request.seed if init is not None else None)
-        return Job(request.prompt, request.negative_prompt, request.seed, key, inputs)
+        return Job(given, request.negative_prompt, request.seed, key, inputs)
 
     def run(self, jobs: list[Job]) -> list[Outcome]:
         """One outcome per job, in order. Jobs are grouped by key into generations of at most max_batch_size
@@ -163,22 +175,50 @@ class ImageService:
                            scheduler=key.scheduler, guidance_scale=key.guidance_scale, latents=latents,
                            seed=jobs[0].seed, policy=key.policy, height=key.height, width=key.width, **jobs[0].inputs)
         return [Outcome(200, png=png_bytes(image), seed=job.seed, timings=result.timings, calls=result.calls,
-                        policy=result.policy, batch_size=len(jobs))
+                        policy=result.policy, batch_size=len(jobs), guidance_scale=key.guidance_scale)
                 for image, job in zip(result.images, jobs)]
 
     def info(self) -> dict:
         """GET /v1/info: what the engine folder is and what requests it accepts."""
-        m = self.pipe.manifest
+        m, family = self.pipe.manifest, self.pipe.family
         source = m.get("source", {})
-        return {"model": source.get("model") or source.get("path"), "family": m["family"], "backend": m["backend"],
-                "precision": m["precision"], "height": m["height"], "width": m["width"],
+        # what a request names its image by: text, or (class-conditional folders) one of num_classes classes,
+        # by id or by a name in the manifest's family_options.id2label
+        conditioning = ({"conditioning": "class_label", "num_classes": int(m["family_options"]["num_classes"])}
+                        if family.class_conditional else {"conditioning": "prompt"})
+        return {"model": source.get("model") or source.get("path"), "family": m["family"], **conditioning,
+                "defaults": {"guidance_scale": family.default_guidance_scale,
+                             "noise_injection_tau": family.noise_injection_tau},
+                "backend": m["backend"], "precision": m["precision"], "height": m["height"], "width": m["width"],
                 "dynamic_shape": m.get("dynamic_shape"),
-                "limits": {**m["limits"], "max_steps": MAX_STEPS,
-                           "max_prompt_tokens": min(t["max_length"] for t in m["tokenizers"])},
+                "limits": {**m["limits"], "max_steps": MAX_STEPS,  # no text encoder (DiT): no prompt tokens
+                           "max_prompt_tokens": min((t["max_length"] for t in m["tokenizers"]), default=None)},
                 "schedulers": list(SCHEDULERS), "serve": {"max_batch_size": self.max_batch_size},
                 "image_inputs": {"controlnets": [r.get("source", {}).get("model", r["graph"])
                                                  for r in controlnet_records(m)],
                                  "img2img": "vae_encoder" in m["components"]}}
+
+
+def check_input_kind(family, request: ImageRequest) -> str | int:
+    """The request's prompt or class label, whichever the folder's family takes; neither, both or the other
+    one is refused with fd-run's line for --prompt / --class-label."""
+    from runtime.cli import check_one_input_kind, check_prompt_kind
+    given = SimpleNamespace(prompt=[] if request.prompt is None else [request.prompt],
+                            class_label=[] if request.class_label is None else [request.class_label])
+    check_one_input_kind(given)
+    (value,) = check_prompt_kind(given, family)
+    return value
+
+
+def check_class_input(pipe, label, negative_prompt: str | None, height: int, width: int) -> None:
+    """A class-conditional family's own refusals, in the pipeline's order, before the request joins a batch: a
+    negative prompt (DiT refuses it first thing in encode_prompt, before any graph would run, so no runner
+    is passed) and a label that is not a class (runtime.families.dit.class_id)."""
+    from runtime.families.dit import class_id
+    options = pipe.manifest.get("family_options", {})
+    if negative_prompt is not None:
+        pipe.family.encode_prompt(None, [], PromptRequest([label], negative_prompt, True, height, width), options)
+    class_id(label, options)
 
 
 def check_batch_size(requested: int | None, manifest: dict) -> int:

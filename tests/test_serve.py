@@ -64,7 +64,7 @@ def alone(pipe, options: dict) -> np.ndarray:
     (b"{not json", 400, "request body is not valid JSON"),
     (b"[1, 2]", 400, "request body must be a JSON object"),
     (b'{"prompt": "a cat", "colour": "red"}', 422, 'unknown field "colour"'),
-    (b'{"steps": 5}', 422, '"prompt" is missing'),
+    (b'{"steps": 5}', 422, "give at least one --prompt (or --class-label"),
     (b'{"prompt": "   "}', 422, '"prompt" is empty'),
     (b'{"prompt": "a cat", "steps": "5"}', 422, '"steps" is "5": give a whole number'),
     (b'{"prompt": "a cat", "steps": 5.0}', 422, '"steps" is 5.0'),
