@@ -151,10 +151,15 @@ def staged_folder(out: Path, force: bool):
     try:
         yield stage
         _swap_into_place(stage, out, force, committed)
-    except Interrupted as exc:
+    except BaseException as exc:
+        # An interrupt can surface as another error (raised inside a C extension: onnxruntime's import turns
+        # it into "ImportError: initialization failed"); after a signal, any failure is the interrupt.
+        signum = exc.signum if isinstance(exc, Interrupted) else next(iter(signals_seen()), None)
+        if signum is None:
+            raise
         detail = (f"it came as the build finished; {out} holds the new engine folder" if committed else
                   f"the build stopped before it finished; {out} is unchanged")
-        raise Interrupted(exc.signum, detail) from None
+        raise Interrupted(signum, detail) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if not committed:  # a failed build leaves no trace, not even the empty engines/ it made

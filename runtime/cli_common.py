@@ -81,4 +81,11 @@ def run_cli(job) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if not _seen:
+            raise
+        # The interrupt surfaced as another error: raised inside a C extension (onnxruntime's import turns it
+        # into "ImportError: initialization failed") or caught and re-raised by a library as its own.
+        print(f"error: {Interrupted(_seen[0]).line()}", file=sys.stderr)
+        return 128 + _seen[0]
     return 0

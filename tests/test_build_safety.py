@@ -196,3 +196,40 @@ def test_signal_from_outside_stops_a_build_started_with_sigint_ignored(old_folde
     assert_one_line_error(done, "interrupted", "is unchanged")
     assert tree_digest(old_folder) == before
     assert hidden_leftovers(old_folder.parent) == []
+
+
+# --- an interrupt that surfaces as another error ------------------------------------------------------
+
+@pytest.fixture
+def signal_record():
+    """runtime.cli_common's record of the signals a command received (its handler appends to it)."""
+    from runtime import cli_common
+    cli_common._seen.clear()
+    yield cli_common._seen
+    cli_common._seen.clear()
+
+
+def test_an_interrupt_raised_as_another_error_is_still_the_interrupt(tmp_path, signal_record):
+    """A signal arriving inside a C extension's import comes out as "ImportError: initialization failed"
+    (onnxruntime does this): after a signal, the build's failure is the interrupt, with its one line."""
+    from builder.staging import staged_folder
+    from runtime.cli_common import Interrupted, run_cli
+    out = tmp_path / "engines" / "x"
+    with pytest.raises(Interrupted) as caught:
+        with staged_folder(out, force=False):
+            signal_record.append(signal.SIGTERM)
+            raise ImportError("initialization failed")
+    assert caught.value.signum == signal.SIGTERM and f"{out} is unchanged" in caught.value.detail
+    assert not out.parent.exists()  # no stage left, not even the engines/ folder the build made
+
+    def job():  # the same outside a build (fd-run, fd-bench): one line and 128 + the signal
+        signal_record.append(signal.SIGINT)
+        raise ImportError("initialization failed")
+    assert run_cli(job) == 128 + signal.SIGINT
+
+
+def test_an_error_without_a_signal_is_not_called_an_interrupt(tmp_path, signal_record):
+    from builder.staging import staged_folder
+    with pytest.raises(ImportError):
+        with staged_folder(tmp_path / "engines" / "x", force=False):
+            raise ImportError("initialization failed")
