@@ -197,10 +197,11 @@ class FasterDiffusionPipeline:
                       width: int | None = None) -> None:
         """Check a generation's options without running anything: raises the FdError line that calling the
         pipeline with them would raise first (prompts and negative prompts, batch size, steps, guidance, seed
-        or latents, size, key-step policy; `guidance_scale`/`policy`/`height`/`width` None as in the call).
-        Servers check each request with it before batching (fd-serve). Not covered: the scheduler name
-        (runtime.schedulers.make_scheduler), control and init images (runtime.control.prepare_control,
-        runtime.img2img.prepare_init) and prompt length (the tokenizers)."""
+        or latents, size, key-step policy, and last the family's own refusals of the prompts: an over-long
+        text, a DiT class label that is not a class; `guidance_scale`/`policy`/`height`/`width` None as in the
+        call). Servers check each request with it before batching (fd-serve). Not covered: the scheduler name
+        (runtime.schedulers.make_scheduler) and control and init images (runtime.control.prepare_control,
+        runtime.img2img.prepare_init)."""
         height, width = self.image_size(height, width)
         policy = policy or self.default_policy(steps)
         kinds = (str, int, np.integer) if self.family.class_conditional else str  # DiT: class ids too
@@ -235,6 +236,7 @@ class FasterDiffusionPipeline:
             raise FdError(f"window of {policy.max_window} steps is larger than this engine folder's max window "
                           f"{self.manifest['limits']['max_window']}: rebuild with a larger --max-window")
         policy.validate(steps)
+        self.family.check_prompts(self.tokenizers, prompts, negative_prompt, self.manifest.get("family_options", {}))
 
     def close(self) -> None:
         self.runner.close()

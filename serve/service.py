@@ -25,7 +25,6 @@ from PIL import Image, UnidentifiedImageError
 
 from runtime.control import controlnet_records, prepare_control
 from runtime.errors import FdError
-from runtime.families import PromptRequest
 from runtime.img2img import DEFAULT_STRENGTH, check_strength, prepare_init
 from runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, initial_noise
 from runtime.policy import FasterDiffusionPolicy, policy_from_options
@@ -114,8 +113,6 @@ class ImageService:
         # the size first: the images below are resized to it
         pipe.check_request([given], negative_prompt=request.negative_prompt, steps=request.steps,
                            guidance_scale=guidance, seed=request.seed, policy=policy, height=height, width=width)
-        if pipe.family.class_conditional:
-            check_class_input(pipe, given, request.negative_prompt, height, width)
         controls = [decode_image(data, f"control_images[{i}]") for i, data in enumerate(request.control_images or [])]
         prepare_control(manifest, controls or None, request.controlnet_scale, height, width)
         init = prepare_init(manifest, init_image, request.strength, request.steps, height, width, pipe.engine_dir)
@@ -126,9 +123,6 @@ class ImageService:
         sizes = sdxl_size_options(SimpleNamespace(original_size=request.pair_text("original_size"),
                                                   crops_coords_top_left=request.pair_text("crops_coords_top_left")),
                                   pipe.family.name)
-        texts = [given] + ([request.negative_prompt] if request.negative_prompt is not None else [])
-        for tokenizer in pipe.tokenizers:  # an over-long prompt is refused here, not in the middle of a batch
-            tokenizer(texts)
         inputs = {"control_images": controls or None, "controlnet_scales": request.controlnet_scale,
                   "init_image": init_image, "strength": request.strength, **sizes}
         key = GroupKey(height, width, request.steps, request.scheduler, guidance, policy,
@@ -208,17 +202,6 @@ def check_input_kind(family, request: ImageRequest) -> str | int:
     check_one_input_kind(given)
     (value,) = check_prompt_kind(given, family)
     return value
-
-
-def check_class_input(pipe, label, negative_prompt: str | None, height: int, width: int) -> None:
-    """A class-conditional family's own refusals, in the pipeline's order, before the request joins a batch: a
-    negative prompt (DiT refuses it first thing in encode_prompt, before any graph would run, so no runner
-    is passed) and a label that is not a class (runtime.families.dit.class_id)."""
-    from runtime.families.dit import class_id
-    options = pipe.manifest.get("family_options", {})
-    if negative_prompt is not None:
-        pipe.family.encode_prompt(None, [], PromptRequest([label], negative_prompt, True, height, width), options)
-    class_id(label, options)
 
 
 def check_batch_size(requested: int | None, manifest: dict) -> int:

@@ -35,6 +35,19 @@ class Family:
         """{condition name: runner-native value} with one row per prompt (two per prompt when guided)."""
         raise NotImplementedError
 
+    def check_prompts(self, tokenizers: list, prompts: list, negative_prompt, options: dict) -> None:
+        """Refuse, without running a graph, what encode_prompt would refuse (a server checks each request before
+        it joins a batch): here an over-long text, as each tokenizer sees it."""
+        negatives = [] if negative_prompt is None else [negative_prompt] if isinstance(negative_prompt, str) \
+            else list(negative_prompt)
+        texts = self.prompt_texts(list(prompts) + negatives)
+        for tokenizer in tokenizers:
+            tokenizer(texts)
+
+    def prompt_texts(self, texts: list[str]) -> list[str]:
+        """The texts as the family tokenizes them (PixArt-α lower-cases and strips them)."""
+        return texts
+
     @staticmethod
     def rows(request: PromptRequest, negative: str | list[str]) -> list[str]:
         """The texts of the prompt rows: [negative…, positive…] when guided, as diffusers orders them; `negative`

@@ -21,10 +21,15 @@ class DiT(Family):
     default_guidance_scale = 4.0  # DiTPipeline's default
     noise_injection_tau = 300  # the DiT setting of the paper's reference code
 
-    def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
-        if request.negative_prompt is not None:
+    def check_prompts(self, tokenizers, prompts, negative_prompt, options: dict) -> None:
+        if negative_prompt is not None:
             raise FdError("a DiT model is class-conditional and takes no negative prompt: drop it (guidance steers "
                           "away from the null class)")
+        for label in prompts:
+            class_id(label, options)
+
+    def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
+        self.check_prompts(tokenizers, request.prompts, request.negative_prompt, options)
         classes = [class_id(label, options) for label in request.prompts]
         null = int(options["num_classes"])
         rows = [null] * len(classes) + classes if request.guided else classes

@@ -21,10 +21,13 @@ class PixArtAlpha(Family):
     # PixArt-α is a DiT trained on DiT's linear betas: the DiT setting of the paper's reference code
     noise_injection_tau = 300
 
+    def prompt_texts(self, texts: list[str]) -> list[str]:
+        return [text.lower().strip() for text in texts]  # the pipeline's preprocessing with clean_caption=False
+
     def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
         (tokenizer,) = tokenizers
         negative = "" if request.negative_prompt is None else request.negative_prompt  # the pipeline's default
-        texts = [text.lower().strip() for text in self.rows(request, negative)]
+        texts = self.prompt_texts(self.rows(request, negative))
         ids, mask = tokenizer.with_mask(texts)
         mask = runner.upload_input("text_encoder", "attention_mask", mask)  # the same mask feeds every graph
         conditions = {"encoder_hidden_states": runner.run("text_encoder", {"input_ids": ids, "attention_mask": mask})
