@@ -122,8 +122,9 @@ def check_outputs(args) -> list[Path]:
 
 
 def format_timings(result) -> str:
-    rows = [f"{'stage':<14}{'seconds':>10}"]
-    rows += [f"{stage:<14}{seconds:>10.3f}" for stage, seconds in result.timings.items()]
+    width = max(len("stage"), *map(len, result.timings)) + 2
+    rows = [f"{'stage':<{width}}{'seconds':>10}"]
+    rows += [f"{stage:<{width}}{seconds:>10.3f}" for stage, seconds in result.timings.items()]
     calls = result.calls
     rows.append("calls: " + ", ".join(f"{graph.replace('_', ' ')} {count}" for graph, count in calls.items()))
     rows.append("rows: " + ", ".join(f"{graph.replace('_', ' ')} {count}" for graph, count in result.rows.items()))
