@@ -214,7 +214,8 @@ class FasterDiffusionPipeline:
             raise FdError(f"negative prompt must be one string or a list of {len(prompts)} strings, one per prompt")
         max_batch = self.manifest["limits"]["max_batch_size"]
         if len(prompts) > max_batch:
-            raise FdError(f"{len(prompts)} prompts, but this engine folder was built for at most {max_batch} "
+            what = "class labels" if self.family.class_conditional else "prompts"
+            raise FdError(f"{len(prompts)} {what}, but this engine folder was built for at most {max_batch} "
                           f"images per generation: rebuild with fd-build --max-batch-size {len(prompts)}")
         if not 1 <= steps <= MAX_STEPS:
             raise FdError(f"--steps {steps} is out of range: use 1 to {MAX_STEPS}")
