@@ -165,8 +165,8 @@ class FasterDiffusionPipeline:
             for chunk in window.chunks:
                 with timer("denoiser_decoder"):
                     rows = [(0, cache.rows) if guide[i] else (cache.rows - batch, cache.rows) for i in chunk]
-                    predictions = stages.decode_denoiser(self.runner, cache, timesteps[list(chunk)], window_conditions,
-                                                     rows)
+                    predictions = stages.decode_denoiser(self.runner, cache, timesteps[list(chunk)],
+                                                         window_conditions, rows)
                 with timer("scheduler"):
                     for prediction, i in zip(predictions, chunk):
                         t = timesteps[i]
