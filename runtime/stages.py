@@ -3,9 +3,10 @@
 The denoiser is the UNet (or, for transformer families, the transformer) split into the method's two
 halves: `denoiser_encoder` runs at key steps only, `denoiser_decoder` reads its cache.
 
-The family's prompt stage gives `conditions` (text embeddings and, for SDXL, text_embeds and time_ids),
+The family's prompt stage gives `conditions` (text embeddings, SDXL's text_embeds and time_ids, DiT's class labels),
 one row per guidance half and image; both denoiser halves read all of them. The encoder's outputs are the
-cache (manifest["cache"]: mid, then every skip); the decoder reads the cache and never the latent.
+cache (manifest["cache"]: a UNet's mid and every skip, a transformer's tokens after its last encoder block);
+the decoder reads the cache and never the latent.
 """
 from __future__ import annotations
 
