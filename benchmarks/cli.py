@@ -48,7 +48,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="image width (default: the folder's; others need --dynamic-shape)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one set of initial latents all arms share")
     keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--key-steps", help="FD arm: comma-separated step indices that run the UNet encoder "
+    keys.add_argument("--key-steps", help="FD arm: comma-separated step indices that run the denoiser encoder "
                                           "(default: the paper's set for --steps)")
     keys.add_argument("--uniform", type=int, metavar="K", help="FD arm: a key step every K steps")
     p.add_argument("--guidance-interval", metavar="LOW,HIGH", help="FD arm: classifier-free guidance only for sigma "
