@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from fd_reference import reference_fd_sample
 from runtime.errors import FdError
