@@ -22,6 +22,7 @@ from runtime.img2img import sample_noise
 from runtime.pipeline import FasterDiffusionPipeline
 from runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
+from tests.compare import assert_equals_diffusers, relative_error
 from tests.conftest import run_fd
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_fd_reference import TOLERANCE
@@ -78,10 +79,6 @@ def controls(controlnets, images, scales=SCALES, rows=2 * len(PROMPTS)):
             for model, image, scale in zip(controlnets, images, scales)]
 
 
-def relative_error(got, want) -> float:
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
 def test_baseline_equals_the_diffusers_controlnet_pipeline(pipe, tiny_components, controlnets, images):
     import diffusers
     steps, latents = 8, unit_noise()
@@ -103,11 +100,7 @@ def test_baseline_equals_the_diffusers_controlnet_pipeline(pipe, tiny_components
                      num_inference_steps=steps, guidance_scale=7.5, latents=torch.from_numpy(latents),
                      output_type="np", callback_on_step_end=keep)
     want = final["latents"].numpy()
-    assert relative_error(ours.latents, want) <= 1e-3
-    want_pixels = (out.images * 255).round().astype(np.int16)
-    got_pixels = np.stack([np.asarray(image) for image in ours.images]).astype(np.int16)
-    assert np.abs(got_pixels - want_pixels).max() <= 2
-    assert want_pixels.std() > 20
+    assert_equals_diffusers(ours, want, (out.images * 255).round().astype(np.int16))
     assert ours.calls["controlnet_0"] == ours.calls["controlnet_1"] == steps  # every step, as diffusers
 
 

@@ -22,6 +22,7 @@ from builder.families import FAMILIES, family_generating
 from runtime.pipeline import FasterDiffusionPipeline
 from runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
+from tests.compare import assert_equals_diffusers, relative_error
 from tests.conftest import run_fd
 from tests.test_cli_errors import assert_one_line_error
 
@@ -153,11 +154,7 @@ def test_baseline_equals_the_diffusers_pipeline(pipe, comps, scheduler, guidance
     ours = pipe(LABELS, steps=steps, scheduler=scheduler, guidance_scale=guidance, latents=latents,
                 policy=FasterDiffusionPolicy.baseline(steps))
     want_latents, want_pixels = diffusers_generate(comps, scheduler, steps, latents, guidance)
-    assert np.abs(ours.latents - want_latents).max() <= 1e-3 * np.abs(want_latents).max()
-    got_pixels = np.stack([np.asarray(image) for image in ours.images]).astype(np.int16)
-    assert got_pixels.shape == want_pixels.shape
-    assert np.abs(got_pixels - want_pixels).max() <= 2
-    assert want_pixels.std() > 20  # a real image, not a saturated one any code would match
+    assert_equals_diffusers(ours, want_latents, want_pixels)
     assert not np.allclose(ours.latents[0], ours.latents[1])  # two classes, two images
 
 
@@ -227,10 +224,6 @@ def reference_dit_fd(comps, class_ids, latents, scheduler_name, steps, guidance_
                 z = z + noise_injection[0] * noise
             z = scheduler.step(eps, t, z, return_dict=False)[0]
     return z.numpy()
-
-
-def relative_error(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.mark.parametrize("scheduler,steps", [("ddim", 50), ("dpmpp-2m", 20)])

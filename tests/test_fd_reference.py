@@ -12,6 +12,7 @@ import torch
 from fd_reference import (Conditioning, reference_fd_sample, reference_fd_sample_sdxl, sd_pipeline,
                           sdxl_pipeline, make_scheduler, unet_decode, unet_encode)
 from runtime.pipeline import FasterDiffusionPipeline
+from tests.compare import relative_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
@@ -23,10 +24,6 @@ PAPER_INJECTION = (0.003, 500)  # α, τ
 # output by only 1.6e-3 to 2e-2 (decoder given the key step's timestep on DPM++-20 is the smallest): a
 # 1e-3 tolerance would let that one pass. 3e-5 sits ~30x above fd's error and ~50x below that mistake.
 TOLERANCE = 3e-5
-
-
-def relative_error(got, want) -> float:
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
 
 
 def unit_noise(batch=1, seed=0):

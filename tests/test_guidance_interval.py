@@ -17,7 +17,8 @@ from runtime.policy import (PAPER_GUIDANCE_INTERVAL, FasterDiffusionPolicy, mode
                             parse_guidance_interval, policy_from_options)
 from runtime.schedulers import make_scheduler
 from tests.conftest import run_fd
-from tests.test_fd_reference import PAPER_INJECTION, TOLERANCE, paper_keys, relative_error, unit_noise
+from tests.compare import relative_error
+from tests.test_fd_reference import PAPER_INJECTION, TOLERANCE, paper_keys, unit_noise
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 

@@ -17,6 +17,7 @@ from runtime.img2img import prepare_init, sample_noise
 from runtime.pipeline import FasterDiffusionPipeline
 from runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
+from tests.compare import assert_equals_diffusers, relative_error
 from tests.conftest import run_fd
 from tests.test_cli_errors import assert_one_line_error
 from tests.test_fd_reference import TOLERANCE
@@ -63,10 +64,6 @@ def unit_noise(seed=0, batch=len(PROMPTS)):
     return np.random.default_rng(seed).standard_normal((batch, *LATENT), dtype=np.float32)
 
 
-def relative_error(got, want) -> float:
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
-
-
 def diffusers_img2img(comps, image, strength: float, steps: int, noise: np.ndarray, monkeypatch):
     """diffusers' img2img pipeline with its two random draws replaced by fd's: the VAE's latent sample
     (fd: sample_noise(SEED)) and the noise add_noise mixes in (fd: the unit noise)."""
@@ -109,10 +106,7 @@ def test_baseline_equals_the_diffusers_img2img_pipeline(pipes, components, model
                         policy=FasterDiffusionPolicy.baseline(run))
     seen, want_pixels = diffusers_img2img(components[model], image, strength, steps, noise, monkeypatch)
     assert ours.timesteps == seen["timesteps"] and len(ours.timesteps) == run
-    assert relative_error(ours.latents, seen["latents"].numpy()) <= 1e-3
-    got_pixels = np.stack([np.asarray(image) for image in ours.images]).astype(np.int16)
-    assert np.abs(got_pixels - want_pixels).max() <= 2
-    assert want_pixels.std() > 20
+    assert_equals_diffusers(ours, seen["latents"].numpy(), want_pixels)
     assert ours.calls["vae_encoder"] == 1 and ours.calls["denoiser_encoder"] == run
 
 

@@ -23,6 +23,7 @@ from runtime.errors import FdError
 from runtime.pipeline import FasterDiffusionPipeline
 from runtime.policy import FasterDiffusionPolicy, default_key_steps
 from runtime.schedulers import diffusers_scheduler
+from tests.compare import assert_equals_diffusers, relative_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
@@ -68,10 +69,6 @@ def pipes(folders):
 
 def initial_latents(pipe, batch=2, seed=0):
     return np.random.default_rng(seed).standard_normal((batch, *pipe.latent_shape_at(None, None)), dtype=np.float32)
-
-
-def relative_error(got, want) -> float:
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
 
 
 # --- the split -----------------------------------------------------------------------------------------
@@ -179,11 +176,7 @@ def assert_baseline_matches(pipe, comps, prompts, scheduler, steps, negative, gu
     height, width = pipe.image_size(None, None)
     want_latents, want_pixels = diffusers_generate(comps, scheduler, steps, latents, negative, height, width, prompts,
                                                    GUIDANCE if guidance is None else guidance)
-    assert relative_error(ours.latents, want_latents) <= 1e-3
-    got_pixels = np.stack([np.asarray(image) for image in ours.images]).astype(np.int16)
-    assert got_pixels.shape == want_pixels.shape
-    assert np.abs(got_pixels - want_pixels).max() <= 2
-    assert want_pixels.std() > 20  # a real image, not a saturated one any code would match
+    assert_equals_diffusers(ours, want_latents, want_pixels)
     return ours
 
 

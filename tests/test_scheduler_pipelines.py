@@ -22,6 +22,7 @@ from runtime.pipeline import FasterDiffusionPipeline, step_noise_generator
 from runtime.policy import FEW_STEPS, FasterDiffusionPolicy
 from runtime.schedulers import CHOICES, REGISTRY, SCHEDULERS, diffusers_scheduler, make_scheduler
 from tests import fd_reference
+from tests.compare import relative_error
 from tests.test_fd_reference import TOLERANCE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
@@ -106,10 +107,6 @@ def reference(tiny_components, name, latents, key_steps, **variants):
     return fd_reference.reference_fd_sample(components_for(tiny_components, name), [PROMPT], None, latents, name,
                                             FD_STEPS, 7.5, key_steps, INJECTION,
                                             step_noise=step_noise_generator(SEED), **variants)
-
-
-def relative_error(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
