@@ -13,7 +13,7 @@ from tqdm import tqdm
 from benchmarks import report
 from benchmarks.bench import DEFAULT_CLASS_LABEL, DEFAULT_PROMPT, Settings, run_benchmark
 from runtime.atomic import check_writable
-from runtime.cli import check_engine_dir
+from runtime.cli import add_image_input_arguments, check_engine_dir
 from runtime.cli_common import run_cli
 from runtime.errors import FdError
 from runtime.schedulers import CHOICES, DEFAULT, choices_help
@@ -53,15 +53,8 @@ def parse_args(argv) -> argparse.Namespace:
     keys.add_argument("--uniform", type=int, metavar="K", help="FD arm: a key step every K steps")
     p.add_argument("--guidance-interval", metavar="LOW,HIGH", help="FD arm: classifier-free guidance only for sigma "
                    "in (LOW, HIGH], conditional rows alone elsewhere; 'paper' = 0.28,5.42 (default: every step)")
-    images = p.add_argument_group("image inputs (every arm, as fd-run takes them)")
-    images.add_argument("--control-image", action="append", metavar="PATH",
-                        help="conditioning image of the folder's ControlNet (repeat: one per ControlNet, in build "
-                             "order); the baseline runs the ControlNets at every step, FD at key steps only")
-    images.add_argument("--controlnet-scale", action="append", type=float, metavar="S",
-                        help="ControlNet conditioning scale (default 1.0): one for all ControlNets, or one each")
-    images.add_argument("--init-image", metavar="PATH", help="image to image (a folder built with --img2img)")
-    images.add_argument("--strength", type=float, metavar="S",
-                        help="image to image: the share of the schedule that runs, 0 < S <= 1 (default 0.8)")
+    add_image_input_arguments(p, "every arm takes them as fd-run does; the baseline runs the ControlNets at every "
+                                 "step, FD at key steps only")
     p.add_argument("--runs", type=int, default=5, help="measured runs per arm (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured runs per arm first (default 2)")
     p.add_argument("--compare", choices=["diffusers"], help="add diffusers' own pipeline of the folder's family "

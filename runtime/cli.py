@@ -60,17 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classifier-free guidance only at steps whose sigma = sqrt((1-alpha_bar)/alpha_bar) is in "
                         "(LOW, HIGH]; the other steps skip the unconditional rows. 'paper': 0.28,5.42, the SD-XL "
                         "interval of Kynkaanniemi et al. 2024 (default: guidance at every step)")
-    images = p.add_argument_group("image inputs")
-    images.add_argument("--control-image", action="append", metavar="PATH",
-                        help="conditioning image for the folder's ControlNet, resized to the image size (repeat: one "
-                             "per ControlNet, in the order fd-build --controlnet got them)")
-    images.add_argument("--controlnet-scale", action="append", type=float, metavar="S",
-                        help="ControlNet conditioning scale (default 1.0): one for all ControlNets, or one each")
-    images.add_argument("--init-image", metavar="PATH",
-                        help="image to image: start from this image (a folder built with fd-build --img2img)")
-    images.add_argument("--strength", type=float, metavar="S",
-                        help="image to image: the share of the schedule that runs, 0 < S <= 1 (default 0.8; 1 "
-                             "starts from almost pure noise)")
+    add_image_input_arguments(p)
     p.add_argument("--out", default="outputs/fd.png", help="PNG path; numbered (-0, -1, …) for several prompts")
     p.add_argument("--save-latents", help="write the final denoised latents as .npy")
     p.add_argument("--timings", action="store_true", help="print time per stage, calls and rows computed per graph")
@@ -133,6 +123,21 @@ def format_timings(result) -> str:
     if interval is not None:
         rows.append(f"guidance interval: sigma in ({interval[0]:g}, {interval[1]:g}]")
     return "\n".join(rows)
+
+
+def add_image_input_arguments(parser, description: str | None = None) -> None:
+    """The ControlNet and image-to-image flags (fd-run's and fd-bench's); image_input_options reads them."""
+    images = parser.add_argument_group("image inputs", description)
+    images.add_argument("--control-image", action="append", metavar="PATH",
+                        help="conditioning image for the folder's ControlNet, resized to the image size (repeat: one "
+                             "per ControlNet, in the order fd-build --controlnet got them)")
+    images.add_argument("--controlnet-scale", action="append", type=float, metavar="S",
+                        help="ControlNet conditioning scale (default 1.0): one for all ControlNets, or one each")
+    images.add_argument("--init-image", metavar="PATH",
+                        help="image to image: start from this image (a folder built with fd-build --img2img)")
+    images.add_argument("--strength", type=float, metavar="S",
+                        help="image to image: the share of the schedule that runs, 0 < S <= 1 (default 0.8; 1 "
+                             "starts from almost pure noise)")
 
 
 def image_input_options(args) -> tuple[dict, int]:
