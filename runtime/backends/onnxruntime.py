@@ -161,6 +161,7 @@ class OnnxRuntimeRunner(Runner):
                             rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice), "taking rows on the GPU")
         return out
 
+
 def check_file_sizes(engine_dir, manifest: dict) -> None:
     """Every graph file has the size fd-build wrote (backend_info.file_bytes; folders built before it was
     recorded are not checked): a truncated or partial copy is one line before any session opens."""
