@@ -448,21 +448,26 @@ def test_a_served_image_equals_fd_runs(server, engine_b4, tmp_path):
 
 
 def test_requests_over_the_queue_limit_get_503_and_the_rest_are_served(server):
-    count = 90  # the server holds 8 at the replica + 40 queued; the rest must be refused at once
+    count, held = 90, 8 + 40  # the server holds 8 at the replica + 40 queued; the rest must be refused at once
     barrier = threading.Barrier(count)
 
     def send(seed):
         client = server.client()
         barrier.wait()
-        return client.generate({"prompt": "a cat", "steps": 16, "seed": seed})  # none ends during the burst
+        reply = client.generate({"prompt": "a cat", "steps": 16, "seed": seed})
+        return reply, time.monotonic()  # when it came back
 
     with ThreadPoolExecutor(count) as pool:
         replies = list(pool.map(send, range(count)))
-    statuses = sorted(r.status for r in replies)
-    refused = [r for r in replies if r.status == 503]
+    statuses = sorted(r.status for r, _ in replies)
+    refused = [r for r, _ in replies if r.status == 503]
     print(f"\n{count} requests at once: {statuses.count(200)} served, {len(refused)} refused with 503")
     assert set(statuses) == {200, 503}, statuses
-    assert len(refused) >= count - 48
+    # Requests served during the burst free their places (on a loaded machine some do), so the bound is on
+    # the ones still held when the last refusal came back: every one of them was admitted and unfinished then.
+    last_refusal = max(done for r, done in replies if r.status == 503)
+    still_held = [r for r, done in replies if r.status == 200 and done > last_refusal]
+    assert len(still_held) <= held, (len(still_held), held)
     assert "queue limit" in json.loads(refused[0].body)["error"]
     assert server.client().request("GET", "/healthz").status == 200
 
