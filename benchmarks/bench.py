@@ -17,17 +17,17 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from benchmarks.fidelity import compare
-from runtime.cli import check_prompt_kind
-from runtime.control import controlnet_records, is_controlnet_graph, prepare_control
-from runtime.errors import FdError
-from runtime.families import family_of
-from runtime.images import load_image
-from runtime.img2img import DEFAULT_STRENGTH, prepare_init, steps_run
-from runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, check_guidance_scale, check_seed
-from runtime.policy import FasterDiffusionPolicy
-from runtime.schedulers import diffusers_scheduler
-from runtime.sizes import check_size
+from fd.benchmarks.fidelity import compare
+from fd.runtime.cli import check_prompt_kind
+from fd.runtime.control import controlnet_records, is_controlnet_graph, prepare_control
+from fd.runtime.errors import FdError
+from fd.runtime.families import family_of
+from fd.runtime.images import load_image
+from fd.runtime.img2img import DEFAULT_STRENGTH, prepare_init, steps_run
+from fd.runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, check_guidance_scale, check_seed
+from fd.runtime.policy import FasterDiffusionPolicy
+from fd.runtime.schedulers import diffusers_scheduler
+from fd.runtime.sizes import check_size
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
 # Class-conditional folders (DiT): ImageNet's golden retriever, the first class DiT's own sample script draws
@@ -96,7 +96,7 @@ def check_prompt_inputs(manifest: dict, s: Settings) -> None:
                             class_label=[] if s.class_label is None else [s.class_label])
     check_prompt_kind(given, family)
     if family.class_conditional and s.class_label is not None:
-        from runtime.families.dit import class_id  # the class-conditional family's label rule (ids, id2label names)
+        from fd.runtime.families.dit import class_id  # the class-conditional family's label rule (ids, id2label names)
         class_id(s.class_label, manifest["family_options"])
 
 
@@ -234,8 +234,8 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         import diffusers
         import torch
         import transformers
-        from builder.families import FAMILIES
-        from builder.models import load_components
+        from fd.builder.families import FAMILIES
+        from fd.builder.models import load_components
     except ImportError:
         raise FdError("--compare diffusers needs torch and diffusers: pip install 'fd[build]'") from None
     for library in (diffusers, transformers):  # their notices would land in the middle of the progress bar
@@ -307,7 +307,7 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
 def diffusers_controlnets(manifest: dict, comps) -> list:
     """The folder's ControlNets as diffusers ControlNetModels, made or loaded as fd-build did, in build order;
     weights that are not the ones the folder was built from are one line."""
-    from builder.controlnet import load_controlnet
+    from fd.builder.controlnet import load_controlnet
     models = []
     for record in controlnet_records(manifest):
         source = record["source"]

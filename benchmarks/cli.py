@@ -10,13 +10,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks import report
-from benchmarks.bench import DEFAULT_CLASS_LABEL, DEFAULT_PROMPT, Settings, run_benchmark
-from runtime.atomic import check_writable
-from runtime.cli import add_image_input_arguments, check_engine_dir
-from runtime.cli_common import run_cli
-from runtime.errors import FdError
-from runtime.schedulers import CHOICES, DEFAULT, choices_help
+from fd.benchmarks import report
+from fd.benchmarks.bench import DEFAULT_CLASS_LABEL, DEFAULT_PROMPT, Settings, run_benchmark
+from fd.runtime.atomic import check_writable
+from fd.runtime.cli import add_image_input_arguments, check_engine_dir
+from fd.runtime.cli_common import run_cli
+from fd.runtime.errors import FdError
+from fd.runtime.schedulers import CHOICES, DEFAULT, choices_help
 
 SCHEMA = "fd-bench/1"
 EXAMPLES = """examples:
@@ -71,11 +71,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        from benchmarks.bench import check_image_inputs, check_prompt_inputs, resolve_settings
-        from runtime.cli import image_input_options
-        from runtime.manifest import load_manifest
-        from runtime.pipeline import FasterDiffusionPipeline, check_guidance_scale
-        from runtime.policy import parse_guidance_interval, policy_from_options
+        from fd.benchmarks.bench import check_image_inputs, check_prompt_inputs, resolve_settings
+        from fd.runtime.cli import image_input_options
+        from fd.runtime.manifest import load_manifest
+        from fd.runtime.pipeline import FasterDiffusionPipeline, check_guidance_scale
+        from fd.runtime.policy import parse_guidance_interval, policy_from_options
         check_engine_dir(args.engine_dir)
         if args.plot:  # fail now, not after the runs
             report.require_matplotlib()

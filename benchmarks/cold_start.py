@@ -1,7 +1,7 @@
 """Cold start: how long loading an engine folder takes, and where the time goes.
 
-    python -m benchmarks.cold_start --engine-dir engines/sd15-random-128-ort --repeats 3 --page-cache warm
-    python -m benchmarks.cold_start --engine-dir engines/sd15-random-128-ort --page-cache cold --json cold.json
+    python -m fd.benchmarks.cold_start --engine-dir engines/sd15-random-128-ort --repeats 3 --page-cache warm
+    python -m fd.benchmarks.cold_start --engine-dir engines/sd15-random-128-ort --page-cache cold --json cold.json
 
 Every repeat runs in a fresh Python process, as a new fd-serve replica or an fd-run call does. That process
 times `FasterDiffusionPipeline(engine_dir)` (what both pay before the first image) split into its parts:
@@ -51,7 +51,7 @@ def read_into_page_cache(engine_dir: Path) -> None:
 def measure_once(engine_dir: str, threads: int | None) -> dict:
     """One load in this process, its parts timed by wrapping what the pipeline's constructor calls."""
     started = time.perf_counter()
-    import runtime.pipeline as pipeline_module
+    import fd.runtime.pipeline as pipeline_module
     imports = time.perf_counter() - started
     parts: dict[str, float] = {}
 
@@ -90,7 +90,7 @@ def run_repeats(args) -> list[dict]:
             drop_from_page_cache(folder)
         else:
             read_into_page_cache(folder)
-        command = [sys.executable, "-m", "benchmarks.cold_start", "--child", "--engine-dir", str(folder)]
+        command = [sys.executable, "-m", "fd.benchmarks.cold_start", "--child", "--engine-dir", str(folder)]
         if args.threads:
             command += ["--threads", str(args.threads)]
         child = subprocess.run(command, capture_output=True, text=True)
@@ -110,7 +110,7 @@ def summary(results: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.cold_start", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fd.benchmarks.cold_start", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine-dir", required=True)
     p.add_argument("--repeats", type=int, default=3)

@@ -1,7 +1,7 @@
 """FLOPs per sample of fd's denoiser encoder and decoder for a generated model (a UNet's halves, or a DiT's or
 PixArt-α's transformer split at its block, counted at its native size), and FasterDiffusion's FLOP floor.
 
-    python -m benchmarks.flop_split --model sdxl-random --size 128 --size 1024 --json split.json
+    python -m fd.benchmarks.flop_split --model sdxl-random --size 128 --size 1024 --json split.json
 
 The model is made on PyTorch's meta device: tensors have shapes but no storage, so SDXL's 3.5 B
 parameters cost no memory and the count takes seconds. FlopCounterMode counts from shapes alone. On
@@ -19,8 +19,8 @@ import datetime as dt
 import shlex
 import sys
 
-from runtime.cli_common import run_cli
-from runtime.errors import FdError
+from fd.runtime.cli_common import run_cli
+from fd.runtime.errors import FdError
 
 # Ops that only scaled-dot-product attention produces in a diffusers UNet on the meta device
 # (linear layers become mm/addmm, convolutions aten.convolution).
@@ -28,14 +28,14 @@ ATTENTION_SCORE_OPS = ("bmm", "baddbmm")
 
 
 def generated_models() -> list[str]:
-    from builder.families import FAMILIES
+    from fd.builder.families import FAMILIES
     return [name for family in FAMILIES.values() for name in family.generated]
 
 
 def make_on_meta(model: str):
     """The generated model's components with shapes only (nothing allocated)."""
     import torch
-    from builder.families import family_generating
+    from fd.builder.families import family_generating
     make = family_generating(model)
     if make is None:
         raise FdError(f"--model {model} is not a generated model: use one of {', '.join(generated_models())}")
@@ -61,7 +61,7 @@ def vae_scale(comps) -> int:
 
 
 def native_size(comps) -> int:
-    from builder.families import FAMILIES
+    from fd.builder.families import FAMILIES
     return FAMILIES[comps.family].size_rule(comps)[2] * vae_scale(comps)
 
 
@@ -70,8 +70,8 @@ def count_split(comps, height: int, width: int) -> dict:
     or a transformer's split at its block), and through the whole UNet (None for transformers)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from builder.families import FAMILIES
-    from builder.split import added_condition_names
+    from fd.builder.families import FAMILIES
+    from fd.builder.split import added_condition_names
 
     family, unet = FAMILIES[comps.family], comps.unet
     channels, latent_multiple, native = family.size_rule(comps)
@@ -113,7 +113,7 @@ def floor(decoder_share: float, steps: int, key_steps: int) -> float:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.flop_split", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fd.benchmarks.flop_split", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help=f"a generated model ({', '.join(generated_models())})")
     p.add_argument("--size", action="append", metavar="PIXELS", help="image size, 1024 or HxW; repeat for "
                    "several (default: the model's native size)")
@@ -129,15 +129,15 @@ def main(argv=None) -> int:
 
     def job():
         import torch
-        from benchmarks import report
-        from runtime.policy import default_key_steps, parse_key_steps
+        from fd.benchmarks import report
+        from fd.runtime.policy import default_key_steps, parse_key_steps
         if not 1 <= args.steps <= 1000:
             raise FdError(f"--steps {args.steps} is out of range: use 1 to 1000")
         keys = parse_key_steps(args.key_steps) if args.key_steps else default_key_steps(args.steps)
         if max(keys) >= args.steps:
             raise FdError(f"--key-steps {args.key_steps}: every key step must be below --steps {args.steps}")
         if args.json:
-            from runtime.atomic import check_writable
+            from fd.runtime.atomic import check_writable
             check_writable(args.json, "--json")
         sizes = [parse_size(s) for s in args.size] if args.size else None
         comps = make_on_meta(args.model)
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             row = count_split(comps, height, width)
             row["floor"] = floor(row["decoder_share"], args.steps, len(keys))
             rows.append(row)
-        result = {"command": shlex.join(["python", "-m", "benchmarks.flop_split", *argv]),
+        result = {"command": shlex.join(["python", "-m", "fd.benchmarks.flop_split", *argv]),
                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "model": args.model, "family": comps.family, "parameters": params,
                   "torch": torch.__version__, "steps": args.steps, "key_steps": list(keys), "sizes": rows}

@@ -1,6 +1,6 @@
 """Load generator for fd-serve: requests/s and p50/p95/p99 latency at several numbers of concurrent clients.
 
-    python -m benchmarks.load --url http://127.0.0.1:8000 --clients 1,4,16 --requests 64 --steps 20
+    python -m fd.benchmarks.load --url http://127.0.0.1:8000 --clients 1,4,16 --requests 64 --steps 20
 
 Each client is a thread with its own keep-alive connection that sends POST /v1/images back to back
 (distinct seeds, so no two requests are the same); latency is measured from send to the last byte of the
@@ -137,7 +137,7 @@ def format_table(results: list[LevelResult]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fd.benchmarks.load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="fd-serve's base URL")
     p.add_argument("--clients", default="1,4,16", help="comma-separated numbers of concurrent clients")

@@ -16,8 +16,8 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-from runtime.atomic import write_atomic
-from runtime.errors import FdError
+from fd.runtime.atomic import write_atomic
+from fd.runtime.errors import FdError
 
 ARM_LABELS = {"baseline": "baseline", "fasterdiffusion": "FasterDiffusion", "diffusers": "diffusers"}
 STAGE_LABELS = {"text_encoder": "text encoder", "vae_encoder": "VAE encoder", "denoiser_encoder": "UNet encoder",

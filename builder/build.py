@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.flops import unet_flops
-from builder.graphs import export_and_check
-from builder.staging import staged_folder
-from runtime.backends import BACKENDS, backend_info
-from runtime.batch import Limits
-from runtime.errors import FdError
-from runtime.manifest import MANIFEST_NAME, MANIFEST_VERSION, write_json_atomic
+from fd.builder.flops import unet_flops
+from fd.builder.graphs import export_and_check
+from fd.builder.staging import staged_folder
+from fd.runtime.backends import BACKENDS, backend_info
+from fd.runtime.batch import Limits
+from fd.runtime.errors import FdError
+from fd.runtime.manifest import MANIFEST_NAME, MANIFEST_VERSION, write_json_atomic
 
 MAX_SIDE = 2048
 
@@ -66,7 +66,7 @@ def validate_options(opts: BuildOptions) -> None:
                       "1 or more")
     if not 1 <= opts.max_window <= 1000:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
-    from builder.controlnet import check_controlnet_options
+    from fd.builder.controlnet import check_controlnet_options
     check_controlnet_options(list(opts.controlnets))
     if dynamic_range(opts) and not info.dynamic_shapes:
         able = " or ".join(b.name for b in BACKENDS.values() if b.dynamic_shapes)
@@ -102,8 +102,8 @@ def build(opts: BuildOptions, log=print) -> Path:
     export_precision = "fp32" if precision == "tf32" else precision  # tf32: a TensorRT flag on fp32 graphs
     backend_module = _backend_builder(opts.backend)  # fails early if the backend's libraries are missing
 
-    from builder.families import FAMILIES
-    from builder.models import load_components
+    from fd.builder.families import FAMILIES
+    from fd.builder.models import load_components
     started = time.perf_counter()
     with staged_folder(out, opts.force) as stage:  # output problems surface here, before the model loads
         comps = load_components(opts.model)
@@ -140,7 +140,7 @@ def add_image_input_graphs(opts, comps, family, modules: dict, specs: dict, geom
     encoder. Returns the ControlNets' manifest records."""
     records = []
     if opts.controlnets:
-        from builder.controlnet import controlnet_graphs
+        from fd.builder.controlnet import controlnet_graphs
         more, more_specs, records = controlnet_graphs(comps, list(opts.controlnets), specs, geometry, precision)
         modules.update(more)
         specs.update(more_specs)
@@ -166,19 +166,19 @@ def _backend_builder(backend: str):
     turns them into engines; torch_build's programs replace the ONNX export in build()'s loop, so its
     finish() only describes them."""
     if backend == "onnxruntime":
-        from builder import onnxruntime_build
+        from fd.builder import onnxruntime_build
         return onnxruntime_build
     if backend == "tensorrt":
-        from builder import tensorrt_build
+        from fd.builder import tensorrt_build
         tensorrt_build.require_tensorrt()
         return tensorrt_build
-    from builder import torch_build
+    from fd.builder import torch_build
     return torch_build
 
 
 def model_geometry(comps, opts: BuildOptions) -> dict:
     """Image/latent sizes for the build, refusing sizes the UNet cannot split evenly."""
-    from builder.families import FAMILIES
+    from fd.builder.families import FAMILIES
     family = FAMILIES[comps.family]
     latent_channels, latent_multiple, native_latent = family.size_rule(comps)
     vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runtime.cli_common import run_cli
-from runtime.backends import BACKENDS
+from fd.runtime.cli_common import run_cli
+from fd.runtime.backends import BACKENDS
 
 EXAMPLES = """examples:
   fd-build --model tiny                                   # toy model, ONNX Runtime, engines/tiny-fp32-onnxruntime
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        from builder.build import BuildOptions, build
+        from fd.builder.build import BuildOptions, build
         opts = BuildOptions(
             model=args.model, backend=args.backend, precision=args.precision, height=args.height,
             width=args.width, max_batch_size=args.max_batch_size, max_window=args.max_window, out=args.out,

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from builder.specs import Axis, tensor
-from builder.split import added_condition_names
-from runtime.control import CONTROLLED  # prefix of the graph's outputs: the cache with the residuals added
-from runtime.errors import FdError
+from fd.builder.specs import Axis, tensor
+from fd.builder.split import added_condition_names
+from fd.runtime.control import CONTROLLED  # prefix of the graph's outputs: the cache with the residuals added
+from fd.runtime.errors import FdError
 
 GENERATED = "tiny-controlnet"  # made from the --model's own UNet
 SD15_RANDOM = "sd15-random-controlnet"  # made from sd15-random's UNet, whatever the --model: fits any SD1.5 UNet
@@ -48,7 +48,7 @@ def graph_names(count: int) -> list[str]:
 
 def check_controlnet_options(controlnets: list[str]) -> None:
     """Checks that need no model (run before the base model loads): local folders exist and hold a ControlNet."""
-    from builder.models import looks_like_path
+    from fd.builder.models import looks_like_path
     for name in controlnets:
         if name in GENERATED_NAMES or not (Path(name).expanduser().exists() or looks_like_path(name)):
             continue
@@ -64,7 +64,7 @@ def check_controlnet_options(controlnets: list[str]) -> None:
 def load_controlnet(name: str, unet) -> LoadedControlNet:
     """`name` (tiny-controlnet, sd15-random-controlnet, a local folder or a hub id in the local cache) as a
     ControlNet for `unet`."""
-    from builder.models import _hub_snapshot, looks_like_path
+    from fd.builder.models import _hub_snapshot, looks_like_path
     if name in GENERATED_NAMES:
         model = make_tiny_controlnet(unet if name == GENERATED else sd15_random_unet(unet))
         source = {"model": name, "kind": "generated", "seed": TINY_CONTROLNET_SEED,
@@ -90,7 +90,7 @@ def sd15_random_unet(unet):
     It is regenerated (some seconds, 3.4 GB for the while) so the ControlNet's weights are the same whatever
     SD1.5-shaped model it is built with; a UNet of another shape is refused first, in one line, from the
     config alone (made on the meta device, nothing allocated)."""
-    from builder.families.sd import make_sd15_random_components
+    from fd.builder.families.sd import make_sd15_random_components
     with torch.device("meta"):
         shape_only = make_sd15_random_components().unet
     for key in MATCHING_KEYS:
@@ -103,7 +103,7 @@ def sd15_random_unet(unet):
 
 def _from_folder(folder: str, what: str):
     from diffusers import ControlNetModel
-    from builder.models import _check_safetensors, _first_line, _quiet_libraries
+    from fd.builder.models import _check_safetensors, _first_line, _quiet_libraries
     _quiet_libraries()
     if not (Path(folder) / "config.json").is_file():
         raise FdError(f"{what} has no config.json: give a diffusers ControlNetModel folder")
@@ -186,7 +186,7 @@ class ControlNetGraph(nn.Module):
 
 def controlnet_graphs(comps, names: list[str], specs: dict, geometry: dict, precision: str) -> tuple:
     """({graph: module}, {graph: spec}, manifest records) for the ControlNets `names`, in the order given."""
-    from builder.families.base import DTYPE_NAMES, TORCH_DTYPES, _cast
+    from fd.builder.families.base import DTYPE_NAMES, TORCH_DTYPES, _cast
     modules, graph_specs, records = {}, {}, []
     encoder = specs["denoiser_encoder"]
     unet_dtype = DTYPE_NAMES[precision]

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from builder.specs import SPATIAL_AXES, names
-from runtime.errors import FdError
-from runtime.sizes import scaled_shape
+from fd.builder.specs import SPATIAL_AXES, names
+from fd.runtime.errors import FdError
+from fd.runtime.sizes import scaled_shape
 
 OPSET = 17
 PROTOBUF_LIMIT = 2 * 1024**3

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from runtime.control import is_controlnet_graph
+from fd.runtime.control import is_controlnet_graph
 
 # On CPU tensors scaled_dot_product_attention runs a kernel the counter has no formula for (it would count
 # 0 FLOPs and leave attention out of the split); count it as the attention it is.

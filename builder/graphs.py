@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from builder import export
-from builder.specs import has_spatial_axes
+from fd.builder import export
+from fd.builder.specs import has_spatial_axes
 
 
 def export_and_check(modules: dict, specs: dict, stage: Path, backend: str, geometry: dict, precision: str,
@@ -21,7 +21,7 @@ def export_and_check(modules: dict, specs: dict, stage: Path, backend: str, geom
         spec, module = specs[name], modules[name]
         started = time.perf_counter()
         if backend == "torch":  # the .pt2 programs are the engines: the torch runtime reads no ONNX
-            from builder import torch_build
+            from fd.builder import torch_build
             path = stage / f"{name}.pt2"
             torch_build.export_program(module, spec, rng, vocab, path)
             seconds = time.perf_counter() - started

@@ -13,14 +13,14 @@ import pickle
 import tempfile
 from pathlib import Path
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 TINY_SEED = 0  # every generated model's weights come from this seed
 
 
 def load_components(model: str):
     """Resolve MODEL (alias, hub id, local folder or generated name) and load its components on the CPU."""
-    from builder.families import FAMILIES, family_generating
+    from fd.builder.families import FAMILIES, family_generating
     generator = family_generating(model)
     aliases = {alias: hub_id for family in FAMILIES.values() for alias, hub_id in family.aliases.items()}
     if generator is not None:
@@ -49,13 +49,13 @@ def load_components(model: str):
 
 
 def known_names() -> list[str]:
-    from builder.families import FAMILIES
+    from fd.builder.families import FAMILIES
     return [name for family in FAMILIES.values() for name in [*family.aliases, *family.generated]]
 
 
 def load_folder(folder: str, what: str):
     """A diffusers pipeline folder, loaded by the family its model_index.json names."""
-    from builder.families import family_for_folder
+    from fd.builder.families import family_for_folder
     family = family_for_folder(Path(folder), what)
     _quiet_libraries()
     for sub in family.subfolders:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from runtime.backends.onnxruntime import STORED_PROVIDER, cpu_signature, stored_graphs_record
-from runtime.errors import FdError
+from fd.runtime.backends.onnxruntime import STORED_PROVIDER, cpu_signature, stored_graphs_record
+from fd.runtime.errors import FdError
 
 OPTIMIZED_SUFFIX = ".opt.onnx"
 EXTERNAL_MIN_BYTES = 1024  # initializers this size or larger go to the data file, where they can be mapped

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 # SDXL's added conditions, in the order the graphs take them: pooled text embedding (B, proj) and
 # the size/crop ids (B, 6: original size, crop top-left, target size).

@@ -19,9 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from runtime.cli_common import Interrupted, signals_deferred, signals_seen
-from runtime.errors import FdError
-from runtime.manifest import MANIFEST_NAME
+from fd.runtime.cli_common import Interrupted, signals_deferred, signals_seen
+from fd.runtime.errors import FdError
+from fd.runtime.manifest import MANIFEST_NAME
 
 STAGE_TAG, RETIRED_TAG = "building", "old"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runtime.backends import trt_plan
-from runtime.atomic import write_atomic
-from runtime.backends.cuda_memory import cuda_device
-from runtime.backends.tensorrt import import_tensorrt
-from runtime.errors import FdError
+from fd.runtime.backends import trt_plan
+from fd.runtime.atomic import write_atomic
+from fd.runtime.backends.cuda_memory import cuda_device
+from fd.runtime.backends.tensorrt import import_tensorrt
+from fd.runtime.errors import FdError
 
 NOT_INSTALLED_FIX = "or build for --backend onnxruntime"
 

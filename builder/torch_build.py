@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from builder import export
-from builder.specs import names
-from runtime.backends.torch_archive import IO_FILE, load_program
+from fd.builder import export
+from fd.builder.specs import names
+from fd.runtime.backends.torch_archive import IO_FILE, load_program
 
 
 def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geometry: dict, log) -> dict:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.atomic import check_writable, write_atomic
-from runtime.cli_common import run_cli
-from runtime.errors import FdError
-from runtime.policy import FEW_STEPS, parse_guidance_interval, policy_from_options
-from runtime.schedulers import CHOICES, DEFAULT, choices_help
+from fd.runtime.atomic import check_writable, write_atomic
+from fd.runtime.cli_common import run_cli
+from fd.runtime.errors import FdError
+from fd.runtime.policy import FEW_STEPS, parse_guidance_interval, policy_from_options
+from fd.runtime.schedulers import CHOICES, DEFAULT, choices_help
 
 EXAMPLES = """examples:
   fd-run --engine-dir engines/tiny-fp32-onnxruntime --prompt "a photo of an astronaut" --timings
@@ -143,8 +143,8 @@ def add_image_input_arguments(parser, description: str | None = None) -> None:
 def image_input_options(args) -> tuple[dict, int]:
     """(the pipeline's image keyword arguments, the number of steps that run), with each image read once here so a
     missing or unreadable file is refused before the engines load."""
-    from runtime.images import load_image
-    from runtime.img2img import DEFAULT_STRENGTH, check_strength
+    from fd.runtime.images import load_image
+    from fd.runtime.img2img import DEFAULT_STRENGTH, check_strength
     if args.init_image is None and args.strength is not None:
         raise FdError("--strength is for image to image: give --init-image PATH too, or drop --strength")
     steps = args.steps
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        from runtime.pipeline import FasterDiffusionPipeline
+        from fd.runtime.pipeline import FasterDiffusionPipeline
         check_one_input_kind(args)
         check_engine_dir(args.engine_dir)
         paths = check_outputs(args)

@@ -11,7 +11,7 @@ import contextlib
 import signal
 import sys
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _seen: list[int] = []

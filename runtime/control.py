@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import stages
-from runtime.errors import FdError
-from runtime.images import load_image, prepare_image
+from fd.runtime import stages
+from fd.runtime.errors import FdError
+from fd.runtime.images import load_image, prepare_image
 
 CONTROLLED = "controlled_"  # graph output names: the cache tensor's name with this prefix
 REBUILD = "rebuild with fd-build --controlnet ID_OR_FOLDER"

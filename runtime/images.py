@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 
 def load_image(source, flag: str) -> Image.Image:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import stages
-from runtime.errors import FdError
-from runtime.images import load_image, prepare_image
+from fd.runtime import stages
+from fd.runtime.errors import FdError
+from fd.runtime.images import load_image, prepare_image
 
 DEFAULT_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default
 SAMPLE_STREAM = 1  # the latent sample's noise comes from its own stream of the seed, independent of the noise

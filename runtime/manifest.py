@@ -11,10 +11,10 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
-from runtime import manifest_schema
-from runtime.atomic import write_atomic
-from runtime.batch import Limits, batch_range
-from runtime.errors import FdError
+from fd.runtime import manifest_schema
+from fd.runtime.atomic import write_atomic
+from fd.runtime.batch import Limits, batch_range
+from fd.runtime.errors import FdError
 
 # 2: model families (family, family_options, tokenizers), named tensor axes, graphs listed by the family
 MANIFEST_VERSION = 3
@@ -95,8 +95,8 @@ def inside(path: Path, folder: Path) -> bool:
 
 def check_graphs(manifest: dict, path: Path) -> None:
     """The folder holds exactly the graphs of its family, and a tokenizer per text graph."""
-    from runtime.families import family_of
-    from runtime.control import image_graph_problem, is_image_input_graph
+    from fd.runtime.families import family_of
+    from fd.runtime.control import image_graph_problem, is_image_input_graph
     family = family_of(manifest)
     listed = [name for name in manifest["components"] if not is_image_input_graph(name)]  # optional graphs
     problem = image_graph_problem(manifest)

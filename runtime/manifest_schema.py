@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from runtime.backends.runner import NUMPY_DTYPES
+from fd.runtime.backends.runner import NUMPY_DTYPES
 
 # The graphs every family's folder lists; the family's own (text encoders) are checked against it by
 # runtime/manifest.py, and every listed graph is checked like these.

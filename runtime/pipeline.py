@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from runtime import stages
-from runtime.backends import load_runner
-from runtime.control import prepare_control
-from runtime.errors import FdError
-from runtime.families import PromptRequest, family_of
-from runtime.img2img import prepare_init
-from runtime.manifest import load_manifest
-from runtime.policy import FasterDiffusionPolicy, model_sigmas
-from runtime.schedulers import make_scheduler
-from runtime.sizes import check_size
-from runtime.tokenizer import PromptTokenizer
+from fd.runtime import stages
+from fd.runtime.backends import load_runner
+from fd.runtime.control import prepare_control
+from fd.runtime.errors import FdError
+from fd.runtime.families import PromptRequest, family_of
+from fd.runtime.img2img import prepare_init
+from fd.runtime.manifest import load_manifest
+from fd.runtime.policy import FasterDiffusionPolicy, model_sigmas
+from fd.runtime.schedulers import make_scheduler
+from fd.runtime.sizes import check_size
+from fd.runtime.tokenizer import PromptTokenizer
 
 STAGES = ("text_encoder", "denoiser_encoder", "denoiser_decoder", "scheduler", "vae_decoder")
 STEP_NOISE_STREAM = 1  # the seed's second stream: per-step noise of stochastic schedulers
@@ -82,7 +82,7 @@ class FasterDiffusionPipeline:
         return self.manifest["latent_channels"], height // scale, width // scale
 
     def default_policy(self, steps: int) -> FasterDiffusionPolicy:
-        from runtime.policy import NoiseInjection, default_key_steps
+        from fd.runtime.policy import NoiseInjection, default_key_steps
         return FasterDiffusionPolicy(default_key_steps(steps), self.manifest["limits"]["max_window"],
                                      NoiseInjection(tau=self.family.noise_injection_tau))
 

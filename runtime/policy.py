@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 # The paper's chosen key steps for SD with DDIM-50 ("non-uniform IV"); for DPM-Solver++-20 the paper
 # keeps the members below 20: {0, 1, 2, 3, 5, 10, 15}.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 
 def side_step(specs: dict, geometry: dict, axis: str) -> int:
@@ -29,7 +29,7 @@ def check_size(manifest: dict, height: int, width: int, engine_dir) -> None:
     sides = manifest.get("dynamic_shape")
     if sides is None:
         if (height, width) != (manifest["height"], manifest["width"]):
-            from runtime.backends import BACKENDS
+            from fd.runtime.backends import BACKENDS
             info = BACKENDS.get(manifest.get("backend"))
             hint = " (or add --dynamic-shape MIN:MAX for a range of sizes)" if info and info.dynamic_shapes else ""
             raise FdError(f"engines in {engine_dir} are built for {manifest['height']}x{manifest['width']} only, not "

@@ -68,7 +68,7 @@ def control_denoiser(runner, graph: str, cache: Cache, sample: np.ndarray, times
                  image: np.ndarray, scale: float) -> Cache:
     """One ControlNet at a key step, on the encoder's own inputs: the cache with its residuals (times `scale`)
     added, which its graph computes where the cache lies (runtime/control.py)."""
-    from runtime.control import CONTROLLED
+    from fd.runtime.control import CONTROLLED
     rows = len(sample)
     outputs = runner.run(graph, {"sample": sample, "timestep": np.full(rows, timestep, np.float32), **conditions,
                                  "controlnet_cond": image, "conditioning_scale": np.full(rows, scale, np.float32),

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 
 class PromptTokenizer:

@@ -90,8 +90,8 @@ def parse_image_request(body: bytes) -> ImageRequest:
         request = ImageRequest.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(422, describe(exc.errors()[0])) from None
-    from runtime.cli import check_one_input_kind  # fd-run's lines for --prompt / --class-label
-    from runtime.errors import FdError
+    from fd.runtime.cli import check_one_input_kind  # fd-run's lines for --prompt / --class-label
+    from fd.runtime.errors import FdError
     try:
         check_one_input_kind(SimpleNamespace(prompt=[] if request.prompt is None else [request.prompt],
                                              class_label=[] if request.class_label is None else [request.class_label]))

@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import metrics
 
-from runtime.errors import FdError
-from serve.api import BadRequest, ImageRequest, parse_image_request
-from serve.service import ImageService, Outcome
+from fd.runtime.errors import FdError
+from fd.serve.api import BadRequest, ImageRequest, parse_image_request
+from fd.serve.service import ImageService, Outcome
 
 log = logging.getLogger("ray.serve")
 ENGINE = "FdEngine"

@@ -21,8 +21,8 @@ import sys
 import threading
 from pathlib import Path
 
-from runtime.cli_common import run_cli
-from runtime.errors import FdError
+from fd.runtime.cli_common import run_cli
+from fd.runtime.errors import FdError
 
 APP_NAME = "fd"
 EXAMPLES = """examples:
@@ -59,13 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_local_options(args) -> str:
     """Problems found before Ray starts: the folder, the batch size, the port. Returns the folder's absolute path."""
-    from runtime.cli import check_engine_dir
-    from runtime.manifest import load_manifest
-    from serve.service import check_batch_size
+    from fd.runtime.cli import check_engine_dir
+    from fd.runtime.manifest import load_manifest
+    from fd.serve.service import check_batch_size
     check_engine_dir(args.engine_dir)
     manifest = load_manifest(args.engine_dir)  # the manifest, and every file it names inside the folder
     if manifest["backend"] == "onnxruntime":  # the graph files' sizes as fd-build wrote them
-        from runtime.backends.onnxruntime import check_file_sizes
+        from fd.runtime.backends.onnxruntime import check_file_sizes
         check_file_sizes(args.engine_dir, manifest)
     check_batch_size(args.max_batch_size, manifest)
     if not 0 < args.port < 65536:
@@ -91,7 +91,7 @@ def check_local_resources(ray, args) -> None:
 
 
 def serve_args(args, engine_dir: str):
-    from serve.app import ServeArgs
+    from fd.serve.app import ServeArgs
     return ServeArgs(engine_dir=engine_dir, replicas=args.replicas, max_batch_size=args.max_batch_size,
                      batch_wait_ms=args.batch_wait_ms, max_ongoing_requests=args.max_ongoing_requests,
                      max_queued_requests=args.max_queued_requests, num_gpus=args.num_gpus, num_cpus=args.num_cpus)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
             from ray import serve
         except ImportError:
             raise FdError("fd-serve needs Ray Serve: pip install 'fd[serve]'") from None
-        from serve.app import build_app
+        from fd.serve.app import build_app
         if not args.verbose:
             quiet_driver_logs()
         # "local" starts a fresh instance even where RAY_ADDRESS names another cluster. Workers' output (the

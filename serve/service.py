@@ -23,13 +23,13 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from runtime.control import controlnet_records, prepare_control
-from runtime.errors import FdError
-from runtime.img2img import DEFAULT_STRENGTH, check_strength, prepare_init
-from runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, initial_noise
-from runtime.policy import FasterDiffusionPolicy, policy_from_options
-from runtime.schedulers import SCHEDULERS, make_scheduler
-from serve.api import ImageRequest
+from fd.runtime.control import controlnet_records, prepare_control
+from fd.runtime.errors import FdError
+from fd.runtime.img2img import DEFAULT_STRENGTH, check_strength, prepare_init
+from fd.runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, initial_noise
+from fd.runtime.policy import FasterDiffusionPolicy, policy_from_options
+from fd.runtime.schedulers import SCHEDULERS, make_scheduler
+from fd.serve.api import ImageRequest
 
 log = logging.getLogger("ray.serve")
 WARM_UP_STEPS = 2  # a key step and a non-key step: every graph runs once, at the largest batch
@@ -119,7 +119,7 @@ class ImageService:
         if init is not None:
             init.check_policy(policy)
         make_scheduler(request.scheduler, manifest["scheduler_config"])
-        from runtime.cli import sdxl_size_options  # fd-run's parsing and lines for the same two options
+        from fd.runtime.cli import sdxl_size_options  # fd-run's parsing and lines for the same two options
         sizes = sdxl_size_options(SimpleNamespace(original_size=request.pair_text("original_size"),
                                                   crops_coords_top_left=request.pair_text("crops_coords_top_left")),
                                   pipe.family.name)
@@ -196,7 +196,7 @@ class ImageService:
 def check_input_kind(family, request: ImageRequest) -> str | int:
     """The request's prompt or class label, whichever the folder's family takes; neither, both or the other
     one is refused with fd-run's line for --prompt / --class-label."""
-    from runtime.cli import check_one_input_kind, check_prompt_kind
+    from fd.runtime.cli import check_one_input_kind, check_prompt_kind
     given = SimpleNamespace(prompt=[] if request.prompt is None else [request.prompt],
                             class_label=[] if request.class_label is None else [request.class_label])
     check_one_input_kind(given)

@@ -24,13 +24,13 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_components():
-    from builder.families.sd import make_tiny_components
+    from fd.builder.families.sd import make_tiny_components
     return make_tiny_components()
 
 
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory) -> Path:
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = tmp_path_factory.mktemp("engines") / "tiny-fp32-onnxruntime"
     return build(BuildOptions(model="tiny", out=str(out)), log=lambda *_: None)
 
@@ -38,7 +38,7 @@ def tiny_engine(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny_components) -> Path:
     """The tiny model saved as a diffusers pipeline folder (what `fd-build --model DIR` loads)."""
-    from builder.families import save_pipeline_folder
+    from fd.builder.families import save_pipeline_folder
     folder = tmp_path_factory.mktemp("models") / "tiny-sd"
     save_pipeline_folder(tiny_components, str(folder))
     return folder

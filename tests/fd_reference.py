@@ -146,7 +146,7 @@ def unet_decode(unet, mid: torch.Tensor, skips: list, timesteps: torch.Tensor, c
 def make_scheduler(name: str, config: dict):
     """diffusers' scheduler for an fd scheduler name: the one table this reference takes from fd (its registry
     says which diffusers class and config overrides a name means; fd's own numpy schedulers are not used)."""
-    from runtime.schedulers import diffusers_scheduler
+    from fd.runtime.schedulers import diffusers_scheduler
     return diffusers_scheduler(name, config)
 
 

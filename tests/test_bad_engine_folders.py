@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
 from tests.conftest import run_fd
 
 
@@ -213,7 +213,7 @@ def test_fd_run_prints_one_line_and_writes_nothing(tiny_engine, tmp_path, outsid
     (tamper, fragments), = [param.values for param in CASES if param.id == case]
     folder = tampered_copy(tiny_engine, tmp_path, outside, tamper)
     out = tmp_path / "x.png"
-    done = run_fd("runtime.cli", "--engine-dir", str(folder), "--prompt", "a cat", "--out", str(out))
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(folder), "--prompt", "a cat", "--out", str(out))
     assert_cli_refused(done, fragments)
     assert not out.exists()
 
@@ -221,7 +221,7 @@ def test_fd_run_prints_one_line_and_writes_nothing(tiny_engine, tmp_path, outsid
 def test_fd_bench_prints_the_same_line(tiny_engine, tmp_path, outside):
     (tamper, fragments), = [param.values for param in CASES if param.id == "limits-beyond-graphs"]
     folder = tampered_copy(tiny_engine, tmp_path, outside, tamper)
-    done = run_fd("benchmarks.cli", "--engine-dir", str(folder), "--runs", "1", "--warmup", "0")
+    done = run_fd("fd.benchmarks.cli", "--engine-dir", str(folder), "--runs", "1", "--warmup", "0")
     assert_cli_refused(done, fragments)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_fd
 
-RUN, BENCH, BUILD = "runtime.cli", "benchmarks.cli", "builder.cli"
+RUN, BENCH, BUILD = "fd.runtime.cli", "fd.benchmarks.cli", "fd.builder.cli"
 GEN = ["--engine-dir", "{engine}", "--prompt", "a cat", "--steps", "2"]
 BENCH_ARGS = ["--engine-dir", "{engine}", "--steps", "2", "--runs", "1", "--warmup", "0"]
 OUT = ["--out", "{tmp}/out/img.png"]
@@ -114,15 +114,15 @@ def test_bad_input_gives_one_line(module, args, fragment, tmp_path, tiny_engine,
 
 
 def test_check_writable_creates_nothing(tmp_path):
-    from runtime.atomic import check_writable
+    from fd.runtime.atomic import check_writable
     check_writable(tmp_path / "new" / "deeper" / "img.png", "--out")  # missing folders: write_atomic makes them
     check_writable(tmp_path / "img.png", "--out")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_atomic_failure_is_one_fd_error(tmp_path):
-    from runtime.atomic import write_atomic
-    from runtime.errors import FdError
+    from fd.runtime.atomic import write_atomic
+    from fd.runtime.errors import FdError
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(FdError, match="cannot write"):
         write_atomic(tmp_path / "file.txt" / "x.png", lambda f: f.write(b"png"))
@@ -137,7 +137,7 @@ def test_write_atomic_failure_is_one_fd_error(tmp_path):
     ("~/mysd", True), ("a/b/c", True), ("models/mysd", True),  # models/ exists in the test's folder
 ])
 def test_model_path_or_hub_id(model, is_path, tmp_path, monkeypatch):
-    from builder.models import looks_like_path
+    from fd.builder.models import looks_like_path
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
     assert looks_like_path(model) is is_path
@@ -150,8 +150,8 @@ def test_model_path_or_hub_id(model, is_path, tmp_path, monkeypatch):
 ])
 def test_pipeline_checks_the_same_inputs(tiny_engine, kwargs, fragment):
     """Library callers get the same refusals as the CLI, before any graph runs."""
-    from runtime.errors import FdError
-    from runtime.pipeline import FasterDiffusionPipeline
+    from fd.runtime.errors import FdError
+    from fd.runtime.pipeline import FasterDiffusionPipeline
     pipe = FasterDiffusionPipeline(tiny_engine)
     with pytest.raises(FdError, match=fragment):
         pipe(["a cat"], steps=2, **kwargs)

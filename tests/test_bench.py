@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from benchmarks import bench, cli, fidelity
-from benchmarks.report import json_safe
+from fd.benchmarks import bench, cli, fidelity
+from fd.benchmarks.report import json_safe
 
 # --- fd-bench on the tiny engine ------------------------------------------------------------------------
 
@@ -117,7 +117,7 @@ def test_compare_diffusers_adds_a_third_arm(tiny_engine, tmp_path, one_torch_thr
 
 @pytest.fixture(scope="module")
 def tiny_xl_engine(tmp_path_factory):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = tmp_path_factory.mktemp("engines") / "tiny-xl-fp32-onnxruntime"
     return build(BuildOptions(model="tiny-xl", out=str(out)), log=lambda *_: None)
 
@@ -146,8 +146,8 @@ def test_sdxl_diffusers_arm_with_an_empty_negative_prompt_differs(tiny_xl_engine
     call = StableDiffusionXLPipeline.__call__
     monkeypatch.setattr(StableDiffusionXLPipeline, "__call__",
                         lambda self, *a, **k: call(self, *a, **{**k, "negative_prompt": ""}))
-    from runtime.pipeline import FasterDiffusionPipeline
-    from runtime.policy import FasterDiffusionPolicy
+    from fd.runtime.pipeline import FasterDiffusionPipeline
+    from fd.runtime.policy import FasterDiffusionPolicy
     pipe = FasterDiffusionPipeline(tiny_xl_engine)
     s = bench.Settings(steps=4, runs=1, warmup=0, compare_diffusers=True)
     r = bench.run_benchmark(pipe, s, FasterDiffusionPolicy.baseline(4))
@@ -254,8 +254,8 @@ def test_flop_split_on_meta_equals_a_real_count_with_attention(tiny_components):
     """Counting on the meta device (no memory) gives the FLOPs of real tensors, attention scores included."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-    from builder.split import UNetEncoder
-    from benchmarks import flop_split
+    from fd.builder.split import UNetEncoder
+    from fd.benchmarks import flop_split
 
     counted = flop_split.count_split(flop_split.make_on_meta("tiny"), 128, 128)
     cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:  # no formula for it in torch
@@ -268,7 +268,7 @@ def test_flop_split_on_meta_equals_a_real_count_with_attention(tiny_components):
 
 
 def test_flop_split_json_floor_and_halves(tiny_engine, tmp_path):
-    from benchmarks import flop_split
+    from fd.benchmarks import flop_split
     code = flop_split.main(["--model", "tiny", "--size", "128", "--json", str(tmp_path / "s.json")])
     assert code == 0
     row = json.loads((tmp_path / "s.json").read_text())["sizes"][0]
@@ -283,7 +283,7 @@ def test_flop_split_json_floor_and_halves(tiny_engine, tmp_path):
 
 
 def test_flop_split_unknown_model_is_one_line(capsys):
-    from benchmarks import flop_split
+    from fd.benchmarks import flop_split
     code = flop_split.main(["--model", "sd99", "--size", "128"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not a generated model" in err[0] and "sdxl-random" in err[0]

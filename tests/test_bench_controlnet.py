@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import bench, cli
-from builder.controlnet import SD15_RANDOM, load_controlnet
-from runtime.errors import FdError
+from fd.benchmarks import bench, cli
+from fd.builder.controlnet import SD15_RANDOM, load_controlnet
+from fd.runtime.errors import FdError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
@@ -26,7 +26,7 @@ KEYS = 7
 
 @pytest.fixture(scope="module")
 def control_folder(tmp_path_factory):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = tmp_path_factory.mktemp("bench-control") / "tiny-control"
     return build(BuildOptions(model="tiny", controlnets=("tiny-controlnet",), img2img=True, out=str(out)),
                  log=lambda *_: None)
@@ -95,8 +95,8 @@ def test_floor_leaves_out_a_controlnet_the_manifest_did_not_count():
 
 def test_controlnet_graph_names_are_the_runtimes():
     """One rule (runtime/control.py) for which graphs are ControlNets, in the floor and in fd-build's count."""
-    from builder.flops import counted_graphs
-    from runtime.control import is_controlnet_graph
+    from fd.builder.flops import counted_graphs
+    from fd.runtime.control import is_controlnet_graph
     assert [is_controlnet_graph(n) for n in ("controlnet", "controlnet_1", "controlnet_x", "vae_encoder",
                                               "denoiser_encoder")] == [True, True, False, False, False]
     graphs = {name: None for name in ("text_encoder", "denoiser_encoder", "controlnet", "vae_encoder", "controlnet_1",
@@ -143,8 +143,8 @@ def test_compare_diffusers_uses_the_controlnet_pipeline(control_folder, edges, t
 def test_compare_diffusers_without_the_control_image_differs(control_folder, edges, monkeypatch):
     """The check above can fail: diffusers given another control scale no longer equals fd's baseline."""
     from diffusers import StableDiffusionControlNetPipeline
-    from runtime.pipeline import FasterDiffusionPipeline
-    from runtime.policy import FasterDiffusionPolicy
+    from fd.runtime.pipeline import FasterDiffusionPipeline
+    from fd.runtime.policy import FasterDiffusionPolicy
     call = StableDiffusionControlNetPipeline.__call__
     monkeypatch.setattr(StableDiffusionControlNetPipeline, "__call__",
                         lambda self, *a, **k: call(self, *a, **{**k, "controlnet_conditioning_scale": 0.0}))
@@ -173,7 +173,7 @@ def test_init_image_runs_the_last_steps_with_the_vae_encoder_stage(control_folde
 @pytest.fixture
 def no_engine_load(monkeypatch):
     """Fails the test if the engines start loading: the check must come first."""
-    from runtime import pipeline
+    from fd.runtime import pipeline
 
     def refuse(*_a, **_k):
         raise AssertionError("the engine folder was loaded before the options were checked")

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bench, cli
-from builder.families import FAMILIES, family_generating
-from runtime.errors import FdError
+from fd.benchmarks import bench, cli
+from fd.builder.families import FAMILIES, family_generating
+from fd.runtime.errors import FdError
 from tests.test_cli_errors import assert_one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
@@ -28,7 +28,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     root = tmp_path_factory.mktemp("bench-transformers")
     return {model: build(BuildOptions(model=model, max_batch_size=1, max_window=6, out=str(root / model)),
                          log=lambda *_: None)
@@ -125,7 +125,7 @@ def test_dit_compare_at_another_size_is_refused():
 def test_wrong_inputs_are_one_line_before_any_engine_loads(folders, model, args, fragment, monkeypatch, capsys):
     def no_loading(*_a, **_k):
         raise AssertionError("the engine folder was loaded before the inputs were checked")
-    monkeypatch.setattr("runtime.pipeline.FasterDiffusionPipeline", no_loading)
+    monkeypatch.setattr("fd.runtime.pipeline.FasterDiffusionPipeline", no_loading)
     code = cli.main(["--engine-dir", str(folders[model]), "--steps", "2", "--runs", "1", "--warmup", "0", *args])
     assert_one_line_error(SimpleNamespace(returncode=code, stderr=capsys.readouterr().err), fragment)
     assert code == 2
@@ -134,7 +134,7 @@ def test_wrong_inputs_are_one_line_before_any_engine_loads(folders, model, args,
 def test_flop_count_feeds_each_input_in_its_dtype(folders):
     """DiT's class labels and PixArt's token mask are int64 in the specs: the counter feeds them as integers."""
     from torch import nn
-    from builder.flops import unet_flops
+    from fd.builder.flops import unet_flops
     seen = {}
 
     class Recorder(nn.Module):
@@ -155,7 +155,7 @@ def test_flop_count_feeds_each_input_in_its_dtype(folders):
 @pytest.mark.parametrize("model", ["tiny-dit", "tiny-pixart"])
 def test_flop_split_counts_the_transformer_halves_as_fd_build(folders, model, tmp_path):
     """benchmarks/flop_split on the meta device counts the same halves fd-build counted on CPU tensors."""
-    from benchmarks import flop_split
+    from fd.benchmarks import flop_split
     code = flop_split.main(["--model", model, "--json", str(tmp_path / "s.json")])
     assert code == 0
     row = json.loads((tmp_path / "s.json").read_text())["sizes"][0]
@@ -167,7 +167,7 @@ def test_flop_split_counts_the_transformer_halves_as_fd_build(folders, model, tm
 
 
 def test_flop_split_of_a_transformer_at_another_size_is_one_line(capsys):
-    from benchmarks import flop_split
+    from fd.benchmarks import flop_split
     code = flop_split.main(["--model", "tiny-dit", "--size", "128"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "native size, 64x64" in err[0]

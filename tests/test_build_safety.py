@@ -46,7 +46,7 @@ def test_force_never_replaces_what_fd_did_not_build(tmp_path, make, args, fragme
     target = tmp_path / "target"
     make(target)
     before = tree_digest(tmp_path)
-    done = run_fd("builder.cli", "--model", "tiny", "--out", str(target), *args)
+    done = run_fd("fd.builder.cli", "--model", "tiny", "--out", str(target), *args)
     assert_one_line_error(done, fragment)
     assert "loaded" not in done.stdout  # refused before any model was loaded
     assert tree_digest(tmp_path) == before
@@ -56,7 +56,7 @@ def test_force_never_replaces_what_fd_did_not_build(tmp_path, make, args, fragme
 def test_force_refuses_an_engine_folder_holding_other_files(old_folder):
     (old_folder / "notes.txt").write_text("mine")
     before = tree_digest(old_folder)
-    done = run_fd("builder.cli", "--model", "tiny", "--out", str(old_folder), "--force")
+    done = run_fd("fd.builder.cli", "--model", "tiny", "--out", str(old_folder), "--force")
     assert_one_line_error(done, "holds files fd did not write (notes.txt)")
     assert tree_digest(old_folder) == before
 
@@ -69,7 +69,7 @@ def test_force_refuses_an_engine_folder_holding_other_files(old_folder):
 def test_output_problems_are_found_before_loading(tmp_path, out, fragment):
     (tmp_path / "plain.txt").write_text("x")
     before = tree_digest(tmp_path)
-    done = run_fd("builder.cli", "--model", "tiny", "--out", out, "--force", cwd=tmp_path)
+    done = run_fd("fd.builder.cli", "--model", "tiny", "--out", out, "--force", cwd=tmp_path)
     assert_one_line_error(done, fragment)
     assert "loaded" not in done.stdout
     assert tree_digest(tmp_path) == before and hidden_leftovers(tmp_path) == []
@@ -86,7 +86,7 @@ def test_leftovers_of_killed_builds_are_removed_and_an_orphaned_old_folder_resto
     shutil.move(parent / "elsewhere", parent / f".tiny.old-{dead}-q" / "folder")
     before = tree_digest(parent / f".tiny.old-{dead}-q" / "folder")
     # a build that fails at loading still tidies first
-    done = run_fd("builder.cli", "--model", str(tmp_path / "no-such-model"), "--out", str(old_folder), "--force")
+    done = run_fd("fd.builder.cli", "--model", str(tmp_path / "no-such-model"), "--out", str(old_folder), "--force")
     assert done.returncode != 0
     assert tree_digest(old_folder) == before
     assert hidden_leftovers(parent) == [live.name]
@@ -109,7 +109,7 @@ def dead_pid() -> int:
 # inside the swap itself (where signals are held back until it is done).
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from builder import build, export, staging
+    from fd.builder import build, export, staging
     point, signum = sys.argv[1], getattr(signal, sys.argv[2])
     calls = {"n": 0}
 
@@ -129,7 +129,7 @@ SCRIPT = textwrap.dedent("""
         return wrapper
 
     if point == "loading":
-        import builder.models as models
+        import fd.builder.models as models
         models.load_components = hit(models.load_components)
     elif point == "export":
         export.export_onnx = hit(export.export_onnx, after=True, nth=2)
@@ -141,7 +141,7 @@ SCRIPT = textwrap.dedent("""
         staging.engine_folder_problem = hit(staging.engine_folder_problem, nth=2)
     elif point == "swallowed":
         export.check_onnx = hit(export.check_onnx, nth=2)
-    from builder.cli import main
+    from fd.builder.cli import main
     sys.exit(main(sys.argv[3:]))
 """)
 
@@ -164,7 +164,7 @@ def test_interrupt_leaves_the_old_folder_untouched(old_folder, point, signame):
     assert tree_digest(old_folder) == before
     assert hidden_leftovers(old_folder.parent) == []
     if point == "before-swap":  # byte-identical already; once, show it also still generates
-        from runtime.pipeline import FasterDiffusionPipeline
+        from fd.runtime.pipeline import FasterDiffusionPipeline
         assert FasterDiffusionPipeline(old_folder)(["a cat"], steps=2).calls["denoiser_decoder"] == 2
 
 
@@ -183,7 +183,7 @@ def test_signal_from_outside_stops_a_build_started_with_sigint_ignored(old_folde
     """`fd-build … &` in a script starts fd with SIGINT ignored; fd still stops, and keeps the old folder."""
     before = tree_digest(old_folder)
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "--model", "tiny", "--out", str(old_folder),
+    proc = subprocess.Popen([sys.executable, "-m", "fd.builder.cli", "--model", "tiny", "--out", str(old_folder),
                              "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     line = proc.stdout.readline()  # "loaded tiny in …": the export has begun
@@ -202,8 +202,8 @@ def test_signal_from_outside_stops_a_build_started_with_sigint_ignored(old_folde
 
 @pytest.fixture
 def signal_record():
-    """runtime.cli_common's record of the signals a command received (its handler appends to it)."""
-    from runtime import cli_common
+    """fd.runtime.cli_common's record of the signals a command received (its handler appends to it)."""
+    from fd.runtime import cli_common
     cli_common._seen.clear()
     yield cli_common._seen
     cli_common._seen.clear()
@@ -212,8 +212,8 @@ def signal_record():
 def test_an_interrupt_raised_as_another_error_is_still_the_interrupt(tmp_path, signal_record):
     """A signal arriving inside a C extension's import comes out as "ImportError: initialization failed"
     (onnxruntime does this): after a signal, the build's failure is the interrupt, with its one line."""
-    from builder.staging import staged_folder
-    from runtime.cli_common import Interrupted, run_cli
+    from fd.builder.staging import staged_folder
+    from fd.runtime.cli_common import Interrupted, run_cli
     out = tmp_path / "engines" / "x"
     with pytest.raises(Interrupted) as caught:
         with staged_folder(out, force=False):
@@ -229,7 +229,7 @@ def test_an_interrupt_raised_as_another_error_is_still_the_interrupt(tmp_path, s
 
 
 def test_an_error_without_a_signal_is_not_called_an_interrupt(tmp_path, signal_record):
-    from builder.staging import staged_folder
+    from fd.builder.staging import staged_folder
     with pytest.raises(ImportError):
         with staged_folder(tmp_path / "engines" / "x", force=False):
             raise ImportError("initialization failed")

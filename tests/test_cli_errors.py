@@ -20,13 +20,13 @@ def assert_nothing_left(folder):
 
 
 def test_unknown_model(tmp_path):
-    done = run_fd("builder.cli", "--model", "no-such-model", "--out", str(tmp_path / "engines" / "x"))
+    done = run_fd("fd.builder.cli", "--model", "no-such-model", "--out", str(tmp_path / "engines" / "x"))
     assert_one_line_error(done, "unknown model 'no-such-model'", "sd15")
     assert_nothing_left(tmp_path / "engines")
 
 
 def test_hub_model_missing_offline(tmp_path):
-    done = run_fd("builder.cli", "--model", "nobody/not-cached-model", "--out", str(tmp_path / "engines" / "x"))
+    done = run_fd("fd.builder.cli", "--model", "nobody/not-cached-model", "--out", str(tmp_path / "engines" / "x"))
     assert_one_line_error(done, "not in the local Hugging Face cache", "local diffusers pipeline folder")
     assert_nothing_left(tmp_path / "engines")
 
@@ -36,7 +36,7 @@ def test_local_folder_missing_weights(tiny_folder, tmp_path):
     shutil.copytree(tiny_folder, broken)
     for weights in (broken / "unet").glob("*.safetensors"):
         weights.unlink()
-    done = run_fd("builder.cli", "--model", str(broken), "--out", str(tmp_path / "engines" / "x"))
+    done = run_fd("fd.builder.cli", "--model", str(broken), "--out", str(tmp_path / "engines" / "x"))
     assert_one_line_error(done, "no weights in unet/")
     assert_nothing_left(tmp_path / "engines")
 
@@ -47,26 +47,26 @@ def test_local_folder_missing_weights(tiny_folder, tmp_path):
     ("--max-batch-size", "0", "out of range"),
 ])
 def test_bad_build_sizes(tmp_path, flag, value, fragment):
-    done = run_fd("builder.cli", "--model", "tiny", flag, value, "--out", str(tmp_path / "engines" / "x"))
+    done = run_fd("fd.builder.cli", "--model", "tiny", flag, value, "--out", str(tmp_path / "engines" / "x"))
     assert_one_line_error(done, fragment)
     assert_nothing_left(tmp_path / "engines")
 
 
 def test_dynamic_shape_refused_for_torch_folders(tmp_path):
-    done = run_fd("builder.cli", "--model", "tiny", "--backend", "torch", "--dynamic-shape", "64:256",
+    done = run_fd("fd.builder.cli", "--model", "tiny", "--backend", "torch", "--dynamic-shape", "64:256",
                   "--out", str(tmp_path / "engines" / "x"))
     assert_one_line_error(done, "--dynamic-shape is for onnxruntime or tensorrt folders")
     assert_nothing_left(tmp_path / "engines")
 
 
 def test_existing_folder_needs_force(tiny_engine):
-    done = run_fd("builder.cli", "--model", "tiny", "--out", str(tiny_engine))
+    done = run_fd("fd.builder.cli", "--model", "tiny", "--out", str(tiny_engine))
     assert_one_line_error(done, "already exists", "--force")
     assert (tiny_engine / "manifest.json").is_file()
 
 
 def test_engine_folder_missing(tmp_path):
-    done = run_fd("runtime.cli", "--engine-dir", str(tmp_path / "nope"), "--prompt", "a cat")
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tmp_path / "nope"), "--prompt", "a cat")
     assert_one_line_error(done, "does not exist", "fd-build")
 
 
@@ -76,7 +76,7 @@ def test_engine_folder_from_newer_fd(tiny_engine, tmp_path):
     manifest = json.loads((newer / "manifest.json").read_text())
     manifest["manifest_version"] = 99
     (newer / "manifest.json").write_text(json.dumps(manifest))
-    done = run_fd("runtime.cli", "--engine-dir", str(newer), "--prompt", "a cat")
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(newer), "--prompt", "a cat")
     assert_one_line_error(done, "newer fd", "upgrade fd")
 
 
@@ -90,24 +90,24 @@ def test_engine_folder_from_newer_fd(tiny_engine, tmp_path):
 ])
 def test_bad_generation_settings(tiny_engine, tmp_path, args, fragment):
     out = tmp_path / "out" / "img.png"
-    done = run_fd("runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a cat", "--out", str(out), *args)
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a cat", "--out", str(out), *args)
     assert_one_line_error(done, fragment)
     assert not out.parent.exists()
 
 
 def test_empty_prompt_list(tiny_engine):
-    done = run_fd("runtime.cli", "--engine-dir", str(tiny_engine))
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tiny_engine))
     assert_one_line_error(done, "--prompt")
 
 
 def test_prompt_too_long(tiny_engine, tmp_path):
-    done = run_fd("runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "cat " * 80,
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "cat " * 80,
                   "--out", str(tmp_path / "x.png"))
     assert_one_line_error(done, "tokens long", "shorten it")
 
 
 def test_too_many_prompts_for_the_engine(tiny_engine, tmp_path):
-    done = run_fd("runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a", "--prompt", "b",
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a", "--prompt", "b",
                   "--out", str(tmp_path / "x.png"))
     assert_one_line_error(done, "--max-batch-size 2")
 
@@ -115,6 +115,6 @@ def test_too_many_prompts_for_the_engine(tiny_engine, tmp_path):
 def test_latents_of_the_wrong_shape(tiny_engine, tmp_path):
     import numpy as np
     np.save(tmp_path / "z.npy", np.zeros((1, 4, 8, 8), np.float32))
-    done = run_fd("runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a cat",
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a cat",
                   "--latents", str(tmp_path / "z.npy"), "--out", str(tmp_path / "x.png"))
     assert_one_line_error(done, "(1, 4, 16, 16)")

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from builder.controlnet import check_fits, graph_names, make_tiny_controlnet, weights_sha256
-from runtime.control import prepare_control
-from runtime.errors import FdError
-from runtime.img2img import sample_noise
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy, default_key_steps
+from fd.builder.controlnet import check_fits, graph_names, make_tiny_controlnet, weights_sha256
+from fd.runtime.control import prepare_control
+from fd.runtime.errors import FdError
+from fd.runtime.img2img import sample_noise
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
 from tests.compare import assert_equals_diffusers, relative_error
 from tests.conftest import run_fd
@@ -45,7 +45,7 @@ def controlnets(tiny_components):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, controlnets):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     root = tmp_path_factory.mktemp("controlnet")
     controlnets[1].save_pretrained(root / "second-controlnet")  # a local ControlNet folder, as users pass one
     return build(BuildOptions(model="tiny", controlnets=("tiny-controlnet", str(root / "second-controlnet")),
@@ -200,7 +200,7 @@ def test_a_folder_without_controlnet_refuses_control_images():
 
 
 def test_a_controlnet_for_another_unet_is_refused(tiny_components):
-    from builder.families.sd import make_tiny_v_components
+    from fd.builder.families.sd import make_tiny_v_components
     other = make_tiny_controlnet(make_tiny_v_components().unet)
     with pytest.raises(FdError, match="does not fit this model: its block_out_channels is"):
         check_fits(other, tiny_components.unet, "other")
@@ -210,13 +210,13 @@ def test_cli_generates_with_control_images_and_refuses_bad_ones(folder, tmp_path
     random_image(0).save(tmp_path / "a.png")
     random_image(1).save(tmp_path / "b.png")
     common = ["--engine-dir", str(folder), "--prompt", "a cat", "--steps", "6", "--out", str(tmp_path / "o.png")]
-    done = run_fd("runtime.cli", *common, "--control-image", str(tmp_path / "a.png"), "--control-image",
+    done = run_fd("fd.runtime.cli", *common, "--control-image", str(tmp_path / "a.png"), "--control-image",
                   str(tmp_path / "b.png"), "--controlnet-scale", "0.8", "--timings")
     assert done.returncode == 0, done.stderr
     assert "controlnet 0 " in done.stdout and (tmp_path / "o.png").is_file()
-    done = run_fd("runtime.cli", *common, "--control-image", str(tmp_path / "missing.png"))
+    done = run_fd("fd.runtime.cli", *common, "--control-image", str(tmp_path / "missing.png"))
     assert_one_line_error(done, "--control-image", "missing.png: no such file")
-    done = run_fd("builder.cli", "--model", "tiny", "--controlnet", str(tmp_path / "no-such-controlnet"),
+    done = run_fd("fd.builder.cli", "--model", "tiny", "--controlnet", str(tmp_path / "no-such-controlnet"),
                   "--out", str(tmp_path / "engines"))
     assert_one_line_error(done, "--controlnet", "no such folder")
 
@@ -237,8 +237,8 @@ def test_a_folder_whose_controlnet_records_disagree_is_refused(folder, tmp_path)
 
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory):
-    from builder.build import BuildOptions, build
-    from builder.families.sdxl import make_tiny_xl_components
+    from fd.builder.build import BuildOptions, build
+    from fd.builder.families.sdxl import make_tiny_xl_components
     comps = make_tiny_xl_components()
     out = build(BuildOptions(model="tiny-xl", controlnets=("tiny-controlnet",),
                              out=str(tmp_path_factory.mktemp("xl") / "engines")), log=lambda *_: None)

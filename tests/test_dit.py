@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from builder.families import FAMILIES, family_generating
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy, default_key_steps
+from fd.builder.families import FAMILIES, family_generating
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
 from tests.compare import assert_equals_diffusers, relative_error
 from tests.conftest import run_fd
@@ -43,7 +43,7 @@ def comps():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = tmp_path_factory.mktemp("dit") / "tiny-dit"
     return build(BuildOptions(model="tiny-dit", max_batch_size=2, max_window=6, out=str(out)), log=lambda *_: None)
 
@@ -106,7 +106,7 @@ def test_folder_records_the_dit_family(folder):
 
 
 def test_export_draws_integers_from_the_record_range():
-    from builder.export import random_inputs
+    from fd.builder.export import random_inputs
     spec = {"inputs": [{"name": "class_labels", "dtype": "int64", "shape": ["batch"], "axes": ["batch"],
                         "range": [0, 3]}]}
     drawn = random_inputs(spec, 400, np.random.default_rng(0), vocab_size=None)["class_labels"]
@@ -261,7 +261,7 @@ def test_dpm_solver_steps_on_the_noise_of_a_learned_variance_config(comps):
     """variance_type learned_range (a learned-sigma model's config) changes nothing: fd's decoder returns only
     the noise, which is what diffusers' solver keeps of a learned-variance output."""
     import diffusers
-    from runtime.schedulers import make_scheduler
+    from fd.runtime.schedulers import make_scheduler
     config = {**comps.scheduler_config, "variance_type": "learned_range"}
     ours = make_scheduler("dpmpp-2m", config)
     want = diffusers.DPMSolverMultistepScheduler.from_config(comps.scheduler_config)  # variance_type None
@@ -277,8 +277,8 @@ def test_dpm_solver_steps_on_the_noise_of_a_learned_variance_config(comps):
 
 
 def test_ddpm_refuses_a_learned_variance_in_one_line(comps):
-    from runtime.errors import FdError
-    from runtime.schedulers import make_scheduler
+    from fd.runtime.errors import FdError
+    from fd.runtime.schedulers import make_scheduler
     with pytest.raises(FdError, match="predicted variance, which fd's denoiser does not return") as caught:
         make_scheduler("ddpm", {**comps.scheduler_config, "variance_type": "learned_range"})
     assert "\n" not in str(caught.value)
@@ -288,8 +288,8 @@ def test_ddpm_refuses_a_learned_variance_in_one_line(comps):
 
 def test_a_saved_dit_folder_builds_like_tiny_dit(comps, folder, tmp_path):
     """A DiTPipeline folder (model_index.json with its id2label) is found, loaded and built as tiny-dit."""
-    from builder.build import BuildOptions, build
-    from builder.families import save_pipeline_folder
+    from fd.builder.build import BuildOptions, build
+    from fd.builder.families import save_pipeline_folder
     save_pipeline_folder(comps, str(tmp_path / "model"))
     assert json.loads((tmp_path / "model" / "model_index.json").read_text())["id2label"]["207"] == "golden retriever"
     out = build(BuildOptions(model=str(tmp_path / "model"), out=str(tmp_path / "engine")), log=lambda *_: None)
@@ -304,7 +304,7 @@ def test_a_saved_dit_folder_builds_like_tiny_dit(comps, folder, tmp_path):
 # --- bad input: one line each ------------------------------------------------------------------------
 
 def test_class_labels_resolve_as_ditpipeline_names_them(pipe):
-    from runtime.families.dit import class_id
+    from fd.runtime.families.dit import class_id
     options = pipe.manifest["family_options"]
     assert [class_id(label, options) for label in (3, "3", "tabby", "Tabby Cat", "white shark", "volcano")] == \
         [3, 3, 281, 281, 2, 980]
@@ -318,24 +318,24 @@ def test_class_labels_resolve_as_ditpipeline_names_them(pipe):
     (["--prompt", "a cat", "--class-label", "3"], "not both"),
 ])
 def test_bad_dit_runs_are_one_line(folder, tmp_path, args, fragment):
-    done = run_fd("runtime.cli", "--engine-dir", str(folder), "--steps", "2", "--out", str(tmp_path / "x.png"), *args)
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(folder), "--steps", "2", "--out", str(tmp_path / "x.png"), *args)
     assert_one_line_error(done, fragment)
     assert not (tmp_path / "x.png").exists()
 
 
 def test_class_label_on_a_text_folder_is_one_line(tiny_engine, tmp_path):
-    done = run_fd("runtime.cli", "--engine-dir", str(tiny_engine), "--class-label", "3", "--out", str(tmp_path / "x.png"))
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tiny_engine), "--class-label", "3", "--out", str(tmp_path / "x.png"))
     assert_one_line_error(done, "--class-label is for class-conditional models (DiT)", "give --prompt")
 
 
 @pytest.mark.parametrize("split", ["6", "0"])
 def test_split_block_out_of_range_is_one_line(tmp_path, split):
-    done = run_fd("builder.cli", "--model", "tiny-dit", "--split-block", split, "--out", str(tmp_path / "engines" / "x"))
+    done = run_fd("fd.builder.cli", "--model", "tiny-dit", "--split-block", split, "--out", str(tmp_path / "engines" / "x"))
     assert_one_line_error(done, f"--split-block {split}")
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
 
 
 def test_python_api_refuses_a_negative_prompt_on_dit(pipe):
-    from runtime.errors import FdError
+    from fd.runtime.errors import FdError
     with pytest.raises(FdError, match="class-conditional and takes no negative prompt"):
         pipe([3], steps=2, negative_prompt="blurry")

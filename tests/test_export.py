@@ -6,10 +6,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from builder import export
-from builder.specs import names
-from builder.families import FAMILIES
-from runtime.families import FAMILIES as RUNTIME_FAMILIES
+from fd.builder import export
+from fd.builder.specs import names
+from fd.builder.families import FAMILIES
+from fd.runtime.families import FAMILIES as RUNTIME_FAMILIES
 
 COMPONENTS = RUNTIME_FAMILIES["sd"].graphs
 
@@ -71,7 +71,7 @@ def test_manifest_records_the_build(tiny_engine, manifest):
 
 
 def test_build_from_local_folder_matches_tiny(tiny_folder, tmp_path, manifest):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = build(BuildOptions(model=str(tiny_folder), out=str(tmp_path / "local")), log=lambda *_: None)
     local = json.loads((out / "manifest.json").read_text())
     assert local["source"]["kind"] == "local"
@@ -79,7 +79,7 @@ def test_build_from_local_folder_matches_tiny(tiny_folder, tmp_path, manifest):
 
 
 def test_fp16_build_checks_against_pytorch(tmp_path, manifest):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = build(BuildOptions(model="tiny", precision="fp16", out=str(tmp_path / "fp16")), log=lambda *_: None)
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"] == "fp16"

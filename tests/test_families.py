@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from builder.families import FAMILIES, family_generating
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy, default_key_steps
+from fd.builder.families import FAMILIES, family_generating
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
 from tests.compare import assert_equals_diffusers
 from tests.test_fd_reference import TOLERANCE
@@ -27,7 +27,7 @@ STEPS = {"ddim": 12, "dpmpp-2m": 10}
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     root = tmp_path_factory.mktemp("families")
     return {model: build(BuildOptions(model=model, max_batch_size=2, max_window=6, out=str(root / model)),
                          log=lambda *_: None) for model in MODELS}
@@ -122,7 +122,7 @@ def test_sdxl_folder_records_its_family_and_upcast_vae(folders):
 
 
 def test_sdxl_fp16_folder_keeps_the_vae_in_fp32(tmp_path):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     import json
     out = build(BuildOptions(model="tiny-xl", precision="fp16", out=str(tmp_path / "xl16")), log=lambda *_: None)
     specs = json.loads((out / "manifest.json").read_text())["components"]
@@ -136,7 +136,7 @@ def test_sdxl_fp16_folder_keeps_the_vae_in_fp32(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_xl_folder(tmp_path_factory, components):
-    from builder.families import save_pipeline_folder
+    from fd.builder.families import save_pipeline_folder
     folder = tmp_path_factory.mktemp("models") / "tiny-xl"
     save_pipeline_folder(components["tiny-xl"], str(folder))
     return folder
@@ -171,7 +171,7 @@ def test_bad_sdxl_folders_are_one_line(tiny_xl_folder, tmp_path, damage, fragmen
     folder = tmp_path / "model"
     shutil.copytree(tiny_xl_folder, folder)
     damage(folder)
-    done = run_fd("builder.cli", "--model", str(folder), "--out", str(tmp_path / "engines" / "x"))
+    done = run_fd("fd.builder.cli", "--model", str(folder), "--out", str(tmp_path / "engines" / "x"))
     assert_one_line_error(done, fragment)
     assert not (tmp_path / "engines").exists() or not any((tmp_path / "engines").iterdir())
 
@@ -179,7 +179,7 @@ def test_bad_sdxl_folders_are_one_line(tiny_xl_folder, tmp_path, damage, fragmen
 def test_sdxl_folder_builds_and_runs_like_tiny_xl(tiny_xl_folder, folders, tmp_path):
     """A local SDXL folder is detected from model_index.json and gives the same engines as tiny-xl."""
     import json
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = build(BuildOptions(model=str(tiny_xl_folder), out=str(tmp_path / "xl")), log=lambda *_: None)
     local = json.loads((out / "manifest.json").read_text())
     generated = json.loads((folders["tiny-xl"] / "manifest.json").read_text())
@@ -189,7 +189,7 @@ def test_sdxl_folder_builds_and_runs_like_tiny_xl(tiny_xl_folder, folders, tmp_p
 
 def test_onnxruntime_binding_path_equals_plain_session_run(folders):
     """The runner's IOBinding/OrtValue path gives exactly what onnxruntime's plain session.run gives."""
-    from builder import export
+    from fd.builder import export
     runner = FasterDiffusionPipeline(folders["tiny-xl"]).runner
     rng = np.random.default_rng(0)
     for graph, spec in runner.specs.items():

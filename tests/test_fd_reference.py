@@ -11,7 +11,7 @@ import torch
 
 from fd_reference import (Conditioning, reference_fd_sample, reference_fd_sample_sdxl, sd_pipeline,
                           sdxl_pipeline, make_scheduler, unet_decode, unet_encode)
-from runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.pipeline import FasterDiffusionPipeline
 from tests.compare import relative_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
@@ -76,7 +76,7 @@ class TinySDXL:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from builder.models import make_tiny_tokenizer
+        from fd.builder.models import make_tiny_tokenizer
         self.tokenizer, self.tokenizer_2 = make_tiny_tokenizer(), make_tiny_tokenizer()
         torch.manual_seed(0)
         text_config = dict(vocab_size=len(self.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -182,7 +182,7 @@ def test_wrong_fd_variants_are_far_outside_the_tolerance(tiny_components, schedu
 @pytest.fixture(scope="module")
 def batch2_pipe(tmp_path_factory):
     """Two images per generation and windows split at 4 steps (the paper's 5-step windows take 2 calls)."""
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = build(BuildOptions(model="tiny", max_batch_size=2, max_window=4,
                              out=str(tmp_path_factory.mktemp("fdref") / "tiny-b2")), log=lambda *_: None)
     return FasterDiffusionPipeline(out, threads=1)

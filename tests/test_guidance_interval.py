@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from fd_reference import reference_fd_sample
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import (PAPER_GUIDANCE_INTERVAL, FasterDiffusionPolicy, model_sigmas,
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import (PAPER_GUIDANCE_INTERVAL, FasterDiffusionPolicy, model_sigmas,
                             parse_guidance_interval, policy_from_options)
-from runtime.schedulers import make_scheduler
+from fd.runtime.schedulers import make_scheduler
 from tests.conftest import run_fd
 from tests.compare import relative_error
 from tests.test_fd_reference import PAPER_INJECTION, TOLERANCE, paper_keys, unit_noise
@@ -224,7 +224,7 @@ def test_the_papers_interval_equals_the_reference(pipe, tiny_components, schedul
 # --- command lines -------------------------------------------------------------------------------------------
 
 def test_fd_run_prints_the_rows_it_computed(tiny_engine, tmp_path):
-    done = run_fd("runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a cat", "--steps", "50",
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tiny_engine), "--prompt", "a cat", "--steps", "50",
                   "--guidance-interval", "paper", "--timings", "--out", str(tmp_path / "x.png"))
     assert done.returncode == 0, done.stderr
     assert "rows: text encoder 2, denoiser encoder 14, denoiser decoder 87, vae decoder 1" in done.stdout
@@ -232,7 +232,7 @@ def test_fd_run_prints_the_rows_it_computed(tiny_engine, tmp_path):
 
 
 def test_fd_run_refuses_a_bad_interval_in_one_line_before_loading(tmp_path):
-    done = run_fd("runtime.cli", "--engine-dir", str(tmp_path / "missing"), "--prompt", "a cat",
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(tmp_path / "missing"), "--prompt", "a cat",
                   "--guidance-interval", "5,1", "--out", str(tmp_path / "x.png"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
@@ -240,7 +240,7 @@ def test_fd_run_refuses_a_bad_interval_in_one_line_before_loading(tmp_path):
 
 
 def test_fd_bench_arm_setting(tiny_engine, tmp_path):
-    from benchmarks import cli
+    from fd.benchmarks import cli
     out = tmp_path / "r.json"
     assert cli.main(["--engine-dir", str(tiny_engine), "--runs", "1", "--warmup", "0", "--steps", "20",
                      "--guidance-interval", "paper", "--json", str(out)]) == 0

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.errors import FdError
-from runtime.img2img import prepare_init, sample_noise
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy, default_key_steps
+from fd.runtime.errors import FdError
+from fd.runtime.img2img import prepare_init, sample_noise
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
 from tests.compare import assert_equals_diffusers, relative_error
 from tests.conftest import run_fd
@@ -34,7 +34,7 @@ SEED = 3  # fd draws the latent sample's noise from this seed (runtime.img2img.s
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     root = tmp_path_factory.mktemp("img2img")
     return {model: build(BuildOptions(model=model, img2img=True, max_batch_size=2, max_window=6,
                                       out=str(root / model)), log=lambda *_: None) for model in ("tiny", "tiny-xl")}
@@ -47,7 +47,7 @@ def pipes(folders):
 
 @pytest.fixture(scope="module")
 def components(tiny_components):
-    from builder.families.sdxl import make_tiny_xl_components
+    from fd.builder.families.sdxl import make_tiny_xl_components
     return {"tiny": tiny_components, "tiny-xl": make_tiny_xl_components()}
 
 
@@ -166,12 +166,12 @@ def test_cli_image_to_image_and_its_bad_inputs(folders, tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     common = ["--engine-dir", str(folders["tiny"]), "--prompt", "a cat", "--steps", "10", "--out",
               str(tmp_path / "o.png")]
-    done = run_fd("runtime.cli", *common, "--init-image", str(tmp_path / "start.png"), "--strength", "0.5",
+    done = run_fd("fd.runtime.cli", *common, "--init-image", str(tmp_path / "start.png"), "--strength", "0.5",
                   "--timings")
     assert done.returncode == 0, done.stderr
     assert "vae encoder 1" in done.stdout and "denoiser encoder 5" in done.stdout  # 5 of 10 steps run, all key steps
-    assert_one_line_error(run_fd("runtime.cli", *common, "--init-image", str(tmp_path / "text.png")),
+    assert_one_line_error(run_fd("fd.runtime.cli", *common, "--init-image", str(tmp_path / "text.png")),
                           "--init-image", "is not an image PIL can read")
-    assert_one_line_error(run_fd("runtime.cli", *common, "--strength", "0.5"), "--strength is for image to image")
-    assert_one_line_error(run_fd("runtime.cli", *common, "--init-image", str(tmp_path / "start.png"), "--strength",
+    assert_one_line_error(run_fd("fd.runtime.cli", *common, "--strength", "0.5"), "--strength is for image to image")
+    assert_one_line_error(run_fd("fd.runtime.cli", *common, "--init-image", str(tmp_path / "start.png"), "--strength",
                                  "2"), "--strength 2.0 is out of range")

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import runtime.backends.onnxruntime as ort_runner
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
+import fd.runtime.backends.onnxruntime as ort_runner
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
 from tests.conftest import run_fd
 
 GRAPHS = ("text_encoder", "denoiser_encoder", "denoiser_decoder", "vae_decoder")
@@ -143,7 +143,7 @@ def test_a_bad_stored_graph_is_refused_in_one_line(tiny_engine, tmp_path, change
 def test_fd_run_says_a_truncated_copy_in_one_line(tiny_engine, tmp_path):
     folder = linked_copy(tiny_engine, tmp_path / "copy", copied=("denoiser_encoder.opt.onnx.data",))
     os.truncate(folder / "denoiser_encoder.opt.onnx.data", 1000)  # a copy cut short
-    done = run_fd("runtime.cli", "--engine-dir", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "x.png"))
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "x.png"))
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and "a partial copy?" in lines[0] and "Traceback" not in done.stderr

@@ -8,8 +8,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy, NoiseInjection
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy, NoiseInjection
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 
@@ -101,7 +101,7 @@ def test_fd_with_every_step_a_key_step_equals_baseline_without_injection(pipe):
 
 
 def test_noise_injection_touches_exactly_the_steps_below_tau(pipe, monkeypatch):
-    import runtime.pipeline as pipeline_module
+    import fd.runtime.pipeline as pipeline_module
     seen = []  # (timestep, sample given to the scheduler, sample it returned)
     make = pipeline_module.make_scheduler
 
@@ -132,7 +132,7 @@ def test_noise_injection_touches_exactly_the_steps_below_tau(pipe, monkeypatch):
 def test_generation_does_not_import_torch_or_diffusers(tiny_engine, tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        from runtime.cli import main
+        from fd.runtime.cli import main
         code = main(["--engine-dir", r"{tiny_engine}", "--prompt", "a cat", "--steps", "4",
                      "--out", r"{tmp_path / 'x.png'}"])
         assert code == 0, code
@@ -147,7 +147,7 @@ def test_generation_does_not_import_torch_or_diffusers(tiny_engine, tmp_path):
 
 @pytest.fixture(scope="module")
 def batch2_pipe(tmp_path_factory):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = build(BuildOptions(model="tiny", max_batch_size=2, max_window=4,
                              out=str(tmp_path_factory.mktemp("b2") / "tiny-b2")), log=lambda *_: None)
     return FasterDiffusionPipeline(out)

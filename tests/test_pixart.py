@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from builder.families import FAMILIES, family_generating
-from builder.families.pixart import make_tiny_pixart_components
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy, default_key_steps
-from runtime.schedulers import diffusers_scheduler
+from fd.builder.families import FAMILIES, family_generating
+from fd.builder.families.pixart import make_tiny_pixart_components
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
+from fd.runtime.schedulers import diffusers_scheduler
 from tests.compare import assert_equals_diffusers, relative_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
@@ -51,8 +51,8 @@ def components():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, components):
-    from builder.build import BuildOptions, build
-    from builder.families import save_pipeline_folder
+    from fd.builder.build import BuildOptions, build
+    from fd.builder.families import save_pipeline_folder
     root = tmp_path_factory.mktemp("pixart")
     model_folder = root / "model-1024-style"
     save_pipeline_folder(components["1024-style"], str(model_folder))
@@ -110,11 +110,11 @@ def test_split_equals_the_transformer_forward(components, model):
 @pytest.mark.parametrize("model", ["tiny-pixart", "1024-style"])
 def test_one_decoder_call_over_k_timesteps_equals_k_calls(pipes, model):
     """The engine's decoder, as the runtime lays out a window (step-major), against one call per step."""
-    from runtime import stages
+    from fd.runtime import stages
     pipe = pipes[model]
     request_rows = 2  # one image, guided
     latents = np.concatenate([initial_latents(pipe, batch=1)] * request_rows)
-    from runtime.families import PromptRequest
+    from fd.runtime.families import PromptRequest
     height, width = pipe.image_size(None, None)
     conds = pipe.family.encode_prompt(pipe.runner, pipe.tokenizers,
                                       PromptRequest(PROMPTS[:1], None, True, height, width), {})
@@ -143,7 +143,7 @@ def test_manifest_records_the_split_and_the_token_cache(folders):
 def test_fp16_folder_runs_close_to_fp32(pipes, tmp_path):
     """fp16 engines (T5 computes in fp32 inside and hands fp16 embeddings over) stay near the fp32 ones."""
     import json
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = build(BuildOptions(model="tiny-pixart", precision="fp16", out=str(tmp_path / "fp16")), log=lambda *_: None)
     specs = json.loads((out / "manifest.json").read_text())["components"]
     assert specs["text_encoder"]["outputs"][0]["dtype"] == "float16" == specs["denoiser_decoder"]["outputs"][0]["dtype"]
@@ -203,8 +203,8 @@ def test_unguided_baseline_equals_the_diffusers_pipeline(pipes, components):
 def test_the_mask_matters(pipes):
     """Padding is masked out: the same prompt with its mask all ones gives another image (so a runtime that
     dropped the mask would fail the diffusers comparison)."""
-    from runtime import stages
-    from runtime.families import PromptRequest
+    from fd.runtime import stages
+    from fd.runtime.families import PromptRequest
     pipe = pipes["tiny-pixart"]
     height, width = pipe.image_size(None, None)
     conds = pipe.family.encode_prompt(pipe.runner, pipe.tokenizers, PromptRequest(PROMPTS[:1], None, False,
@@ -355,7 +355,7 @@ def test_wrong_fd_variants_are_far_outside_the_tolerance(pipes, components, sche
 
 def test_runtime_tokenizer_equals_the_transformers_one(folders, components):
     """fd's tokenizers-only tokenizer gives the ids and attention mask the pipeline's T5 tokenizer gives."""
-    from runtime.tokenizer import PromptTokenizer
+    from fd.runtime.tokenizer import PromptTokenizer
     ours = PromptTokenizer(folders["tiny-pixart"] / "tokenizer" / "tokenizer.json", 120, 0)
     texts = ["a photo of the moon", "", "x" * 30 + " 123, dog!"]
     ids, mask = ours.with_mask(texts)
@@ -373,10 +373,10 @@ def test_a_sentencepiece_tokenizer_folder_loads_and_tokenizes_alike(components, 
     import json
     import shutil
     spm = pytest.importorskip("sentencepiece")
-    from builder.build import save_tokenizers
-    from builder.families import save_pipeline_folder
-    from builder.models import load_components
-    from runtime.tokenizer import PromptTokenizer
+    from fd.builder.build import save_tokenizers
+    from fd.builder.families import save_pipeline_folder
+    from fd.builder.models import load_components
+    from fd.runtime.tokenizer import PromptTokenizer
     folder = tmp_path / "model"
     save_pipeline_folder(components["tiny-pixart"], str(folder))
     shutil.rmtree(folder / "tokenizer")
@@ -410,11 +410,11 @@ def test_over_long_prompt_is_refused_in_one_line(pipes):
 def test_cli_runs_and_refuses_in_one_line(folders, tmp_path):
     from tests.conftest import run_fd
     from tests.test_cli_errors import assert_one_line_error
-    done = run_fd("runtime.cli", "--engine-dir", str(folders["tiny-pixart"]), "--prompt", "a cat", "--steps", "4",
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(folders["tiny-pixart"]), "--prompt", "a cat", "--steps", "4",
                   "--out", str(tmp_path / "cat.png"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cat.png").is_file()
-    done = run_fd("runtime.cli", "--engine-dir", str(folders["tiny-pixart"]), "--prompt", "cat " * 130,
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(folders["tiny-pixart"]), "--prompt", "cat " * 130,
                   "--out", str(tmp_path / "long.png"))
     assert_one_line_error(done, "tokens long", "shorten it")
     assert not (tmp_path / "long.png").exists()
@@ -427,6 +427,6 @@ def test_cli_runs_and_refuses_in_one_line(folders, tmp_path):
 def test_unsupported_builds_are_one_line(tmp_path, args, fragment):
     from tests.conftest import run_fd
     from tests.test_cli_errors import assert_one_line_error
-    done = run_fd("builder.cli", "--model", "tiny-pixart", *args, "--out", str(tmp_path / "x"))
+    done = run_fd("fd.builder.cli", "--model", "tiny-pixart", *args, "--out", str(tmp_path / "x"))
     assert_one_line_error(done, fragment)
     assert not (tmp_path / "x").exists()

@@ -1,8 +1,8 @@
 """The FasterDiffusion policy: the paper's key steps, windows, and option parsing."""
 import pytest
 
-from runtime.errors import FdError
-from runtime.policy import FasterDiffusionPolicy, NoiseInjection, default_key_steps, policy_from_options
+from fd.runtime.errors import FdError
+from fd.runtime.policy import FasterDiffusionPolicy, NoiseInjection, default_key_steps, policy_from_options
 
 
 def test_default_key_steps_are_the_papers_at_50_and_20():

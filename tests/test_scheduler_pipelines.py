@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from builder.families import FAMILIES
-from runtime.cli import main as fd_run, parse_args as fd_run_args
-from runtime.pipeline import FasterDiffusionPipeline, step_noise_generator
-from runtime.policy import FEW_STEPS, FasterDiffusionPolicy
-from runtime.schedulers import CHOICES, REGISTRY, SCHEDULERS, diffusers_scheduler, make_scheduler
+from fd.builder.families import FAMILIES
+from fd.runtime.cli import main as fd_run, parse_args as fd_run_args
+from fd.runtime.pipeline import FasterDiffusionPipeline, step_noise_generator
+from fd.runtime.policy import FEW_STEPS, FasterDiffusionPolicy
+from fd.runtime.schedulers import CHOICES, REGISTRY, SCHEDULERS, diffusers_scheduler, make_scheduler
 from tests import fd_reference
 from tests.compare import relative_error
 from tests.test_fd_reference import TOLERANCE
@@ -209,7 +209,7 @@ def test_unsupported_scheduler_option_is_one_error_line(tiny_engine, tmp_path, c
 
 
 def test_every_scheduler_name_is_accepted_by_fd_run_and_fd_bench():
-    from benchmarks.cli import parse_args as fd_bench_args
+    from fd.benchmarks.cli import parse_args as fd_bench_args
     for name in CHOICES:
         assert fd_run_args(["--engine-dir", "e", "--prompt", "p", "--scheduler", name]).scheduler == name
         assert fd_bench_args(["--engine-dir", "e", "--scheduler", name]).scheduler == name

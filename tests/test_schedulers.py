@@ -18,8 +18,8 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from runtime.errors import FdError  # noqa: E402
-from runtime.schedulers import (  # noqa: E402
+from fd.runtime.errors import FdError  # noqa: E402
+from fd.runtime.schedulers import (  # noqa: E402
     CHOICES,
     REGISTRY,
     SCHEDULERS,

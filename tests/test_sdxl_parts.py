@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from builder.families.sd import make_tiny_v_components
-from builder.families.sdxl import (
+from fd.builder.families.sd import make_tiny_v_components
+from fd.builder.families.sdxl import (
     TextEncoder2XLGraph, TextEncoderXLGraph, make_tiny_xl_components,
     text_time_sizes,
 )
-from builder.split import UNetDecoder, UNetEncoder, added_condition_names
-from builder.families import save_pipeline_folder as save_sdxl_folder
-from builder.models import load_folder
-from runtime.errors import FdError
+from fd.builder.split import UNetDecoder, UNetEncoder, added_condition_names
+from fd.builder.families import save_pipeline_folder as save_sdxl_folder
+from fd.builder.models import load_folder
+from fd.runtime.errors import FdError
 
 PROMPTS = ["a photo of an astronaut riding a horse", "a cat on the moon!"]
 # per row: original size (h, w), crop top-left (y, x), target size (h, w); rows differ on purpose

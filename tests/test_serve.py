@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
-from serve.api import BadRequest, ImageRequest, parse_image_request
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.serve.api import BadRequest, ImageRequest, parse_image_request
 
 REPO = Path(__file__).resolve().parents[1]
 PIXEL_TOLERANCE = 2  # of 255, the issue's bound for a batched request against the same request alone
@@ -32,7 +32,7 @@ STEPS = 10  # above fd's few-step threshold, so the default policy reuses the en
 
 @pytest.fixture(scope="module")
 def engine_b4(tmp_path_factory) -> Path:
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     out = tmp_path_factory.mktemp("serve-engines") / "tiny-b4"
     return build(BuildOptions(model="tiny", max_batch_size=4, out=str(out)), log=lambda *_: None)
 
@@ -48,7 +48,7 @@ def pixels(png: bytes) -> np.ndarray:
 
 def alone(pipe, options: dict) -> np.ndarray:
     """The image the same request gets from the pipeline on its own (what fd-run computes)."""
-    from runtime.policy import policy_from_options
+    from fd.runtime.policy import policy_from_options
     steps = options.get("steps", 50)
     keys = options.get("key_steps")
     policy = policy_from_options(steps, pipe.manifest["limits"]["max_window"], uniform=options.get("uniform"),
@@ -92,7 +92,7 @@ def test_a_request_takes_fd_runs_options_and_defaults():
 
 @pytest.fixture(scope="module")
 def service(pipe):
-    from serve.service import ImageService
+    from fd.serve.service import ImageService
     return ImageService(str(pipe.engine_dir), pipeline=pipe)
 
 
@@ -107,7 +107,7 @@ def service(pipe):
     ({"strength": 0.5}, ["--strength", "0.5"]),  # image to image's strength without an init image
 ])
 def test_bad_values_get_the_line_fd_run_prints(service, engine_b4, tmp_path, capsys, options, cli):
-    from runtime.cli import main as fd_run
+    from fd.runtime.cli import main as fd_run
     request = ImageRequest.model_validate({"prompt": "a cat", **options})
     with pytest.raises(FdError) as caught:
         service.prepare(request)
@@ -135,7 +135,7 @@ def test_a_batch_keeps_each_rows_prompt_negative_prompt_and_seed(service, pipe):
 
 
 def test_a_request_can_limit_guidance_to_an_interval(service, pipe):
-    from runtime.policy import FasterDiffusionPolicy, default_key_steps
+    from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
     request = {"prompt": "a red cube", "seed": 1, "steps": STEPS, "guidance_interval": [0.28, 5.42]}
     (outcome,) = service.run([service.prepare(ImageRequest.model_validate(request))])
     assert outcome.status == 200 and outcome.policy["guidance_interval"] == [0.28, 5.42]
@@ -169,7 +169,7 @@ def test_pipeline_takes_one_negative_prompt_per_prompt(pipe):
 
 
 def test_an_internal_failure_is_a_500_line_logged_and_the_service_goes_on(service, caplog):
-    from serve.service import ImageService
+    from fd.serve.service import ImageService
 
     class FailsOnce:
         """The real pipeline, except that its first generation raises as a device fault would."""
@@ -203,8 +203,8 @@ def test_an_internal_failure_is_a_500_line_logged_and_the_service_goes_on(servic
 @pytest.fixture(scope="module")
 def image_service(tmp_path_factory):
     """tiny with tiny-controlnet and the VAE encoder (--img2img), at most 2 images per generation."""
-    from builder.build import BuildOptions, build
-    from serve.service import ImageService
+    from fd.builder.build import BuildOptions, build
+    from fd.serve.service import ImageService
     out = tmp_path_factory.mktemp("serve-images") / "tiny-control"
     folder = build(BuildOptions(model="tiny", controlnets=("tiny-controlnet",), img2img=True, max_batch_size=2,
                                 max_window=6, out=str(out)), log=lambda *_: None)
@@ -244,7 +244,7 @@ def test_image_inputs_batch_only_when_equal_and_match_lone_runs(image_service):
             for r, control in requests]
     outcomes = image_service.run(jobs)
     assert [(o.status, o.batch_size) for o in outcomes] == [(200, 2), (200, 2), (200, 1), (200, 2), (200, 2), (200, 1)]
-    from runtime.policy import FasterDiffusionPolicy
+    from fd.runtime.policy import FasterDiffusionPolicy
     for (request, control), outcome in zip(requests, outcomes):
         policy = FasterDiffusionPolicy((0, 3), 6) if "key_steps" in request else None
         init = {"init_image": photo, "strength": 0.5} if "init_image" in request else {}
@@ -276,7 +276,7 @@ def test_image_inputs_batch_only_when_equal_and_match_lone_runs(image_service):
 def test_fd_serve_refuses_bad_options_in_one_line_before_ray_starts(engine_b4, tmp_path, capsys, extra, fragment):
     pytest.importorskip("ray.serve", reason="fd-serve needs the serve extra: pip install -e '.[serve]'")
     import ray
-    from serve.cli import main as fd_serve
+    from fd.serve.cli import main as fd_serve
     from tests.test_ort_stored_graphs import linked_copy
     cut = linked_copy(engine_b4, tmp_path / "cut", copied=("vae_decoder.opt.onnx.data",))
     os.truncate(cut / "vae_decoder.opt.onnx.data", 1000)  # a copy cut short: its size says so, before Ray starts
@@ -301,7 +301,7 @@ def test_a_folder_the_replicas_cannot_load_is_one_line_and_exit_2(engine_b4, tmp
     (broken / "denoiser_decoder.opt.onnx").write_bytes(np.random.default_rng(0).bytes(size))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "serve.cli", "--engine-dir", str(broken), "--port", str(free_port())],
+    done = subprocess.run([sys.executable, "-m", "fd.serve.cli", "--engine-dir", str(broken), "--port", str(free_port())],
                           capture_output=True, text=True, env=env, timeout=300)
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
@@ -322,7 +322,7 @@ class Server:
         self.process, self.url, self.log = process, url, log
 
     def client(self, timeout=120.0):
-        from benchmarks.load import Client
+        from fd.benchmarks.load import Client
         return Client(self.url, timeout=timeout)
 
     def tail(self) -> str:
@@ -336,7 +336,7 @@ def server(engine_b4, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "fd-serve.log"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "serve.cli", "--engine-dir", str(engine_b4), "--port", str(port),
+    command = [sys.executable, "-m", "fd.serve.cli", "--engine-dir", str(engine_b4), "--port", str(port),
                "--batch-wait-ms", "200", "--max-ongoing-requests", "8", "--max-queued-requests", "40"]
     with open(log, "wb") as out:  # its own session, so the SIGINT test can signal it as a terminal's Ctrl-C does
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -431,7 +431,7 @@ def test_concurrent_requests_match_their_lone_images_and_bad_ones_get_their_line
 
 
 def test_a_served_image_equals_fd_runs(server, engine_b4, tmp_path):
-    from runtime.cli import main as fd_run
+    from fd.runtime.cli import main as fd_run
     request = {"prompt": "a lighthouse at dusk", "negative_prompt": "fog", "seed": 77, "steps": STEPS}
     reply = server.client().generate(request)
     assert reply.status == 200

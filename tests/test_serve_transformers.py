@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
-from serve.api import BadRequest, ImageRequest, parse_image_request
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.serve.api import BadRequest, ImageRequest, parse_image_request
 from tests.test_serve import PIXEL_TOLERANCE, free_port, pixels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ GOLDEN_RETRIEVER = 207  # tiny-dit's id2label, as ImageNet's
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict:
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     root = tmp_path_factory.mktemp("serve-transformers")
     return {model: build(BuildOptions(model=model, max_batch_size=4, out=str(root / model)), log=lambda *_: None)
             for model in ("tiny-dit", "tiny-pixart")}
@@ -38,7 +38,7 @@ def folders(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def services(folders) -> dict:
-    from serve.service import ImageService
+    from fd.serve.service import ImageService
     return {model: ImageService(str(folder), pipeline=FasterDiffusionPipeline(folder, threads=1))
             for model, folder in folders.items()}
 
@@ -134,7 +134,7 @@ def test_warm_up_runs_the_largest_guided_batch_with_the_familys_input(services, 
 ])
 def test_a_wrong_input_for_the_family_gets_the_line_fd_run_prints(services, folders, tmp_path, capsys, model,
                                                                   request_options, cli):
-    from runtime.cli import main as fd_run
+    from fd.runtime.cli import main as fd_run
     request = ImageRequest.model_validate({"steps": 2, **request_options})
     with pytest.raises(FdError) as caught:
         services[model].prepare(request)
@@ -148,7 +148,7 @@ def test_a_wrong_input_for_the_family_gets_the_line_fd_run_prints(services, fold
     (b'{"prompt": "a cat", "class_label": 3}', ["--prompt", "a cat", "--class-label", "3"]),
 ])
 def test_neither_or_both_inputs_is_a_422_with_fd_runs_line(folders, tmp_path, capsys, body, cli):
-    from runtime.cli import main as fd_run
+    from fd.runtime.cli import main as fd_run
     with pytest.raises(BadRequest) as caught:
         parse_image_request(body)
     assert fd_run(["--engine-dir", str(folders["tiny-dit"]), *cli, "--out", str(tmp_path / "x.png")]) == 2
@@ -173,11 +173,11 @@ def test_fd_serve_serves_a_dit_folder_over_http(folders, services):
     """Started and stopped here (Ray starts slowly: one server for every check). Requests by id and by name
     get their lone images with DiT's guidance in the headers; wrong inputs are 422 with one line."""
     pytest.importorskip("ray.serve", reason="fd-serve needs the serve extra: pip install -e '.[serve]'")
-    from benchmarks.load import Client
+    from fd.benchmarks.load import Client
     port, log = free_port(), folders["tiny-dit"].parent / "fd-serve.log"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "serve.cli", "--engine-dir", str(folders["tiny-dit"]), "--port", str(port),
+    command = [sys.executable, "-m", "fd.serve.cli", "--engine-dir", str(folders["tiny-dit"]), "--port", str(port),
                "--batch-wait-ms", "200"]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)

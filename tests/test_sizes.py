@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from builder.build import BuildOptions, build
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy
+from fd.builder.build import BuildOptions, build
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy
 from tests.test_pipeline import PROMPT, diffusers_run
 
 
@@ -80,7 +80,7 @@ def test_latents_of_another_size_point_at_height_and_width(dynamic_pipe):
 
 
 def test_rebuild_command_keeps_controlnets_and_img2img():
-    from runtime.sizes import rebuild_command
+    from fd.runtime.sizes import rebuild_command
     manifest = {"source": {"model": "tiny"}, "backend": "onnxruntime", "precision": "fp32", "height": 128,
                 "width": 128, "limits": {"max_batch_size": 1, "max_window": 15},
                 "controlnets": [{"source": {"model": "tiny-controlnet"}}, {"source": {"path": "/m/canny"}}],

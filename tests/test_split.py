@@ -3,7 +3,7 @@ steps with different timesteps into one decoder call equals separate calls."""
 import pytest
 import torch
 
-from builder.split import UNetDecoder, UNetEncoder
+from fd.builder.split import UNetDecoder, UNetEncoder
 
 
 def sd15_shaped_unet():
@@ -65,7 +65,7 @@ def test_decoder_rows_with_different_timesteps_equal_separate_calls(tiny_compone
 def test_unsupported_unet_is_refused():
     from diffusers import UNet2DConditionModel
 
-    from runtime.errors import FdError
+    from fd.runtime.errors import FdError
     unet = UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),

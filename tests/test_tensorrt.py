@@ -13,12 +13,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from runtime import sizes
-from runtime.backends import trt_plan
-from runtime.batch import Limits, batch_range
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy
+from fd.runtime import sizes
+from fd.runtime.backends import trt_plan
+from fd.runtime.batch import Limits, batch_range
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy
 from tests.conftest import run_fd
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -31,7 +31,7 @@ def tensorrt_absent() -> str | None:
     except Exception:  # a broken install raises OSError, not ImportError
         return "TensorRT is not installed"
     try:
-        from runtime.backends.cuda_memory import cuda_device
+        from fd.runtime.backends.cuda_memory import cuda_device
         cuda_device()
     except Exception as exc:
         return f"no CUDA GPU ({exc})"
@@ -47,7 +47,7 @@ needs_gpu = pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
 def specs_at(tiny_components):
     """specs_at(max_batch, max_window, hw): the tiny model's graph specs, as the SD family writes them
     into a manifest (fp32: one encoder pass on the CPU tells the cache shapes)."""
-    from builder.families import FAMILIES
+    from fd.builder.families import FAMILIES
     family = FAMILIES["sd"]
     modules = family.graph_modules(tiny_components, "fp32")
 
@@ -173,7 +173,7 @@ def test_folder_without_a_build_record_is_refused(tiny_manifest):
 # --- without TensorRT: one clear line -------------------------------------------------------------------
 @pytest.mark.skipif(TENSORRT_IMPORTABLE, reason="TensorRT is installed here")
 def test_require_tensorrt_says_how_to_get_it():
-    from builder.tensorrt_build import require_tensorrt
+    from fd.builder.tensorrt_build import require_tensorrt
     with pytest.raises(FdError) as info:
         require_tensorrt()
     assert str(info.value).startswith("TensorRT is not installed") and "\n" not in str(info.value)
@@ -182,7 +182,7 @@ def test_require_tensorrt_says_how_to_get_it():
 
 @pytest.mark.skipif(TENSORRT_IMPORTABLE, reason="TensorRT is installed here")
 def test_fd_build_for_tensorrt_fails_early_and_leaves_nothing(tmp_path):
-    done = run_fd("builder.cli", "--model", "tiny", "--backend", "tensorrt", "--out", str(tmp_path / "engines" / "x"))
+    done = run_fd("fd.builder.cli", "--model", "tiny", "--backend", "tensorrt", "--out", str(tmp_path / "engines" / "x"))
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("error: TensorRT is not installed"), done.stderr
@@ -372,15 +372,15 @@ def fake_trt_folder(tiny_engine, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_xl_engine(tmp_path_factory):
     """tiny-xl (two text encoders, text_embeds and time_ids) built for ONNX Runtime."""
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     return build(BuildOptions(model="tiny-xl", out=str(tmp_path_factory.mktemp("xl") / "tiny-xl")),
                  log=lambda *_: None)
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    import runtime.backends.cuda_memory as cuda_memory
-    import runtime.backends.tensorrt as runner_module
+    import fd.runtime.backends.cuda_memory as cuda_memory
+    import fd.runtime.backends.tensorrt as runner_module
     cuda = FakeCuda()
     monkeypatch.setattr(cuda_memory, "cudart", lambda: cuda)
     monkeypatch.setattr(runner_module, "cudart", lambda: cuda)
@@ -390,8 +390,8 @@ def fake_cuda(monkeypatch):
 
 @pytest.fixture
 def runner(fake_trt_folder, fake_cuda):
-    from runtime.backends import load_runner
-    from runtime.manifest import load_manifest
+    from fd.runtime.backends import load_runner
+    from fd.runtime.manifest import load_manifest
     loaded = load_runner(fake_trt_folder, load_manifest(fake_trt_folder))
     yield loaded
     loaded.close()
@@ -402,7 +402,7 @@ def rng_array(*shape, seed=0):
 
 
 def test_driver_older_than_cuda_python_says_which_to_install(fake_cuda, monkeypatch):
-    from runtime.backends.cuda_memory import cuda_device
+    from fd.runtime.backends.cuda_memory import cuda_device
     monkeypatch.setattr(fake_cuda, "cudaGetDeviceCount", lambda: (fake_cuda.cudaError_t.cudaErrorInsufficientDriver, 0))
     with pytest.raises(FdError, match="driver is older than this cuda-python.*cuda-python>=12.6,<13"):
         cuda_device()
@@ -549,7 +549,7 @@ def test_zeros_like_gives_zeros_at_a_stable_address(runner):
 
 
 def test_take_rows_is_a_view_where_aligned_and_a_stable_copy_where_not(runner, fake_cuda):
-    from runtime.backends.tensorrt import RowsView
+    from fd.runtime.backends.tensorrt import RowsView
     rows = rng_array(4, 64, 2, 2)  # 1 KiB rows: every row starts 256-byte aligned
     mid = runner.upload(rows, "float32")
     blocks = len(fake_cuda.blocks)
@@ -660,7 +660,7 @@ def test_load_refuses_an_engine_whose_tensors_differ_from_the_manifest(fake_trt_
 
 
 def test_timing_cache_is_written_whole(tmp_path):
-    from builder.tensorrt_build import save_timing_cache
+    from fd.builder.tensorrt_build import save_timing_cache
     cache = tmp_path / "caches" / "timing.cache"
     save_timing_cache(SimpleNamespace(get_timing_cache=lambda: SimpleNamespace(serialize=lambda: b"tactics")), cache)
     save_timing_cache(SimpleNamespace(get_timing_cache=lambda: None), cache)  # no cache attached: the file stays
@@ -668,7 +668,7 @@ def test_timing_cache_is_written_whole(tmp_path):
 
 
 def test_timing_cache_of_earlier_builds_is_merged(tmp_path):
-    from builder.tensorrt_build import reuse_timing_cache
+    from fd.builder.tensorrt_build import reuse_timing_cache
     merged = []
     current = SimpleNamespace(combine=lambda old, ignore_mismatch: merged.append((old, ignore_mismatch)) or True)
     config = SimpleNamespace(create_timing_cache=lambda data: ("cache of", data), get_timing_cache=lambda: current)
@@ -680,7 +680,7 @@ def test_timing_cache_of_earlier_builds_is_merged(tmp_path):
 
 
 def test_progress_monitor_never_cancels_a_build():
-    from builder.tensorrt_build import progress_monitor
+    from fd.builder.tensorrt_build import progress_monitor
     monitor = progress_monitor(SimpleNamespace(IProgressMonitor=object), "denoiser_decoder")
     monitor.phase_start("Building engine", None, 3)
     monitor.phase_start("Tactic selection", "Building engine", 2)
@@ -696,7 +696,7 @@ def test_progress_monitor_never_cancels_a_build():
 def trt_build(request, tmp_path_factory):
     if GPU_SKIP:
         pytest.skip(GPU_SKIP)
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     root = tmp_path_factory.mktemp("trt")
     out = build(BuildOptions(model="tiny", backend="tensorrt", precision=request.param, out=str(root / "trt")),
                 log=lambda *_: None)
@@ -726,7 +726,7 @@ def test_tensorrt_matches_onnxruntime_and_calls_the_encoder_at_key_steps(trt_bui
 @pytest.mark.tensorrt
 @needs_gpu
 def test_tensorrt_sdxl_matches_onnxruntime(tiny_xl_engine, tmp_path):
-    from builder.build import BuildOptions, build
+    from fd.builder.build import BuildOptions, build
     folder = build(BuildOptions(model="tiny-xl", backend="tensorrt", precision="fp32", out=str(tmp_path / "xl")),
                    log=lambda *_: None)
     want = FasterDiffusionPipeline(tiny_xl_engine)([PROMPT], steps=20, seed=3)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from builder.build import BuildOptions, build
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
-from runtime.policy import FasterDiffusionPolicy
+from fd.builder.build import BuildOptions, build
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy
 from tests.conftest import REPO, run_fd
 from tests.test_pipeline import PROMPT, diffusers_run, initial_latents
 
@@ -54,7 +54,7 @@ def test_folder_holds_only_torch_programs(torch_engine, torch_pipe):
 def test_programs_move_off_the_export_device(torch_engine):
     """The meta device stands in for CUDA on a CPU-only box: a node left on the CPU (the text encoder's
     aranges were traced there) or a weight left behind fails to run there."""
-    from runtime.backends.torch_archive import load_program
+    from fd.runtime.backends.torch_archive import load_program
     module = load_program(torch_engine / "text_encoder.pt2", "meta")
     with torch.inference_mode():
         out = module(torch.zeros(2, 77, dtype=torch.int64, device="meta"))
@@ -105,7 +105,7 @@ def test_unreadable_program_is_one_error_line(torch_engine, tmp_path):
 def test_generation_imports_torch_but_not_diffusers(torch_engine, tmp_path):
     script = textwrap.dedent(f"""
         import sys
-        from runtime.cli import main
+        from fd.runtime.cli import main
         code = main(["--engine-dir", r"{torch_engine}", "--prompt", "a cat", "--steps", "4",
                      "--out", r"{tmp_path / 'x.png'}"])
         assert code == 0, code
@@ -121,7 +121,7 @@ def test_generation_imports_torch_but_not_diffusers(torch_engine, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_cuda_graphs_flag_without_gpu_is_one_error_line(torch_engine, tmp_path):
-    done = run_fd("runtime.cli", "--engine-dir", str(torch_engine), "--prompt", "a cat", "--steps", "2",
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(torch_engine), "--prompt", "a cat", "--steps", "2",
                   "--out", str(tmp_path / "x.png"), "--cuda-graphs")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -131,7 +131,7 @@ def test_cuda_graphs_flag_without_gpu_is_one_error_line(torch_engine, tmp_path):
 
 def test_program_off_its_module_fails_the_build(tmp_path, monkeypatch):
     """A reloaded program that differs from its module stops the build with one FdError line, no folder."""
-    from builder import export
+    from fd.builder import export
     run_torch = export.run_torch
     monkeypatch.setattr(export, "run_torch", lambda *args: [2 * w + 1 for w in run_torch(*args)])
     with pytest.raises(FdError, match=r"text_encoder\.pt2 \(torch\.export\) differs from PyTorch") as info:
@@ -142,10 +142,10 @@ def test_program_off_its_module_fails_the_build(tmp_path, monkeypatch):
 def test_fp16_decoder_exports_and_checks_on_cpu(tiny_components, tmp_path):
     """fp16 weights with the fp32 timestep input export, reload and match their module on the CPU too.
     Built for one step (a static batch of 2) to keep it quick: the dynamic batch is the fp32 tests' job."""
-    from builder import torch_build
-    from builder.build import model_geometry
-    from builder.families import FAMILIES
-    from runtime.batch import Limits
+    from fd.builder import torch_build
+    from fd.builder.build import model_geometry
+    from fd.builder.families import FAMILIES
+    from fd.runtime.batch import Limits
     comps = copy.deepcopy(tiny_components)  # graph_modules casts in place; the session's copy stays fp32
     modules = FAMILIES["sd"].graph_modules(comps, "fp16")
     geometry = model_geometry(comps, BuildOptions(model="tiny", backend="torch"))

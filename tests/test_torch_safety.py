@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from builder.build import BuildOptions, build
-from runtime.errors import FdError
-from runtime.pipeline import FasterDiffusionPipeline
+from fd.builder.build import BuildOptions, build
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
 from tests.conftest import run_fd
 
 REBUILD = "rebuild the folder with fd-build --backend torch --force"
@@ -174,7 +174,7 @@ def test_payload_is_refused_by_the_pipeline(copy_of, tmp_path, route):
 def test_payload_is_refused_by_fd_run(copy_of, tmp_path, route):
     payload_path = tmp_path / "ran"
     craft(copy_of, route, payload_path)
-    done = run_fd("runtime.cli", "--engine-dir", str(copy_of), "--prompt", "a cat", "--steps", "2",
+    done = run_fd("fd.runtime.cli", "--engine-dir", str(copy_of), "--prompt", "a cat", "--steps", "2",
                   "--out", str(tmp_path / "x.png"))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr
@@ -231,7 +231,7 @@ REFUSED = {
     ("_operator.attrgetter", False), ("_operator.mul.__call__", False), ("math.__loader__", False),
 ])
 def test_operator_targets(target, allowed):
-    from runtime.backends.torch_archive import ATEN_TARGET, SYM_SIZE_TARGETS
+    from fd.runtime.backends.torch_archive import ATEN_TARGET, SYM_SIZE_TARGETS
     assert bool(ATEN_TARGET.fullmatch(target) or target in SYM_SIZE_TARGETS) == allowed
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.errors import FdError
-from builder.families.base import BuildFamily, Components
-from builder.families import dit, pixart, sd, sdxl
+from fd.runtime.errors import FdError
+from fd.builder.families.base import BuildFamily, Components
+from fd.builder.families import dit, pixart, sd, sdxl
 
 FAMILIES: dict[str, BuildFamily] = {family.name: family
                                     for family in (sd.FAMILY, sdxl.FAMILY, dit.FAMILY, pixart.FAMILY)}

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from builder.specs import Axis, cache_names, tensor
-from builder.split import UNetDecoder, UNetEncoder, added_condition_names, check_supported, unet_levels
-from runtime.batch import Limits, batch_range
-from runtime.errors import FdError
+from fd.builder.specs import Axis, cache_names, tensor
+from fd.builder.split import UNetDecoder, UNetEncoder, added_condition_names, check_supported, unet_levels
+from fd.runtime.batch import Limits, batch_range
+from fd.runtime.errors import FdError
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from builder.families.base import Components, _cast
-from builder.families.transformer import TransformerFamily
-from builder.models import TINY_SEED, load_weights
-from builder.specs import tensor
-from runtime.errors import FdError
+from fd.builder.families.base import Components, _cast
+from fd.builder.families.transformer import TransformerFamily
+from fd.builder.models import TINY_SEED, load_weights
+from fd.builder.specs import tensor
+from fd.runtime.errors import FdError
 
 # The scheduler diffusers' DiT conversion writes (scripts/convert_dit_to_diffusers.py): DDIM on the linear
 # betas DiT was trained with, epsilon prediction, no clipping.
@@ -187,7 +187,7 @@ class DiTFamily(TransformerFamily):
         guidance when above 1 (as fd). It has no `latents` argument: its noise draw returns ours, and its VAE
         decode call hands back the final latents; both only for this call."""
         from diffusers.pipelines.dit import pipeline_dit
-        from runtime.families.dit import class_id
+        from fd.runtime.families.dit import class_id
         options = {"num_classes": pipe.transformer.config.num_embeds_ada_norm,
                    "id2label": dict(pipe.config.get("id2label") or {})}
         final, decode = {}, pipe.vae.decode

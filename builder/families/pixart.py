@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from builder.families.base import CastOutputs, Components, _cast
-from builder.families.transformer import TransformerFamily
-from builder.models import TINY_SEED, load_weights
-from builder.specs import Axis, tensor
-from runtime.errors import FdError
+from fd.builder.families.base import CastOutputs, Components, _cast
+from fd.builder.families.transformer import TransformerFamily
+from fd.builder.models import TINY_SEED, load_weights
+from fd.builder.specs import Axis, tensor
+from fd.runtime.errors import FdError
 
 MAX_SEQUENCE_LENGTH = 120  # PixArtAlphaPipeline pads and truncates every prompt to 120 T5 tokens
 MASKED_BIAS = -10000.0  # what PixArtTransformer2DModel adds to the scores of masked text tokens

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from builder.families.base import BuildFamily, CastOutputs, Components
-from builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
-from builder.specs import Axis, tensor
+from fd.builder.families.base import BuildFamily, CastOutputs, Components
+from fd.builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
+from fd.builder.specs import Axis, tensor
 
 # SD1.5's own scheduler config (PNDM with the scaled-linear betas); the runtime builds DDIM / DPM++ from it.
 SD_SCHEDULER_CONFIG = {

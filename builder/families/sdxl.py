@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from builder.families.base import BuildFamily, CastOutputs, Components
-from builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
-from builder.specs import Axis, tensor
-from runtime.errors import FdError
+from fd.builder.families.base import BuildFamily, CastOutputs, Components
+from fd.builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
+from fd.builder.specs import Axis, tensor
+from fd.runtime.errors import FdError
 
 TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 

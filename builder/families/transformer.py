@@ -7,9 +7,9 @@ tensor record are the same for both.
 """
 from __future__ import annotations
 
-from builder.families.base import BuildFamily, Components
-from builder.specs import tensor
-from runtime.errors import FdError
+from fd.builder.families.base import BuildFamily, Components
+from fd.builder.specs import tensor
+from fd.runtime.errors import FdError
 
 PAPER_SPLIT_BLOCK, PAPER_DEPTH = 18, 28  # DiT-XL/2: blocks 0-17 encoder, 18-27 + final layer decoder
 CACHE_NAME = "tokens"

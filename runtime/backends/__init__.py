@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,11 @@ class BackendInfo:
 
 
 BACKENDS: dict[str, BackendInfo] = {info.name: info for info in (
-    BackendInfo("onnxruntime", "runtime.backends.onnxruntime:OnnxRuntimeRunner", ("fp32", "fp16"), "fp32",
+    BackendInfo("onnxruntime", "fd.runtime.backends.onnxruntime:OnnxRuntimeRunner", ("fp32", "fp16"), "fp32",
                 dynamic_shapes=True, cuda_graphs=False),
-    BackendInfo("tensorrt", "runtime.backends.tensorrt:TensorRTRunner", ("fp32", "fp16", "tf32"), "fp16",
+    BackendInfo("tensorrt", "fd.runtime.backends.tensorrt:TensorRTRunner", ("fp32", "fp16", "tf32"), "fp16",
                 dynamic_shapes=True, cuda_graphs=True),
-    BackendInfo("torch", "runtime.backends.torch:TorchRunner", ("fp32", "fp16"), "fp16",
+    BackendInfo("torch", "fd.runtime.backends.torch:TorchRunner", ("fp32", "fp16"), "fp16",
                 dynamic_shapes=False, cuda_graphs=True),
 )}
 

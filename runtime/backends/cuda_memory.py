@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 
 @functools.cache

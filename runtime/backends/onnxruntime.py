@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.runner import NUMPY_DTYPES, Capabilities, Runner
-from runtime.errors import FdError
+from fd.runtime.backends.runner import NUMPY_DTYPES, Capabilities, Runner
+from fd.runtime.errors import FdError
 
 REBUILD = "rebuild the engine folder with fd-build --force"
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -133,7 +133,7 @@ class OnnxRuntimeRunner(Runner):
         """CUDA OrtValues joined along `axis` on the GPU with cuda-python's 2-D copies (ONNX Runtime's Python
         API has no device copy): rows = the product of the axes before `axis`, each part adding its row's bytes.
         Not run here: no GPU was lent (on the CPU the runner uses numpy)."""
-        from runtime.backends.cuda_memory import check, cudart
+        from fd.runtime.backends.cuda_memory import check, cudart
         rt, dtype = cudart(), _numpy_dtype(values[0])
         shapes = [list(v.shape()) for v in values]
         axis = axis % len(shapes[0])
@@ -152,7 +152,7 @@ class OnnxRuntimeRunner(Runner):
 
     def _rows_on_device(self, value, start: int, stop: int):
         """Rows start…stop-1 of a CUDA OrtValue: one contiguous device-to-device copy. Not run here (no GPU)."""
-        from runtime.backends.cuda_memory import check, cudart
+        from fd.runtime.backends.cuda_memory import check, cudart
         rt, dtype, shape = cudart(), _numpy_dtype(value), list(value.shape())
         row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         out = self.ort.OrtValue.ortvalue_from_shape_and_type([stop - start, *shape[1:]], dtype, "cuda", 0)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.backends import trt_plan
-from runtime.backends.cuda_memory import (DeviceBuffer, DeviceView, MemoryMeter, check, cuda_device, cudart,
+from fd.runtime.backends import trt_plan
+from fd.runtime.backends.cuda_memory import (DeviceBuffer, DeviceView, MemoryMeter, check, cuda_device, cudart,
                                           device_free_bytes)
-from runtime.backends.runner import NUMPY_DTYPES, Capabilities, Runner
-from runtime.errors import FdError
-from runtime.sizes import rebuild_command
+from fd.runtime.backends.runner import NUMPY_DTYPES, Capabilities, Runner
+from fd.runtime.errors import FdError
+from fd.runtime.sizes import rebuild_command
 
 TENSOR_ALIGNMENT = 256  # bytes: TensorRT's rule for every address bound to an engine's input or output
 INSTALL = "pip install tensorrt-cu12 'cuda-python>=12.6,<13', or tensorrt-cu13 'cuda-python>=13,<14' for CUDA 13"

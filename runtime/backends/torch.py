@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.backends.runner import NUMPY_DTYPES, Capabilities, Runner
-from runtime.backends.torch_archive import UnsafeProgram, _first_sentence, load_program
-from runtime.errors import FdError
+from fd.runtime.backends.runner import NUMPY_DTYPES, Capabilities, Runner
+from fd.runtime.backends.torch_archive import UnsafeProgram, _first_sentence, load_program
+from fd.runtime.errors import FdError
 
 WARMUP_RUNS = 2  # eager runs before a capture, so lazy initialisation (cuBLAS handles, autotuning) is not captured
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from runtime.errors import FdError
-from runtime.sizes import check_size, rebuild_command, scaled_shape
+from fd.runtime.errors import FdError
+from fd.runtime.sizes import check_size, rebuild_command, scaled_shape
 
 MIN_TENSORRT = (10, 0)  # name-based I/O, user-managed context memory, progress monitors
 ENGINE_DIR_PLACEHOLDER = "<engine folder>"

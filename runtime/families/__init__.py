@@ -2,12 +2,12 @@
 one line below (and its build side in builder/families/)."""
 from __future__ import annotations
 
-from runtime.errors import FdError
-from runtime.families.base import Family, PromptRequest
-from runtime.families.sd import StableDiffusion
-from runtime.families.sdxl import StableDiffusionXL
-from runtime.families.dit import DiT
-from runtime.families.pixart import PixArtAlpha
+from fd.runtime.errors import FdError
+from fd.runtime.families.base import Family, PromptRequest
+from fd.runtime.families.sd import StableDiffusion
+from fd.runtime.families.sdxl import StableDiffusionXL
+from fd.runtime.families.dit import DiT
+from fd.runtime.families.pixart import PixArtAlpha
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), DiT(),
                                                                   PixArtAlpha())}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import FdError
-from runtime.families.base import Family, PromptRequest
+from fd.runtime.errors import FdError
+from fd.runtime.families.base import Family, PromptRequest
 
 
 class DiT(Family):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.families.base import Family, PromptRequest
+from fd.runtime.families.base import Family, PromptRequest
 
 
 class PixArtAlpha(Family):

@@ -1,7 +1,7 @@
 """Stable Diffusion 1.x / 2.x: one CLIP text encoder whose last hidden state conditions the UNet."""
 from __future__ import annotations
 
-from runtime.families.base import Family, PromptRequest
+from fd.runtime.families.base import Family, PromptRequest
 
 
 class StableDiffusion(Family):

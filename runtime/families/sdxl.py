@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.families.base import Family, PromptRequest
+from fd.runtime.families.base import Family, PromptRequest
 
 
 class StableDiffusionXL(Family):

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runtime.errors import FdError
-from runtime.schedulers import common, ddim, ddpm, dpmsolver, euler, euler_ancestral, lcm, pndm, unipc
-from runtime.schedulers.ddim import DDIMScheduler
-from runtime.schedulers.ddpm import DDPMScheduler
-from runtime.schedulers.dpmsolver import DPMSolverMultistepScheduler
-from runtime.schedulers.euler import EulerDiscreteScheduler
-from runtime.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
-from runtime.schedulers.lcm import LCMScheduler
-from runtime.schedulers.pndm import PNDMScheduler
-from runtime.schedulers.unipc import UniPCMultistepScheduler
+from fd.runtime.errors import FdError
+from fd.runtime.schedulers import common, ddim, ddpm, dpmsolver, euler, euler_ancestral, lcm, pndm, unipc
+from fd.runtime.schedulers.ddim import DDIMScheduler
+from fd.runtime.schedulers.ddpm import DDPMScheduler
+from fd.runtime.schedulers.dpmsolver import DPMSolverMultistepScheduler
+from fd.runtime.schedulers.euler import EulerDiscreteScheduler
+from fd.runtime.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from fd.runtime.schedulers.lcm import LCMScheduler
+from fd.runtime.schedulers.pndm import PNDMScheduler
+from fd.runtime.schedulers.unipc import UniPCMultistepScheduler
 
 
 @dataclass(frozen=True)

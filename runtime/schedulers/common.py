@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from runtime.errors import FdError
+from fd.runtime.errors import FdError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")

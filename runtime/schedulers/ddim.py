@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from runtime.errors import FdError
-from runtime.schedulers import common
+from fd.runtime.errors import FdError
+from fd.runtime.schedulers import common
 
 NAME = "ddim"
 

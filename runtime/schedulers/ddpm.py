@@ -6,8 +6,8 @@ every step with t > 0, drawn from the numpy generator passed to `step`.
 
 import numpy as np
 
-from runtime.errors import FdError
-from runtime.schedulers import common
+from fd.runtime.errors import FdError
+from fd.runtime.schedulers import common
 
 NAME = "ddpm"
 

@@ -7,8 +7,8 @@ solver_order 2, midpoint or heun), on the model's own discrete sigmas or on Karr
 
 import numpy as np
 
-from runtime.errors import FdError
-from runtime.schedulers import common
+from fd.runtime.errors import FdError
+from fd.runtime.schedulers import common
 
 NAME = "dpmpp-2m"
 

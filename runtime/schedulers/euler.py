@@ -9,7 +9,7 @@ spacing or Karras sigmas they fall between training timesteps, and go to the UNe
 
 import numpy as np
 
-from runtime.schedulers import common
+from fd.runtime.schedulers import common
 
 NAME = "euler"
 

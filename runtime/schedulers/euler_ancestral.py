@@ -7,8 +7,8 @@ The noise comes from the numpy generator passed to `step`, so a seed gives the s
 
 import numpy as np
 
-from runtime.schedulers import common
-from runtime.schedulers.euler import SigmaSpaceScheduler
+from fd.runtime.schedulers import common
+from fd.runtime.schedulers.euler import SigmaSpaceScheduler
 
 NAME = "euler-a"
 

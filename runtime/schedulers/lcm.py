@@ -7,8 +7,8 @@ fresh noise from the numpy generator passed to `step`.
 
 import numpy as np
 
-from runtime.errors import FdError
-from runtime.schedulers import common
+from fd.runtime.errors import FdError
+from fd.runtime.schedulers import common
 
 NAME = "lcm"
 SIGMA_DATA = 0.5  # the consistency boundary condition's data scale (Song et al. 2023)

@@ -11,8 +11,8 @@ Heun-like start, since there is no history yet). The pipeline loops over `timest
 
 import numpy as np
 
-from runtime.errors import FdError
-from runtime.schedulers import common
+from fd.runtime.errors import FdError
+from fd.runtime.schedulers import common
 
 NAME = "pndm"
 

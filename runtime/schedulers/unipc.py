@@ -8,7 +8,7 @@ lives in the scheduler and runs exactly as in normal sampling whatever calls the
 
 import numpy as np
 
-from runtime.schedulers import common
+from fd.runtime.schedulers import common
 
 NAME = "unipc"
 
