@@ -13,21 +13,17 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 
 from fd.benchmarks.fidelity import compare
-from fd.runtime.cli import check_prompt_kind
-from fd.runtime.control import controlnet_records, is_controlnet_graph, prepare_control
+from fd.runtime.control import controlnet_records, is_controlnet_graph
 from fd.runtime.errors import FdError
 from fd.runtime.families import family_of
-from fd.runtime.images import load_image
-from fd.runtime.img2img import DEFAULT_STRENGTH, prepare_init, steps_run
-from fd.runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, check_guidance_scale, check_seed
+from fd.runtime.pipeline import FasterDiffusionPipeline, Plan
 from fd.runtime.policy import FasterDiffusionPolicy
+from fd.runtime.request import Policy, Request
 from fd.runtime.schedulers import diffusers_scheduler
-from fd.runtime.sizes import check_size
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
 # Class-conditional folders (DiT): ImageNet's golden retriever, the first class DiT's own sample script draws
@@ -39,34 +35,17 @@ DENOISER_STAGES = ("denoiser_encoder", "controlnet", "denoiser_decoder")  # the 
 
 @dataclass
 class Settings:
-    prompt: str | None = None  # text-to-image folders; None: DEFAULT_PROMPT
-    class_label: str | int | None = None  # class-conditional folders (DiT); None: default_class_label
-    steps: int = 50
-    scheduler: str = "ddim"
-    batch_size: int = 1
-    guidance_scale: float | None = None  # None: the folder's family's (SD/SDXL 7.5, DiT 4.0, PixArt-α 4.5)
+    """One benchmark: the generation every arm runs (its policy is the FD arm's; the baseline arm runs every step
+    a key step), and how often."""
+
+    request: Request  # the prompt (or class label) repeated --batch-size times, steps, scheduler, images, ...
     runs: int = 5
     warmup: int = 2
-    seed: int = 0
     compare_diffusers: bool = False
-    height: int | None = None  # None: the size the engine folder was built for
-    width: int | None = None
-    # The folder's image inputs, as fd-run takes them: one control image (path or PIL image) per ControlNet,
-    # their scales (None: 1.0; one for all or one each), and image to image's start image and strength.
-    control_images: tuple = ()
-    controlnet_scales: tuple | None = None
-    init_image: object = None
-    strength: float | None = None
 
-    def prompts(self) -> list:
-        """What every arm generates from: the prompt (or class label) repeated batch_size times."""
-        return [self.prompt if self.class_label is None else self.class_label] * self.batch_size
-
-    def steps_that_run(self) -> int:
-        """Image to image runs the last int(steps x strength) steps; key steps index those."""
-        if self.init_image is None:
-            return self.steps
-        return steps_run(self.steps, DEFAULT_STRENGTH if self.strength is None else self.strength)
+    @property
+    def batch_size(self) -> int:
+        return len(self.request.inputs)
 
 
 @dataclass
@@ -88,89 +67,56 @@ def default_class_label(manifest: dict) -> str:
     return DEFAULT_CLASS_LABEL if classes > int(DEFAULT_CLASS_LABEL) else "0"
 
 
-def check_prompt_inputs(manifest: dict, s: Settings) -> None:
-    """--prompt for text folders, --class-label for class-conditional ones (fd-run's check and words), and a class
-    label against the model's classes: from the manifest alone, before anything loads."""
-    family = family_of(manifest)
-    given = SimpleNamespace(prompt=[] if s.prompt is None else [s.prompt],
-                            class_label=[] if s.class_label is None else [s.class_label])
-    check_prompt_kind(given, family)
-    if family.class_conditional and s.class_label is not None:
-        from fd.runtime.families.dit import class_id  # the class-conditional family's label rule (ids, id2label names)
-        class_id(s.class_label, manifest["family_options"])
+def default_inputs(manifest: dict, prompt: str | None, class_label: str | None, batch_size: int) -> dict:
+    """The Request's prompts or class labels: the one given, else the family's default (DEFAULT_PROMPT, or
+    default_class_label on class-conditional folders), repeated batch_size times; what the folder does not take is
+    left as given, for the pipeline to refuse in fd-run's words."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise FdError(f"--batch-size {batch_size} is not allowed: give 1 or more images per generation")
+    if prompt is None and class_label is None:
+        if family_of(manifest).class_conditional:
+            class_label = default_class_label(manifest)
+        else:
+            prompt = DEFAULT_PROMPT
+    return {"prompts": [] if prompt is None else [prompt] * batch_size,
+            "class_labels": [] if class_label is None else [class_label] * batch_size}
 
 
-def resolve_settings(pipe: FasterDiffusionPipeline, s: Settings) -> Settings:
-    """The settings as every arm runs them (and the JSON records them): the image size, the family's guidance
-    scale and the family's default prompt or class label where none was given."""
-    check_prompt_inputs(pipe.manifest, s)
-    height, width = pipe.image_size(s.height, s.width)
-    guidance = pipe.family.default_guidance_scale if s.guidance_scale is None else s.guidance_scale
-    if pipe.family.class_conditional:
-        inputs = {"prompt": None,
-                  "class_label": default_class_label(pipe.manifest) if s.class_label is None else s.class_label}
-    else:
-        inputs = {"prompt": DEFAULT_PROMPT if s.prompt is None else s.prompt, "class_label": None}
-    return dataclasses.replace(s, height=height, width=width, guidance_scale=guidance, **inputs)
-
-
-def check_settings(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiffusionPolicy) -> None:
-    """Every setting checked before the slow part (loading diffusers, minutes of runs) starts."""
-    if not 1 <= s.steps <= MAX_STEPS:
-        raise FdError(f"--steps {s.steps} is out of range: use 1 to {MAX_STEPS}")
+def check_settings(pipe: FasterDiffusionPipeline, s: Settings) -> Plan:
+    """Every setting checked against the folder before the slow part (loading diffusers, minutes of runs) starts;
+    the FD arm's plan."""
     max_batch = pipe.manifest["limits"]["max_batch_size"]
-    if s.batch_size < 1:
-        raise FdError(f"--batch-size {s.batch_size} is not allowed: give 1 or more images per generation")
     if s.batch_size > max_batch:
         raise FdError(f"--batch-size {s.batch_size} does not fit this engine folder (built for 1 to {max_batch} "
                       f"images): use at most {max_batch}, or rebuild with fd-build --max-batch-size {s.batch_size}")
     if s.runs < 1 or s.warmup < 0:
         raise FdError(f"--runs {s.runs} / --warmup {s.warmup}: use at least 1 run and 0 or more warm-up runs")
-    check_guidance_scale(s.guidance_scale)
-    check_seed(s.seed)
-    policy.validate(s.steps)
-    check_size(pipe.manifest, s.height, s.width, pipe.engine_dir)
-    if policy.max_window > pipe.manifest["limits"]["max_window"]:
-        raise FdError(f"max window {policy.max_window} is larger than the engine folder's "
-                      f"{pipe.manifest['limits']['max_window']}")
-    check_image_inputs(pipe.manifest, s, pipe.engine_dir, policy)
-
-
-def check_image_inputs(manifest: dict, s: Settings, engine_dir, policy=None) -> None:
-    """The pipeline's own checks of --control-image/--controlnet-scale and --init-image/--strength against the
-    folder (a ControlNet folder needs its control images, other folders refuse them), so fd-bench refuses them
-    in fd-run's words before any engine loads or runs."""
-    height = manifest["height"] if s.height is None else s.height
-    width = manifest["width"] if s.width is None else s.width
-    prepare_control(manifest, list(s.control_images) or None, _list_or_none(s.controlnet_scales), height, width)
-    init = prepare_init(manifest, s.init_image, s.strength, s.steps, height, width, engine_dir)
-    if init is not None and policy is not None:
-        init.check_policy(policy)
-    if init is not None and s.compare_diffusers:
+    plan = pipe.prepare(s.request)
+    if plan.init is not None and s.compare_diffusers:
         raise FdError("--compare diffusers does not take --init-image: diffusers' image-to-image pipelines draw "
                       "their own noise, so their images could not be compared with fd's; drop one of them")
+    return plan
 
 
-def _list_or_none(values):
-    return None if values is None else list(values)
+def resolved(s: Settings, plan: Plan) -> Settings:
+    """The settings as every arm runs them (and the JSON records them): the folder's size, the family's guidance."""
+    return dataclasses.replace(s, request=s.request.replace(height=plan.height, width=plan.width,
+                                                            guidance_scale=plan.guidance_scale))
 
 
-def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiffusionPolicy,
-                  progress=None) -> dict:
+def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, progress=None) -> dict:
     """Warm up, then run every arm `s.runs` times in turn; Ctrl-C returns what was measured so far.
 
     `progress(total)` makes a tqdm-like bar; it is made only once every check and load has passed, so
     a settings error stays one line on stderr."""
-    s = resolve_settings(pipe, s)
-    check_settings(pipe, s, policy)
-    prompts = s.prompts()
-    latents = np.random.default_rng(s.seed).standard_normal(
-        (s.batch_size, *pipe.latent_shape_at(s.height, s.width)), dtype=np.float32)
-    # each image read once, not in every timed run
-    s = dataclasses.replace(s, control_images=tuple(load_image(i, "--control-image") for i in s.control_images),
-                            init_image=None if s.init_image is None else load_image(s.init_image, "--init-image"))
-    arms = {BASELINE: fd_arm(pipe, s, FasterDiffusionPolicy.baseline(s.steps_that_run()), prompts, latents),
-            FD: fd_arm(pipe, s, policy, prompts, latents)}
+    plan = check_settings(pipe, s)
+    s = resolved(s, plan)
+    policy = plan.policy
+    prompts = s.request.inputs
+    latents = np.random.default_rng(s.request.seed).standard_normal(
+        (s.batch_size, *pipe.latent_shape_at(plan.height, plan.width)), dtype=np.float32)
+    arms = {BASELINE: fd_arm(pipe, s.request.replace(latents=latents, policy=Policy(baseline=True))),
+            FD: fd_arm(pipe, s.request.replace(latents=latents, policy=policy))}
     measured = {name: [] for name in [*arms, *([DIFFUSERS] if s.compare_diffusers else [])]}
     last: dict[str, Sample] = {}
     first_run: dict[str, float] = {}  # each arm's first generation, warm-up or not: what a cold start costs
@@ -198,7 +144,7 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
     finally:
         if bar is not None:
             bar.close()
-    result = summarize(pipe.manifest, s, policy, measured, last, interrupted, rss_after_load)
+    result = summarize(pipe.manifest, s, plan, measured, last, interrupted, rss_after_load)
     for name, arm in arms.items():
         result["arms"][name].update(getattr(arm, "info", {}))
         result["arms"][name]["first_run_seconds"] = first_run.get(name)
@@ -207,14 +153,10 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, policy: FasterDiff
     return result
 
 
-def fd_arm(pipe, s: Settings, policy, prompts, latents):
+def fd_arm(pipe, request: Request):
     def run() -> Sample:
         reset = _reset_peaks(pipe.runner)
-        result = pipe(prompts, steps=s.steps, scheduler=s.scheduler, guidance_scale=s.guidance_scale,
-                      latents=latents, seed=s.seed, policy=policy, height=s.height, width=s.width,
-                      control_images=list(s.control_images) or None,
-                      controlnet_scales=_list_or_none(s.controlnet_scales), init_image=s.init_image,
-                      strength=s.strength)
+        result = pipe(request)
         device = pipe.runner.peak_memory_bytes if pipe.runner.capabilities.peak_memory else None
         # every stage the pipeline timed (the ControlNets and the VAE encoder too, when the run has them)
         stages = {k: v for k, v in result.timings.items() if k != "total"}
@@ -249,7 +191,7 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
     if source.get("weights_sha256") and comps.source["weights_sha256"] != source["weights_sha256"]:
         raise FdError(f"the weights at {model} are not the ones this engine folder was built from: "
                       "rebuild the folder from them, or drop --compare")
-    scheduler = diffusers_scheduler(s.scheduler, manifest["scheduler_config"])  # the registry's counterpart
+    scheduler = diffusers_scheduler(s.request.scheduler, manifest["scheduler_config"])  # the registry's counterpart
     # The engine's device, and its precision where that is a GPU; fp32 on the CPU (fp16 is slow there).
     if on_gpu and not torch.cuda.is_available():
         raise FdError("--compare diffusers: the engine runs on a GPU but this torch has no CUDA: install a CUDA torch")
@@ -257,7 +199,7 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
     dtype = torch.float16 if device == "cuda" and manifest["precision"] == "fp16" else torch.float32
     family = FAMILIES[comps.family]
     pipe = family.diffusers_pipeline(comps, scheduler)
-    family.check_diffusers_call(pipe, s.height, s.width)
+    family.check_diffusers_call(pipe, s.request.height, s.request.width)
     controlnets = diffusers_controlnets(manifest, comps)
     if controlnets:
         pipe = with_controlnets(pipe, controlnets)
@@ -272,9 +214,9 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         model.register_forward_pre_hook(lambda *_, calls=controlnet_calls[graph]: calls.append(1))
     control = {}
     if controlnets:  # one image and scale for one ControlNet, lists for several (MultiControlNet)
-        scales = list(s.controlnet_scales or [1.0])
+        scales = list(s.request.controlnet_scales or [1.0])
         scales = scales * len(controlnets) if len(scales) == 1 else scales
-        control = {"image": list(s.control_images), "controlnet_conditioning_scale": scales}
+        control = {"image": list(s.request.control_images), "controlnet_conditioning_scale": scales}
         if len(controlnets) == 1:
             control = {k: v[0] for k, v in control.items()}
     start_latents = torch.from_numpy(latents).to(device, dtype)
@@ -287,8 +229,9 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         control_before = {graph: len(calls) for graph, calls in controlnet_calls.items()}
         started = time.perf_counter()
         with torch.inference_mode():  # the same prompts, latents and settings as fd's arms, no negative prompt
-            images, final = family.diffusers_call(pipe, prompts, start_latents, steps=s.steps,
-                                                  guidance_scale=s.guidance_scale, height=s.height, width=s.width,
+            images, final = family.diffusers_call(pipe, prompts, start_latents, steps=s.request.steps,
+                                                  guidance_scale=s.request.guidance_scale, height=s.request.height,
+                                                  width=s.request.width,
                                                   **control)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -407,9 +350,9 @@ def floor_record(manifest: dict, s: Settings, policy, last: dict) -> dict | None
     rows = {name: last[name].rows for name in (BASELINE, FD) if name in last and last[name].rows}
     floor = {"denoiser_encoder_flops": flops["denoiser_encoder"], "denoiser_decoder_flops": flops["denoiser_decoder"],
              "controlnet_flops": {graph: flops.get(graph) for graph in graphs} or None,
-             "steps": s.steps_that_run(), "key_steps": k, "counted": "rows" if len(rows) == 2 else "key steps",
+             "steps": s.request.steps_run, "key_steps": k, "counted": "rows" if len(rows) == 2 else "key steps",
              "unet_speedup": flop_floor_of_rows(flops, rows[BASELINE], rows[FD]) if len(rows) == 2
-             else flop_floor(flops, s.steps_that_run(), k)}
+             else flop_floor(flops, s.request.steps_run, k)}
     missing = [graph for graph in graphs if graph not in flops]
     if missing:
         floor["note"] = (f"no FLOP count for {', '.join(missing)} in the manifest (built before fd-build counted "
@@ -417,7 +360,9 @@ def floor_record(manifest: dict, s: Settings, policy, last: dict) -> dict | None
     return floor
 
 
-def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interrupted: bool, rss_after_load) -> dict:
+def summarize(manifest, s: Settings, plan: Plan, measured: dict, last: dict, interrupted: bool,
+              rss_after_load) -> dict:
+    policy = plan.policy
     arms = {}
     for name, samples in measured.items():
         arm = {"runs_measured": len(samples),
@@ -433,7 +378,7 @@ def summarize(manifest, s: Settings, policy, measured: dict, last: dict, interru
             arm["stage_seconds_median"] = {k: statistics.median(x.total if k == "total" else x.stages[k]
                                                                 for x in samples) for k in keys}
         arms[name] = arm
-    arms[BASELINE]["policy"] = FasterDiffusionPolicy.baseline(s.steps).describe()
+    arms[BASELINE]["policy"] = FasterDiffusionPolicy.baseline(s.request.steps).describe()
     arms[FD]["policy"] = policy.describe()
 
     def pairwise(slow: str, fast: str, unet_only=False):

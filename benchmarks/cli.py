@@ -71,11 +71,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        from fd.benchmarks.bench import check_image_inputs, check_prompt_inputs, resolve_settings
-        from fd.runtime.cli import image_input_options
-        from fd.runtime.manifest import load_manifest
-        from fd.runtime.pipeline import FasterDiffusionPipeline, check_guidance_scale
-        from fd.runtime.policy import parse_guidance_interval, policy_from_options
+        from fd.benchmarks.bench import check_settings, default_inputs, resolved
+        from fd.runtime.cli import request_from_args
+        from fd.runtime.pipeline import EngineFolder, FasterDiffusionPipeline
         check_engine_dir(args.engine_dir)
         if args.plot:  # fail now, not after the runs
             report.require_matplotlib()
@@ -84,38 +82,24 @@ def main(argv=None) -> int:
         for option, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
             if path is not None:  # before the engines load and minutes of runs
                 check_writable(path, option)
-        if args.guidance_interval is not None:
-            parse_guidance_interval(args.guidance_interval)
-        if args.guidance_scale is not None:
-            check_guidance_scale(args.guidance_scale)
-        # The image inputs against the folder, in fd-run's words, before the engines load: a ControlNet folder
-        # without --control-image (or --control-image on another folder) is one line, not minutes later.
-        image_inputs, steps_run = image_input_options(args)  # reads each image once; image to image runs fewer steps
-        settings = Settings(prompt=args.prompt, class_label=args.class_label, steps=args.steps,
-                            scheduler=args.scheduler, batch_size=args.batch_size,
-                            guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, seed=args.seed,
-                            compare_diffusers=args.compare == "diffusers", height=args.height, width=args.width,
-                            control_images=tuple(image_inputs["control_images"] or ()),
-                            controlnet_scales=None if args.controlnet_scale is None else tuple(args.controlnet_scale),
-                            init_image=image_inputs["init_image"], strength=args.strength)
-        manifest = load_manifest(args.engine_dir)
-        check_prompt_inputs(manifest, settings)  # --prompt on a DiT folder, --class-label on a text one: one line
-        check_image_inputs(manifest, settings, args.engine_dir)
+        # The whole request against the folder, in fd-run's words, before the engines load: a ControlNet folder
+        # without --control-image (or --prompt on a DiT folder) is one line, not minutes later.
+        folder = EngineFolder(args.engine_dir)
+        request = request_from_args(args, **default_inputs(folder.manifest, args.prompt, args.class_label,
+                                                           args.batch_size))
+        settings = Settings(request, runs=args.runs, warmup=args.warmup, compare_diffusers=args.compare == "diffusers")
+        plan = check_settings(folder, settings)
+        settings = resolved(settings, plan)  # the JSON records the size and guidance scale the arms ran with
         started = time.perf_counter()
         pipe = FasterDiffusionPipeline(args.engine_dir)
         load_seconds = time.perf_counter() - started  # the folder's cold start: manifest, every graph, tokenizers
-        policy = policy_from_options(steps_run, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
-                                     uniform=args.uniform, guidance_interval=args.guidance_interval,
-                                     noise_injection_tau=pipe.family.noise_injection_tau)
-        # resolved here (size, the family's guidance, its default prompt or class label): the JSON records them
-        settings = resolve_settings(pipe, settings)
-        measured = run_benchmark(pipe, settings, policy,
+        measured = run_benchmark(pipe, settings,
                                  progress=lambda total: tqdm(total=total, unit="run", desc="fd-bench", leave=False))
         result = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "command": shlex.join(["fd-bench", *argv]), "complete": measured.pop("complete"),
                   "machine": report.machine_info(), "versions": report.library_versions(),
                   "fd_revision": report.source_revision(),
-                  "engine": engine_info(pipe), "settings": settings_info(settings, policy, argv_images(args)),
+                  "engine": engine_info(pipe), "settings": settings_info(settings, plan.policy, argv_images(args)),
                   "load": {"engine_seconds": load_seconds,
                            "what": "FasterDiffusionPipeline(engine_dir): manifest, runner with every graph, tokenizers"},
                   **measured}
@@ -157,10 +141,12 @@ def argv_images(args) -> dict:
 
 def settings_info(s: Settings, policy, images: dict | None = None) -> dict:
     order = ["baseline", "fasterdiffusion", *(["diffusers"] if s.compare_diffusers else [])]
-    return {"prompt": s.prompt, "class_label": s.class_label, "batch_size": s.batch_size, "height": s.height,
-            "width": s.width, "steps": s.steps, "steps_run": s.steps_that_run(), "scheduler": s.scheduler,
-            "guidance_scale": s.guidance_scale, "seed": s.seed, "runs": s.runs, "warmup": s.warmup,
-            "order": f"alternating {' / '.join(order)}, warm-up runs first", **(images or {}), **policy.describe()}
+    r = s.request
+    return {"prompt": r.prompts[0] if r.prompts else None, "class_label": r.class_labels[0] if r.class_labels else None,
+            "batch_size": s.batch_size, "height": r.height, "width": r.width, "steps": r.steps,
+            "steps_run": r.steps_run, "scheduler": r.scheduler, "guidance_scale": r.guidance_scale, "seed": r.seed,
+            "runs": s.runs, "warmup": s.warmup, "order": f"alternating {' / '.join(order)}, warm-up runs first",
+            **(images or {}), **policy.describe()}
 
 
 if __name__ == "__main__":

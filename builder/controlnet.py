@@ -103,15 +103,15 @@ def sd15_random_unet(unet):
 
 def _from_folder(folder: str, what: str):
     from diffusers import ControlNetModel
-    from fd.builder.models import _check_safetensors, _first_line, _quiet_libraries
-    _quiet_libraries()
+    from fd.builder.loading import check_safetensors, first_line, quiet_libraries
+    quiet_libraries()
     if not (Path(folder) / "config.json").is_file():
         raise FdError(f"{what} has no config.json: give a diffusers ControlNetModel folder")
-    _check_safetensors(Path(folder))
+    check_safetensors(Path(folder))
     try:
         return ControlNetModel.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, RuntimeError, EOFError, TypeError) as exc:
-        raise FdError(f"cannot load {what} as a diffusers ControlNetModel: {_first_line(exc)}") from None
+        raise FdError(f"cannot load {what} as a diffusers ControlNetModel: {first_line(exc)}") from None
 
 
 def check_fits(controlnet, unet, name: str) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 from fd.runtime.atomic import check_writable, write_atomic
 from fd.runtime.cli_common import run_cli
 from fd.runtime.errors import FdError
-from fd.runtime.policy import FEW_STEPS, parse_guidance_interval, policy_from_options
+from fd.runtime.policy import FEW_STEPS, parse_guidance_interval, parse_key_steps
+from fd.runtime.request import Policy, Request
 from fd.runtime.schedulers import CHOICES, DEFAULT, choices_help
 
 EXAMPLES = """examples:
@@ -140,87 +141,53 @@ def add_image_input_arguments(parser, description: str | None = None) -> None:
                              "starts from almost pure noise)")
 
 
-def image_input_options(args) -> tuple[dict, int]:
-    """(the pipeline's image keyword arguments, the number of steps that run), with each image read once here so a
-    missing or unreadable file is refused before the engines load."""
+def policy_from_args(args) -> Policy:
+    """--key-steps | --uniform | --no-fd, --no-noise-injection and --guidance-interval as the request's Policy (the
+    flags fd-bench lacks count as not given)."""
+    key_steps = getattr(args, "key_steps", None)
+    return Policy(key_steps=None if key_steps is None else parse_key_steps(key_steps),
+                  uniform=getattr(args, "uniform", None), baseline=getattr(args, "no_fd", False),
+                  noise_injection=not getattr(args, "no_noise_injection", False),
+                  guidance_interval=None if args.guidance_interval is None else
+                  parse_guidance_interval(args.guidance_interval))
+
+
+def request_from_args(args, **fields) -> Request:
+    """fd-run's (and fd-bench's) flags as one Request, each file (latents, images) read once here, so a bad value or
+    a missing file is refused before the engines load; `fields` fill what the command's flags do not give."""
     from fd.runtime.images import load_image
-    from fd.runtime.img2img import DEFAULT_STRENGTH, check_strength
-    if args.init_image is None and args.strength is not None:
-        raise FdError("--strength is for image to image: give --init-image PATH too, or drop --strength")
-    steps = args.steps
-    if args.init_image is not None:
-        steps = check_strength(DEFAULT_STRENGTH if args.strength is None else args.strength, args.steps)
-    controls = [load_image(path, "--control-image") for path in args.control_image or []]
-    init = None if args.init_image is None else load_image(args.init_image, "--init-image")
-    return {"control_images": controls or None, "controlnet_scales": args.controlnet_scale, "init_image": init,
-            "strength": args.strength}, steps
-
-
-def sdxl_size_options(args, family: str) -> dict:
-    """--original-size / --crops-coords-top-left as the pipeline's keyword arguments (SDXL folders only)."""
-    options = {}
-    for flag, key in (("--original-size", "original_size"), ("--crops-coords-top-left", "crops_coords_top_left")):
-        text = getattr(args, key)
-        if text is None:
-            continue
-        if family != "sdxl":
-            raise FdError(f"{flag} is SDXL's size conditioning; this engine folder is a {family} model: drop it")
-        try:
-            first, second = (int(part) for part in text.split(","))
-        except ValueError:
-            raise FdError(f"{flag} {text!r} is not two whole numbers, e.g. {flag} 1024,1024") from None
-        if min(first, second) < 0 or (key == "original_size" and min(first, second) == 0):
-            raise FdError(f"{flag} {text} is out of range: give sizes above 0 (offsets 0 or more)")
-        options[key] = (first, second)
-    return options
-
-
-def check_one_input_kind(args) -> None:
-    """--prompt or --class-label, at least one and not both (which one the folder takes: check_prompt_kind)."""
-    if not args.prompt and not args.class_label:
-        raise FdError("give at least one --prompt (or --class-label for a class-conditional model such as DiT)")
-    if args.prompt and args.class_label:
-        raise FdError("give --prompt (text models) or --class-label (class-conditional models), not both")
-
-
-def check_prompt_kind(args, family) -> list[str]:
-    """--class-label for class-conditional folders (DiT), --prompt for text ones; the other is refused."""
-    if family.class_conditional and args.prompt:
-        raise FdError(f"this engine folder is a class-conditional {family.name} model: give --class-label ID_OR_NAME "
-                      "instead of --prompt")
-    if not family.class_conditional and args.class_label:
-        raise FdError(f"--class-label is for class-conditional models (DiT); this engine folder is a {family.name} "
-                      "text-to-image model: give --prompt")
-    return args.class_label if family.class_conditional else args.prompt
+    given = {"prompts": getattr(args, "prompt", None) or (), "class_labels": getattr(args, "class_label", None) or (),
+             "negative_prompt": getattr(args, "negative_prompt", None), "steps": args.steps,
+             "scheduler": args.scheduler, "guidance_scale": args.guidance_scale, "seed": args.seed,
+             "latents": None if getattr(args, "latents", None) is None else load_latents(args.latents),
+             "height": args.height, "width": args.width,
+             "original_size": getattr(args, "original_size", None),
+             "crops_coords_top_left": getattr(args, "crops_coords_top_left", None),
+             "policy": policy_from_args(args),
+             "control_images": [load_image(path, "--control-image") for path in args.control_image or []],
+             "controlnet_scales": args.controlnet_scale,
+             "init_image": None if args.init_image is None else load_image(args.init_image, "--init-image"),
+             "strength": args.strength}
+    return Request(**{**given, **fields})
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
-        from fd.runtime.pipeline import FasterDiffusionPipeline
-        check_one_input_kind(args)
+        from fd.runtime.pipeline import EngineFolder, FasterDiffusionPipeline
         check_engine_dir(args.engine_dir)
+        request = request_from_args(args)
         paths = check_outputs(args)
-        if args.guidance_interval is not None:
-            parse_guidance_interval(args.guidance_interval)  # a bad interval is refused before the engines load
-        latents = load_latents(args.latents) if args.latents is not None else None
-        image_inputs, steps_run = image_input_options(args)  # image to image runs the last steps only
+        EngineFolder(args.engine_dir).prepare(request)  # the request against the folder, before the engines load
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
-        prompts = check_prompt_kind(args, pipe.family)
-        policy = policy_from_options(steps_run, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
-                                     uniform=args.uniform, baseline=args.no_fd,
-                                     noise_injection=not args.no_noise_injection,
-                                     guidance_interval=args.guidance_interval,
-                                     noise_injection_tau=pipe.family.noise_injection_tau)
-        size_conditioning = sdxl_size_options(args, pipe.family.name)
-        result = pipe(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
-                      scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,
-                      latents=latents, policy=policy, height=args.height, width=args.width, **size_conditioning,
-                      **image_inputs)
-        if args.key_steps is None and args.uniform is None and not args.no_fd and steps_run <= FEW_STEPS:
-            print(f"note: {steps_run} steps: every step is a key step (FasterDiffusion's windows pay off above "
-                  f"{FEW_STEPS} steps); give --key-steps or --uniform to reuse the encoder anyway", file=sys.stderr)
+        result = pipe(request)
+        policy = request.policy
+        if (policy.key_steps, policy.uniform, policy.baseline) == (None, None, False) and \
+                request.steps_run <= FEW_STEPS:
+            print(f"note: {request.steps_run} steps: every step is a key step (FasterDiffusion's windows pay off "
+                  f"above {FEW_STEPS} steps); give --key-steps or --uniform to reuse the encoder anyway",
+                  file=sys.stderr)
         for image, path in zip(result.images, paths):
             write_atomic(path, lambda f: image.save(f, format="PNG"))
             print(f"wrote {path}")

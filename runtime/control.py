@@ -36,9 +36,20 @@ class ControlInputs:
         """The key step's cache with every ControlNet's residuals added (sample/conditions: the encoder's)."""
         rows = len(sample)  # the control image is the same on every row (both guidance halves, every prompt)
         for graph, image, scale in zip(self.graphs, self.images, self.scales):
-            cache = stages.control_denoiser(runner, graph, cache, sample, timestep, conditions,
-                                        np.repeat(image, rows, axis=0), scale)
+            cache = control_denoiser(runner, graph, cache, sample, timestep, conditions,
+                                     np.repeat(image, rows, axis=0), scale)
         return cache
+
+
+def control_denoiser(runner, graph: str, cache: stages.Cache, sample: np.ndarray, timestep: float, conditions: dict,
+                     image: np.ndarray, scale: float) -> stages.Cache:
+    """One ControlNet at a key step, on the encoder's own inputs: the cache with its residuals (times `scale`)
+    added, which its graph computes where the cache lies."""
+    rows = len(sample)
+    outputs = runner.run(graph, {"sample": sample, "timestep": np.full(rows, timestep, np.float32), **conditions,
+                                 "controlnet_cond": image, "conditioning_scale": np.full(rows, scale, np.float32),
+                                 **cache.values})
+    return stages.Cache({name: outputs[CONTROLLED + name] for name in cache.values}, cache.rows)
 
 
 def prepare_control(manifest: dict, control_images, scales, height: int, width: int) -> ControlInputs | None:

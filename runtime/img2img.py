@@ -10,7 +10,6 @@ FasterDiffusion's key steps index the steps that run: step 0 is the first of the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,27 +17,9 @@ import numpy as np
 from fd.runtime import stages
 from fd.runtime.errors import FdError
 from fd.runtime.images import load_image, prepare_image
+from fd.runtime.request import DEFAULT_STRENGTH
 
-DEFAULT_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default
 SAMPLE_STREAM = 1  # the latent sample's noise comes from its own stream of the seed, independent of the noise
-
-
-def steps_run(steps: int, strength: float) -> int:
-    """How many of `steps` run at this strength (diffusers' get_timesteps)."""
-    return min(int(steps * strength), steps)
-
-
-def check_strength(strength, steps: int) -> int:
-    """The number of steps that run, or one FdError line for a strength out of (0, 1] or one that runs none."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not (
-            math.isfinite(strength) and 0 < strength <= 1):
-        raise FdError(f"--strength {strength} is out of range: give a number above 0 and at most 1 "
-                      f"(the share of the schedule that runs; default {DEFAULT_STRENGTH})")
-    run = steps_run(steps, strength)
-    if run < 1:
-        raise FdError(f"--strength {strength} with --steps {steps} runs no step (int({steps} x {strength}) = 0): "
-                      "raise --strength or --steps")
-    return run
 
 
 def sample_noise(seed, shape) -> np.ndarray:
@@ -68,16 +49,14 @@ class InitImage:
                           f"steps, indexed 0 to {self.steps_run - 1}")
 
 
-def prepare_init(manifest: dict, init_image, strength, steps: int, height: int, width: int, engine_dir) -> InitImage | None:
-    """Check and prepare --init-image / --strength (None: text to image)."""
-    if init_image is None:
-        if strength is not None:
-            raise FdError("--strength is for image to image: give --init-image PATH too, or drop --strength")
+def prepare_init(manifest: dict, request, height: int, width: int, engine_dir) -> InitImage | None:
+    """Check and prepare a request's --init-image (its strength was checked when the request was made; None: text
+    to image)."""
+    if request.init_image is None:
         return None
     if "vae_encoder" not in manifest["components"]:
         raise FdError(f"engine folder {engine_dir} has no VAE encoder for --init-image: rebuild it with "
                       "fd-build --img2img")
-    strength = DEFAULT_STRENGTH if strength is None else strength
-    run = check_strength(strength, steps)
-    image = prepare_image(load_image(init_image, "--init-image"), height, width, normalize=True)
-    return InitImage(image, float(strength), run)
+    image = prepare_image(load_image(request.init_image, "--init-image"), height, width, normalize=True)
+    return InitImage(image, DEFAULT_STRENGTH if request.strength is None else float(request.strength),
+                     request.steps_run)

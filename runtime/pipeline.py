@@ -6,7 +6,6 @@ timesteps and latents, the denoising loop (window by window), decode. No backend
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -18,19 +17,19 @@ from PIL import Image
 
 from fd.runtime import stages
 from fd.runtime.backends import load_runner
-from fd.runtime.control import prepare_control
+from fd.runtime.control import ControlInputs, prepare_control
 from fd.runtime.errors import FdError
 from fd.runtime.families import PromptRequest, family_of
-from fd.runtime.img2img import prepare_init
+from fd.runtime.img2img import InitImage, prepare_init
 from fd.runtime.manifest import load_manifest
 from fd.runtime.policy import FasterDiffusionPolicy, model_sigmas
+from fd.runtime.request import Request, check_seed
 from fd.runtime.schedulers import make_scheduler
 from fd.runtime.sizes import check_size
 from fd.runtime.tokenizer import PromptTokenizer
 
 STAGES = ("text_encoder", "denoiser_encoder", "denoiser_decoder", "scheduler", "vae_decoder")
 STEP_NOISE_STREAM = 1  # the seed's second stream: per-step noise of stochastic schedulers
-MAX_STEPS = 1000
 
 
 @dataclass
@@ -42,6 +41,21 @@ class GenerationResult:
     policy: dict  # the FasterDiffusion settings that were used
     timesteps: list[int] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)  # rows (batch entries) computed per component, all calls
+
+
+@dataclass
+class Plan:
+    """A request checked against an engine folder, with what the folder resolves: its inputs (prompts or class
+    labels), size, guidance scale, key-step plan and prepared image inputs."""
+
+    request: Request
+    inputs: list
+    height: int
+    width: int
+    guidance_scale: float
+    policy: FasterDiffusionPolicy
+    control: ControlInputs | None
+    init: InitImage | None
 
 
 class StageTimer:
@@ -61,12 +75,14 @@ class StageTimer:
             self.seconds[stage] += time.perf_counter() - start
 
 
-class FasterDiffusionPipeline:
-    def __init__(self, engine_dir: str | Path, **backend_options):
+class EngineFolder:
+    """An engine folder's manifest, model family and tokenizers: what it accepts, checked (`prepare`) without
+    loading a graph, so the commands refuse a bad request before the engines load."""
+
+    def __init__(self, engine_dir: str | Path):
         self.engine_dir = Path(engine_dir)
         self.manifest = load_manifest(engine_dir)
         self.family = family_of(self.manifest)
-        self.runner = load_runner(engine_dir, self.manifest, **backend_options)
         self.tokenizers = [PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"])
                            for tok in self.manifest["tokenizers"]]
 
@@ -81,63 +97,106 @@ class FasterDiffusionPipeline:
         scale = self.manifest["vae_scale_factor"]
         return self.manifest["latent_channels"], height // scale, width // scale
 
-    def default_policy(self, steps: int) -> FasterDiffusionPolicy:
-        from fd.runtime.policy import NoiseInjection, default_key_steps
-        return FasterDiffusionPolicy(default_key_steps(steps), self.manifest["limits"]["max_window"],
-                                     NoiseInjection(tau=self.family.noise_injection_tau))
-
-    def __call__(self, prompts: list[str], *, negative_prompt: str | list[str] | None = None, steps: int = 50,
-                 scheduler: str = "ddim", guidance_scale: float | None = None, seed: int | None = 0,
-                 latents: np.ndarray | None = None, policy: FasterDiffusionPolicy | None = None,
-                 height: int | None = None, width: int | None = None, original_size: tuple[int, int] | None = None,
-                 crops_coords_top_left: tuple[int, int] = (0, 0), callback=None, control_images=None,
-                 controlnet_scales=None, init_image=None, strength: float | None = None) -> GenerationResult:
-        """Generate one image per prompt. `policy=None` uses the paper's key steps for `steps`;
-        `FasterDiffusionPolicy.baseline(steps)` runs every step in full (the diffusers baseline).
-        Class-conditional families (DiT) take class labels as prompts: ids (int or digits) or id2label names.
-        `guidance_scale=None` is the family's default (SD/SDXL 7.5, DiT 4.0, as DiTPipeline).
-        `negative_prompt=None` is "no negative prompt" (SD: "", SDXL: zero embeddings, as diffusers); a list
-        gives each prompt its own (fd-serve batches requests that way, with one seed each through `latents`).
-        `height`/`width` default to the size the folder was built for; other sizes need a folder built
-        with --dynamic-shape. `original_size`/`crops_coords_top_left` are SDXL's size conditioning
-        (default: the image size and (0, 0)). `callback(i, t, latents)` is called after each scheduler step.
-        `control_images` (paths or PIL images, one per ControlNet of the folder) and `controlnet_scales` (one
-        for all or one each, default 1.0) drive the folder's ControlNets, run at key steps only.
-        `init_image` with `strength` (0 < strength <= 1, default 0.8) is image to image: the last
-        int(steps x strength) steps run, from the encoded image noised to the first of them."""
-        # 1. check inputs (all of them, before any heavy work)
-        guidance_scale = self.family.default_guidance_scale if guidance_scale is None else guidance_scale
-        height, width = self.image_size(height, width)
-        control_inputs = prepare_control(self.manifest, control_images, controlnet_scales, height, width)
-        init = prepare_init(self.manifest, init_image, strength, steps, height, width, self.engine_dir)
-        policy = policy or self.default_policy(steps if init is None else init.steps_run)  # key steps index run steps
-        self.check_request(prompts, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale,
-                           seed=seed, latents=latents, policy=policy, height=height, width=width)
+    def prepare(self, request: Request) -> "Plan":
+        """The request checked against this folder and resolved (size, guidance, key steps, images), without
+        running a graph: raises the FdError line fd-run prints for it. Servers check each request with it before
+        batching (fd-serve)."""
+        m, family = self.manifest, self.family
+        inputs = self.inputs_of(request)
+        height, width = self.image_size(request.height, request.width)
+        guidance = family.default_guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
+        policy = request.policy.resolve(request.steps_run, m["limits"]["max_window"], family.noise_injection_tau)
+        max_batch = m["limits"]["max_batch_size"]
+        if len(inputs) > max_batch:
+            what = "class labels" if family.class_conditional else "prompts"
+            raise FdError(f"{len(inputs)} {what}, but this engine folder was built for at most {max_batch} "
+                          f"images per generation: rebuild with fd-build --max-batch-size {len(inputs)}")
+        if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in (height, width)):
+            raise FdError(f"image size {height}x{width} is not allowed: give positive whole pixels")
+        check_size(m, height, width, self.engine_dir)
+        expected = (len(inputs), *self.latent_shape_at(height, width))
+        if request.latents is not None and request.latents.shape != expected:
+            hint = "; give --height/--width for latents of another size" if m.get("dynamic_shape") else ""
+            raise FdError(f"initial latents have shape {request.latents.shape}, a {height}x{width} image needs "
+                          f"{expected} (batch x channels x height/8 x width/8){hint}")
+        if policy.max_window > m["limits"]["max_window"]:
+            raise FdError(f"window of {policy.max_window} steps is larger than this engine folder's max window "
+                          f"{m['limits']['max_window']}: rebuild with a larger --max-window")
+        policy.validate(request.steps)
+        family.check_prompts(self.tokenizers, inputs, request.negative_prompt, m.get("family_options", {}))
+        for flag, value in (("--original-size", request.original_size),
+                            ("--crops-coords-top-left", request.crops_coords_top_left)):
+            if value is not None and family.name != "sdxl":
+                raise FdError(f"{flag} is SDXL's size conditioning; this engine folder is a {family.name} model: "
+                              "drop it")
+        control = prepare_control(m, list(request.control_images) or None, request.controlnet_scales, height, width)
+        init = prepare_init(m, request, height, width, self.engine_dir)
         if init is not None:
             init.check_policy(policy)
-        sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])  # refuses unsupported options
+        if make_scheduler(request.scheduler, m["scheduler_config"]).stochastic:  # refuses unsupported options
+            check_seed(request.seed)
+        return Plan(request, inputs, height, width, guidance, policy, control, init)
+
+    def inputs_of(self, request: Request) -> list:
+        """The request's prompts, or its class labels on a class-conditional folder (DiT); the other kind is
+        refused in fd-run's words."""
+        family = self.family
+        if family.class_conditional and request.prompts:
+            raise FdError(f"this engine folder is a class-conditional {family.name} model: give --class-label "
+                          "ID_OR_NAME instead of --prompt")
+        if not family.class_conditional and request.class_labels:
+            raise FdError(f"--class-label is for class-conditional models (DiT); this engine folder is a "
+                          f"{family.name} text-to-image model: give --prompt")
+        return request.inputs
+
+    def as_request(self, request=None, /, **fields) -> Request:
+        """`request` itself, a copy with `fields` changed, or (a list) the folder's inputs with `fields`: prompts,
+        or class labels on a class-conditional folder."""
+        if isinstance(request, Request):
+            return request.replace(**fields) if fields else request
+        if request is not None:
+            fields["class_labels" if self.family.class_conditional else "prompts"] = request
+        return Request(**fields)
+
+
+
+class FasterDiffusionPipeline(EngineFolder):
+    """Generates images from an engine folder: the denoiser encoder at key steps only, the decoder batched per
+    window. `pipe(Request(...))`, or `pipe(["a cat"], steps=20)`."""
+
+    def __init__(self, engine_dir: str | Path, **backend_options):
+        super().__init__(engine_dir)
+        self.runner = load_runner(engine_dir, self.manifest, **backend_options)
+
+    def __call__(self, request: Request | list | None = None, /, *, callback=None, **fields) -> GenerationResult:
+        """Generate one image per prompt (or class label). Takes a Request, or its fields as keywords, or the
+        prompts (class labels) as a list followed by other fields: `pipe(["a cat"], steps=20)`.
+        `callback(i, t, latents)` is called after each scheduler step."""
+        plan = self.prepare(self.as_request(request, **fields))  # 1. check inputs, all before any heavy work
+        request, policy, control_inputs, init = plan.request, plan.policy, plan.control, plan.init
+        steps, seed, guidance_scale = request.steps, request.seed, plan.guidance_scale
+        sampler = make_scheduler(request.scheduler, self.manifest["scheduler_config"])
         sampler.set_timesteps(steps)
-        if sampler.stochastic:
-            check_seed(seed)
-        run = steps if init is None else init.steps_run  # the steps that run, and the model evaluations they take
+        run = request.steps_run  # the steps that run, and the model evaluations they take
         policy = every_evaluation_a_key_step(policy, run, len(sampler.timesteps) - (steps - run))
         timer = StageTimer(self.runner.synchronize, stage_names(control_inputs, init))
         calls_before, rows_before = Counter(self.runner.calls), Counter(self.runner.rows)
         started = time.perf_counter()
-        batch, guided = len(prompts), guidance_scale > 1.0
+        batch, guided = len(plan.inputs), guidance_scale > 1.0
 
         # 2. encode the prompt: the family's conditioning, rows [negative…, positive…] when guided
         with timer("text_encoder"):
-            request = PromptRequest(list(prompts), negative_prompt, guided, height, width, original_size,
-                                    tuple(crops_coords_top_left))
-            conditions = self.family.encode_prompt(self.runner, self.tokenizers, request,
+            prompt = PromptRequest(plan.inputs, request.negative_prompt, guided, plan.height, plan.width,
+                                   request.original_size, request.crops_coords_top_left or (0, 0))
+            conditions = self.family.encode_prompt(self.runner, self.tokenizers, prompt,
                                                    self.manifest.get("family_options", {}))
 
         # 3. timesteps (float32 where a scheduler's are fractional: they reach the graphs as they are) and
         # initial latents
-        timesteps = sampler.timesteps if init is None else sampler.timesteps[steps - init.steps_run:]
+        timesteps = sampler.timesteps[steps - run:]
+        latents = request.latents
         if latents is None:
-            latents = initial_noise(seed, (batch, *self.latent_shape_at(height, width)))
+            latents = initial_noise(seed, (batch, *self.latent_shape_at(plan.height, plan.width)))
         # The unit initial noise ε (it is z_T only where init_noise_sigma is 1), reused by prior noise injection.
         noise = np.asarray(latents, dtype=np.float32)
         step_options = {"generator": step_noise_generator(seed)} if sampler.stochastic else {}
@@ -191,54 +250,6 @@ class FasterDiffusionPipeline:
         rows = dict(Counter(self.runner.rows) - rows_before)
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist(), rows)
 
-    def check_request(self, prompts: list[str], *, negative_prompt: str | list[str] | None = None, steps: int = 50,
-                      guidance_scale: float | None = None, seed: int | None = 0, latents: np.ndarray | None = None,
-                      policy: FasterDiffusionPolicy | None = None, height: int | None = None,
-                      width: int | None = None) -> None:
-        """Check a generation's options without running anything: raises the FdError line that calling the
-        pipeline with them would raise first (prompts and negative prompts, batch size, steps, guidance, seed
-        or latents, size, key-step policy, and last the family's own refusals of the prompts: an over-long
-        text, a DiT class label that is not a class; `guidance_scale`/`policy`/`height`/`width` None as in the
-        call). Servers check each request with it before batching (fd-serve). Not covered: the scheduler name
-        (runtime.schedulers.make_scheduler) and control and init images (runtime.control.prepare_control,
-        runtime.img2img.prepare_init)."""
-        height, width = self.image_size(height, width)
-        policy = policy or self.default_policy(steps)
-        kinds = (str, int, np.integer) if self.family.class_conditional else str  # DiT: class ids too
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, kinds) for p in prompts):
-            raise FdError("give at least one class label (a list of ints or names)" if self.family.class_conditional
-                          else "give at least one prompt (a list of strings)")
-        if not (negative_prompt is None or isinstance(negative_prompt, str) or (
-                isinstance(negative_prompt, list) and len(negative_prompt) == len(prompts)
-                and all(isinstance(n, str) for n in negative_prompt))):
-            raise FdError(f"negative prompt must be one string or a list of {len(prompts)} strings, one per prompt")
-        max_batch = self.manifest["limits"]["max_batch_size"]
-        if len(prompts) > max_batch:
-            what = "class labels" if self.family.class_conditional else "prompts"
-            raise FdError(f"{len(prompts)} {what}, but this engine folder was built for at most {max_batch} "
-                          f"images per generation: rebuild with fd-build --max-batch-size {len(prompts)}")
-        if not 1 <= steps <= MAX_STEPS:
-            raise FdError(f"--steps {steps} is out of range: use 1 to {MAX_STEPS}")
-        check_guidance_scale(self.family.default_guidance_scale if guidance_scale is None else guidance_scale)
-        if latents is None:
-            check_seed(seed)
-        if not all(isinstance(side, int) and 0 < side for side in (height, width)):
-            raise FdError(f"image size {height}x{width} is not allowed: give positive whole pixels")
-        check_size(self.manifest, height, width, self.engine_dir)
-        expected = (len(prompts), *self.latent_shape_at(height, width))
-        if latents is not None and tuple(np.shape(latents)) != expected:
-            hint = ("; give --height/--width for latents of another size" if self.manifest.get("dynamic_shape")
-                    else "")
-            raise FdError(f"initial latents have shape {tuple(np.shape(latents))}, a {height}x{width} image needs "
-                          f"{expected} (batch x channels x height/8 x width/8){hint}")
-        if latents is not None and not np.isfinite(latents).all():
-            raise FdError("initial latents contain NaN or infinite values: give finite noise")
-        if policy.max_window > self.manifest["limits"]["max_window"]:
-            raise FdError(f"window of {policy.max_window} steps is larger than this engine folder's max window "
-                          f"{self.manifest['limits']['max_window']}: rebuild with a larger --max-window")
-        policy.validate(steps)
-        self.family.check_prompts(self.tokenizers, prompts, negative_prompt, self.manifest.get("family_options", {}))
-
     def close(self) -> None:
         self.runner.close()
 
@@ -273,19 +284,6 @@ def every_evaluation_a_key_step(policy: FasterDiffusionPolicy, steps: int, evalu
 def initial_noise(seed, shape) -> np.ndarray:
     """The unit initial noise fd draws for a seed: one request's rows, or one row of a batch built from seeds."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-
-
-def check_guidance_scale(guidance_scale: float) -> None:
-    # NaN passes every comparison and inf overflows the guided prediction: both give black or noise images.
-    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise FdError(f"--guidance-scale {guidance_scale} is not allowed: give a finite number, 0 or more "
-                      "(1 or less turns guidance off; 7.5 is usual)")
-
-
-def check_seed(seed) -> None:
-    """None draws fresh noise; numpy's generators take whole numbers of 0 or more (negative ones fail deep inside)."""
-    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
-        raise FdError(f"--seed {seed} is not allowed: give a whole number, 0 or more")
 
 
 def to_pil(pixels: np.ndarray) -> list:

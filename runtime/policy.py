@@ -98,6 +98,10 @@ class FasterDiffusionPolicy:
         limited to `guidance_interval` when one is given)."""
         return cls(tuple(range(num_steps)), max_window=1, noise_injection=None, guidance_interval=guidance_interval)
 
+    def resolve(self, steps: int, folder_max_window: int, tau: int) -> "FasterDiffusionPolicy":
+        """An explicit plan stands as it is (fd.runtime.request.Policy resolves the same way from options)."""
+        return self
+
     def validate(self, num_steps: int) -> None:
         bad = [k for k in self.key_steps if not 0 <= k < num_steps]
         if bad:
@@ -165,22 +169,3 @@ def parse_key_steps(text: str) -> tuple[int, ...]:
         raise FdError(f"--key-steps {text!r} names no steps: give comma-separated step indices, {example} "
                       "(or leave --key-steps out for the paper's set)")
     return keys
-
-
-def policy_from_options(steps: int, max_window: int, *, key_steps: str | None = None, uniform: int | None = None,
-                        baseline: bool = False, noise_injection: bool = True,
-                        guidance_interval: str | None = None, noise_injection_tau: int = NOISE_TAU
-                        ) -> FasterDiffusionPolicy:
-    """The policy the command-line options describe (--key-steps "0,1,…" | --uniform K | --no-fd, and
-    --guidance-interval LOW,HIGH | paper); `noise_injection_tau` is the folder's family's."""
-    interval = None if guidance_interval is None else parse_guidance_interval(guidance_interval)
-    if baseline:
-        return FasterDiffusionPolicy.baseline(steps, interval)
-    if key_steps is not None:
-        keys = parse_key_steps(key_steps)
-    elif uniform is not None:
-        keys = uniform_key_steps(steps, uniform)
-    else:
-        keys = default_key_steps(steps)
-    return FasterDiffusionPolicy(keys, max_window, NoiseInjection(tau=noise_injection_tau) if noise_injection else None,
-                                 interval)

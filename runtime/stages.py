@@ -64,18 +64,6 @@ def decode_vae(runner, latent: np.ndarray) -> np.ndarray:
     return runner.download(runner.run("vae_decoder", {"latent": latent})["image"]).astype(np.float32)
 
 
-def control_denoiser(runner, graph: str, cache: Cache, sample: np.ndarray, timestep: float, conditions: dict,
-                 image: np.ndarray, scale: float) -> Cache:
-    """One ControlNet at a key step, on the encoder's own inputs: the cache with its residuals (times `scale`)
-    added, which its graph computes where the cache lies (runtime/control.py)."""
-    from fd.runtime.control import CONTROLLED
-    rows = len(sample)
-    outputs = runner.run(graph, {"sample": sample, "timestep": np.full(rows, timestep, np.float32), **conditions,
-                                 "controlnet_cond": image, "conditioning_scale": np.full(rows, scale, np.float32),
-                                 **cache.values})
-    return Cache({name: outputs[CONTROLLED + name] for name in cache.values}, cache.rows)
-
-
 def encode_vae(runner, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Image in [-1, 1] → the mean and std of its latent distribution, float32 (img2img)."""
     outputs = runner.run("vae_encoder", {"image": image})

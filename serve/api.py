@@ -1,21 +1,21 @@
 """fd-serve's request schema: the JSON body of POST /v1/images, with fd-run's options and defaults.
 
-The schema (field names and JSON types) is checked here, without the engines; the values (steps, sizes,
-key steps, prompt length, images, ...) are checked by the engine replica with the pipeline's own checks, so
-a bad value gets the same one-line message fd-run prints. Images (ControlNet conditioning, the img2img start)
-travel as base64-encoded PNG or JPEG files. A request gives a `prompt` (text folders) or a `class_label`
-(class-conditional folders: DiT), as fd-run takes --prompt or --class-label; which one the folder takes is
-checked by the engine replica, which knows the folder's family.
+The schema (field names and JSON types) is checked here by pydantic; the body then becomes fd's Request
+(fd.runtime.request), whose checks are fd-run's, so a bad value gets the line fd-run prints, before the request
+reaches an engine replica. What depends on the engine folder (its family, size, limits, ControlNets, prompt
+length) is checked by the replica with the pipeline's `prepare`. Images (ControlNet conditioning, the img2img
+start) travel as base64-encoded PNG or JPEG files and are decoded here. A request gives a `prompt` (text folders)
+or a `class_label` (class-conditional folders: DiT), as fd-run takes --prompt or --class-label.
 """
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # text fields and a few base64 images; anything bigger is refused unparsed
+MAX_IMAGE_PIXELS = 4096 * 4096  # a sent image is resized to the generation size; bigger ones are refused unread
 
 
 class BadRequest(Exception):
@@ -52,31 +52,41 @@ class ImageRequest(BaseModel):
     init_image: StrictStr | None = None  # base64 image: image to image (a folder built with --img2img)
     strength: Union[StrictInt, StrictFloat] | None = None  # image to image: the share of the schedule that runs
 
-    def pair_text(self, name: str) -> str | None:
-        """original_size / crops_coords_top_left as fd-run's "A,B" text, parsed (and refused) by fd-run's code."""
-        value = getattr(self, name)
-        return ",".join(str(v) for v in value) if isinstance(value, list) else value
-
-    def key_steps_text(self) -> str | None:
-        """key_steps as fd-run's --key-steps text, so the policy is parsed (and refused) by the same code."""
-        if isinstance(self.key_steps, list):
-            return ",".join(str(k) for k in self.key_steps)
-        return self.key_steps
-
-    def guidance_interval_text(self) -> str | None:
-        """guidance_interval as fd-run's --guidance-interval text (parsed and refused by the same code)."""
-        if isinstance(self.guidance_interval, list):
-            return ",".join(str(v) for v in self.guidance_interval)
-        return self.guidance_interval
+    def to_request(self):
+        """The body as fd's Request (fd.runtime.request: the checks every front end shares; FdError for a bad value),
+        its images decoded."""
+        from fd.runtime.request import Policy, Request
+        key_steps = self.key_steps
+        if isinstance(key_steps, str):  # fd-run's "0,1,2" form
+            from fd.runtime.policy import parse_key_steps
+            key_steps = parse_key_steps(key_steps)
+        interval = self.guidance_interval
+        if isinstance(interval, str):  # "paper" or fd-run's "LOW,HIGH"
+            from fd.runtime.policy import parse_guidance_interval
+            interval = parse_guidance_interval(interval)
+        policy = Policy(key_steps=None if key_steps is None else tuple(key_steps), uniform=self.uniform,
+                        baseline=not self.fd, noise_injection=self.noise_injection,
+                        guidance_interval=None if interval is None else tuple(interval))
+        return Request(prompts=() if self.prompt is None else (self.prompt,),
+                       class_labels=() if self.class_label is None else (self.class_label,),
+                       negative_prompt=self.negative_prompt, steps=self.steps, scheduler=self.scheduler,
+                       guidance_scale=self.guidance_scale, seed=self.seed, height=self.height, width=self.width,
+                       original_size=self.original_size, crops_coords_top_left=self.crops_coords_top_left,
+                       policy=policy,
+                       control_images=[decode_image(data, f"control_images[{i}]")
+                                       for i, data in enumerate(self.control_images or [])],
+                       controlnet_scales=self.controlnet_scale,
+                       init_image=None if self.init_image is None else decode_image(self.init_image, "init_image"),
+                       strength=self.strength)
 
 
 FIELDS = ", ".join(ImageRequest.model_fields)
 
 
-def parse_image_request(body: bytes) -> ImageRequest:
-    """The request of a POST body, or BadRequest: 400 for a body that is not a JSON object, 422 for a schema
-    problem (unknown field, wrong type, neither or both of prompt and class_label, empty prompt, conflicting
-    key-step options)."""
+def parse_image_request(body: bytes):
+    """The fd Request of a POST body, or BadRequest: 400 for a body that is not a JSON object, 422 for a schema
+    problem (unknown field, wrong type, empty prompt, conflicting key-step options) or a value fd-run refuses
+    without an engine folder (neither or both of prompt and class_label, steps, seed, sizes, images, ...)."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(413, f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted")
     try:
@@ -90,13 +100,6 @@ def parse_image_request(body: bytes) -> ImageRequest:
         request = ImageRequest.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(422, describe(exc.errors()[0])) from None
-    from fd.runtime.cli import check_one_input_kind  # fd-run's lines for --prompt / --class-label
-    from fd.runtime.errors import FdError
-    try:
-        check_one_input_kind(SimpleNamespace(prompt=[] if request.prompt is None else [request.prompt],
-                                             class_label=[] if request.class_label is None else [request.class_label]))
-    except FdError as exc:
-        raise BadRequest(422, str(exc)) from None
     if request.prompt is not None and not request.prompt.strip():
         raise BadRequest(422, '"prompt" is empty: give the text of the image to generate')
     chosen = [name for name, given in (("key_steps", request.key_steps is not None),
@@ -104,7 +107,39 @@ def parse_image_request(body: bytes) -> ImageRequest:
     if len(chosen) > 1:
         raise BadRequest(422, f'{" and ".join(chosen)} both choose the key steps: give at most one of "key_steps", '
                               '"uniform" or "fd": false')
-    return request
+    from fd.runtime.errors import FdError
+    try:
+        return request.to_request()  # fd-run's checks and lines for every value that needs no engine folder
+    except FdError as exc:
+        raise BadRequest(422, str(exc)) from None
+
+
+def decode_image(data: str, field_name: str):
+    """A base64-encoded image file (a data: URL's prefix allowed) as a PIL image, or one FdError line."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from fd.runtime.errors import FdError
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise FdError(f'"{field_name}" is not base64: send the image file (PNG or JPEG) base64-encoded') from None
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise FdError(f'"{field_name}" is {image.width}x{image.height} pixels; at most {MAX_IMAGE_PIXELS} '
+                              "are accepted: send it at (about) the image size")
+            image.load()  # decode now: a truncated file fails here, not mid-generation
+            return image.copy()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FdError(f'"{field_name}" is not an image PIL can read ({reason}): send a base64-encoded PNG or '
+                      "JPEG file") from None
 
 
 def describe(error: dict) -> str:

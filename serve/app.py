@@ -24,7 +24,8 @@ from ray import serve
 from ray.serve import metrics
 
 from fd.runtime.errors import FdError
-from fd.serve.api import BadRequest, ImageRequest, parse_image_request
+from fd.runtime.request import Request as FdRequest
+from fd.serve.api import BadRequest, parse_image_request
 from fd.serve.service import ImageService, Outcome
 
 log = logging.getLogger("ray.serve")
@@ -52,7 +53,7 @@ class FdEngine:
                                               "serve_actual_batch_size counts a gathered batch; it splits by settings)",
                                               boundaries=[1, 2, 4, 8, 16, 32, 64])
 
-    async def generate(self, request: ImageRequest) -> Outcome:
+    async def generate(self, request: FdRequest) -> Outcome:
         try:
             job = self.service.prepare(request)
         except FdError as exc:

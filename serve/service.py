@@ -11,29 +11,23 @@ as in fd-run.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import logging
 import threading
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from fd.runtime.control import controlnet_records, prepare_control
+from fd.runtime.control import controlnet_records
 from fd.runtime.errors import FdError
-from fd.runtime.img2img import DEFAULT_STRENGTH, check_strength, prepare_init
-from fd.runtime.pipeline import MAX_STEPS, FasterDiffusionPipeline, initial_noise
-from fd.runtime.policy import FasterDiffusionPolicy, policy_from_options
+from fd.runtime.pipeline import FasterDiffusionPipeline, initial_noise
+from fd.runtime.policy import FasterDiffusionPolicy
+from fd.runtime.request import MAX_STEPS, Request
 from fd.runtime.schedulers import SCHEDULERS, make_scheduler
-from fd.serve.api import ImageRequest
 
 log = logging.getLogger("ray.serve")
 WARM_UP_STEPS = 2  # a key step and a non-key step: every graph runs once, at the largest batch
-MAX_IMAGE_PIXELS = 4096 * 4096  # a sent image is resized to the generation size; bigger ones are refused unread
 
 
 @dataclass(frozen=True)
@@ -56,11 +50,12 @@ class GroupKey:
 class Job:
     """One checked request, ready to be a row of a batch."""
 
-    prompt: str | int  # the text, or the class label of a class-conditional folder (the pipeline takes both)
-    negative_prompt: str | None
-    seed: int
+    request: Request = field(compare=False)  # one prompt or class label, its negative prompt and seed
     key: GroupKey
-    inputs: dict = field(default_factory=dict, compare=False)  # the pipeline's image and size keyword arguments
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
 
 
 @dataclass
@@ -91,44 +86,15 @@ class ImageService:
         first_input = 0 if self.pipe.family.class_conditional else "warm-up"  # DiT: the first class id
         self.pipe([first_input] * self.max_batch_size, steps=WARM_UP_STEPS, seed=0)
 
-    def prepare(self, request: ImageRequest) -> Job:
-        """The request as a job, or FdError with the line fd-run prints for the same options (in fd-run's
-        order: prompt or class label, image to image's strength, the policy, the pipeline's checks, the images,
-        the sampler)."""
-        pipe, manifest = self.pipe, self.pipe.manifest
-        given = check_input_kind(pipe.family, request)
-        init_image = None if request.init_image is None else decode_image(request.init_image, "init_image")
-        steps_run = request.steps  # image to image runs the last steps only; key steps index those
-        if init_image is not None:
-            steps_run = check_strength(DEFAULT_STRENGTH if request.strength is None else request.strength,
-                                       request.steps)
-        policy = policy_from_options(steps_run, manifest["limits"]["max_window"],
-                                     key_steps=request.key_steps_text(), uniform=request.uniform,
-                                     baseline=not request.fd, noise_injection=request.noise_injection,
-                                     guidance_interval=request.guidance_interval_text(),
-                                     noise_injection_tau=pipe.family.noise_injection_tau)
-        height, width = pipe.image_size(request.height, request.width)
-        guidance = float(pipe.family.default_guidance_scale if request.guidance_scale is None
-                         else request.guidance_scale)
-        # the size first: the images below are resized to it
-        pipe.check_request([given], negative_prompt=request.negative_prompt, steps=request.steps,
-                           guidance_scale=guidance, seed=request.seed, policy=policy, height=height, width=width)
-        controls = [decode_image(data, f"control_images[{i}]") for i, data in enumerate(request.control_images or [])]
-        prepare_control(manifest, controls or None, request.controlnet_scale, height, width)
-        init = prepare_init(manifest, init_image, request.strength, request.steps, height, width, pipe.engine_dir)
-        if init is not None:
-            init.check_policy(policy)
-        make_scheduler(request.scheduler, manifest["scheduler_config"])
-        from fd.runtime.cli import sdxl_size_options  # fd-run's parsing and lines for the same two options
-        sizes = sdxl_size_options(SimpleNamespace(original_size=request.pair_text("original_size"),
-                                                  crops_coords_top_left=request.pair_text("crops_coords_top_left")),
-                                  pipe.family.name)
-        inputs = {"control_images": controls or None, "controlnet_scales": request.controlnet_scale,
-                  "init_image": init_image, "strength": request.strength, **sizes}
-        key = GroupKey(height, width, request.steps, request.scheduler, guidance, policy,
-                       request.negative_prompt is not None, tuple(sorted(sizes.items())), images_digest(request),
-                       request.seed if init is not None else None)
-        return Job(given, request.negative_prompt, request.seed, key, inputs)
+    def prepare(self, request: Request) -> Job:
+        """The request as a job, or FdError with the line fd-run prints for the same options (the pipeline's own
+        check against the folder)."""
+        plan = self.pipe.prepare(request)
+        sizes = (request.original_size, request.crops_coords_top_left)
+        key = GroupKey(plan.height, plan.width, request.steps, request.scheduler, plan.guidance_scale, plan.policy,
+                       request.negative_prompt is not None, sizes if any(sizes) else (), images_digest(request),
+                       request.seed if plan.init is not None else None)
+        return Job(request, key)
 
     def run(self, jobs: list[Job]) -> list[Outcome]:
         """One outcome per job, in order. Jobs are grouped by key into generations of at most max_batch_size
@@ -162,12 +128,13 @@ class ImageService:
 
     def _generate(self, key: GroupKey, jobs: list[Job]) -> list[Outcome]:
         shape = (1, *self.pipe.latent_shape_at(key.height, key.width))
-        latents = np.concatenate([initial_noise(job.seed, shape) for job in jobs])
-        negative = [job.negative_prompt for job in jobs] if key.negative else None
-        # the images and size conditioning are equal on every row (the key says so): the first job's serve all
-        result = self.pipe([job.prompt for job in jobs], negative_prompt=negative, steps=key.steps,
-                           scheduler=key.scheduler, guidance_scale=key.guidance_scale, latents=latents,
-                           seed=jobs[0].seed, policy=key.policy, height=key.height, width=key.width, **jobs[0].inputs)
+        first = jobs[0].request  # the fields the key says are equal on every row (images, size conditioning)
+        together = first.replace(
+            **{"class_labels" if first.class_labels else "prompts": [job.request.inputs[0] for job in jobs]},
+            negative_prompt=[job.request.negative_prompt for job in jobs] if key.negative else None,
+            latents=np.concatenate([initial_noise(job.seed, shape) for job in jobs]), guidance_scale=key.guidance_scale,
+            height=key.height, width=key.width, policy=key.policy)
+        result = self.pipe(together)
         return [Outcome(200, png=png_bytes(image), seed=job.seed, timings=result.timings, calls=result.calls,
                         policy=result.policy, batch_size=len(jobs), guidance_scale=key.guidance_scale)
                 for image, job in zip(result.images, jobs)]
@@ -193,17 +160,6 @@ class ImageService:
                                  "img2img": "vae_encoder" in m["components"]}}
 
 
-def check_input_kind(family, request: ImageRequest) -> str | int:
-    """The request's prompt or class label, whichever the folder's family takes; neither, both or the other
-    one is refused with fd-run's line for --prompt / --class-label."""
-    from fd.runtime.cli import check_one_input_kind, check_prompt_kind
-    given = SimpleNamespace(prompt=[] if request.prompt is None else [request.prompt],
-                            class_label=[] if request.class_label is None else [request.class_label])
-    check_one_input_kind(given)
-    (value,) = check_prompt_kind(given, family)
-    return value
-
-
 def check_batch_size(requested: int | None, manifest: dict) -> int:
     built = manifest["limits"]["max_batch_size"]
     if requested is None:
@@ -214,33 +170,16 @@ def check_batch_size(requested: int | None, manifest: dict) -> int:
     return requested
 
 
-def decode_image(data: str, field_name: str) -> Image.Image:
-    """A base64-encoded image file (a data: URL's prefix allowed) as a PIL image, or one FdError line."""
-    if data.startswith("data:") and "," in data:
-        data = data.split(",", 1)[1]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise FdError(f'"{field_name}" is not base64: send the image file (PNG or JPEG) base64-encoded') from None
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise FdError(f'"{field_name}" is {image.width}x{image.height} pixels; at most {MAX_IMAGE_PIXELS} '
-                              "are accepted: send it at (about) the image size")
-            image.load()  # decode now: a truncated file fails here, not mid-generation
-            return image.copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FdError(f'"{field_name}" is not an image PIL can read ({reason}): send a base64-encoded PNG or '
-                      "JPEG file") from None
-
-
-def images_digest(request: ImageRequest) -> str:
+def images_digest(request: Request) -> str:
     """Equal for requests whose control images, scales, init image and strength are equal ("" for none)."""
-    parts = [request.control_images, request.controlnet_scale, request.init_image, request.strength]
-    if all(part is None for part in parts):
+    images = [*request.control_images, *([] if request.init_image is None else [request.init_image])]
+    if not images and request.controlnet_scales is None and request.strength is None:
         return ""
-    return hashlib.sha256(repr(parts).encode()).hexdigest()
+    digest = hashlib.sha256(repr((request.controlnet_scales, request.strength, len(request.control_images))).encode())
+    for image in images:  # decoded images (fd-serve decodes them at the door): their pixels
+        digest.update(repr((image.mode, image.size)).encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def png_bytes(image) -> bytes:

@@ -148,9 +148,10 @@ def test_sdxl_diffusers_arm_with_an_empty_negative_prompt_differs(tiny_xl_engine
                         lambda self, *a, **k: call(self, *a, **{**k, "negative_prompt": ""}))
     from fd.runtime.pipeline import FasterDiffusionPipeline
     from fd.runtime.policy import FasterDiffusionPolicy
+    from fd.runtime.request import Request
     pipe = FasterDiffusionPipeline(tiny_xl_engine)
-    s = bench.Settings(steps=4, runs=1, warmup=0, compare_diffusers=True)
-    r = bench.run_benchmark(pipe, s, FasterDiffusionPolicy.baseline(4))
+    request = Request(prompts=[bench.DEFAULT_PROMPT], steps=4, policy=FasterDiffusionPolicy.baseline(4))
+    r = bench.run_benchmark(pipe, bench.Settings(request, runs=1, warmup=0, compare_diffusers=True))
     pipe.close()
     assert r["fidelity"]["diffusers_vs_baseline"]["max_abs_latent_diff"] > 1e-2
 

@@ -145,12 +145,14 @@ def test_compare_diffusers_without_the_control_image_differs(control_folder, edg
     from diffusers import StableDiffusionControlNetPipeline
     from fd.runtime.pipeline import FasterDiffusionPipeline
     from fd.runtime.policy import FasterDiffusionPolicy
+    from fd.runtime.request import Request
     call = StableDiffusionControlNetPipeline.__call__
     monkeypatch.setattr(StableDiffusionControlNetPipeline, "__call__",
                         lambda self, *a, **k: call(self, *a, **{**k, "controlnet_conditioning_scale": 0.0}))
     pipe = FasterDiffusionPipeline(control_folder)
-    s = bench.Settings(steps=4, runs=1, warmup=0, compare_diffusers=True, control_images=(str(edges),))
-    r = bench.run_benchmark(pipe, s, FasterDiffusionPolicy.baseline(4))
+    request = Request(prompts=[bench.DEFAULT_PROMPT], steps=4, control_images=[str(edges)],
+                      policy=FasterDiffusionPolicy.baseline(4))
+    r = bench.run_benchmark(pipe, bench.Settings(request, runs=1, warmup=0, compare_diffusers=True))
     pipe.close()
     assert r["fidelity"]["diffusers_vs_baseline"]["max_abs_latent_diff"] > 1e-2
 

@@ -21,6 +21,7 @@ import torch
 from fd.builder.families import FAMILIES, family_generating
 from fd.runtime.pipeline import FasterDiffusionPipeline
 from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
+from fd.runtime.request import Request
 from tests import fd_reference
 from tests.compare import assert_equals_diffusers, relative_error
 from tests.conftest import run_fd
@@ -166,7 +167,7 @@ def test_defaults_are_ditpipelines(pipe):
     other = pipe(LABELS[:1], steps=6, latents=latents, guidance_scale=7.5, policy=FasterDiffusionPolicy.baseline(6))
     np.testing.assert_array_equal(default.latents, explicit.latents)
     assert np.abs(default.latents - other.latents).max() > 1e-3
-    assert pipe.default_policy(50).noise_injection.tau == 300
+    assert pipe.prepare(Request(class_labels=[3], steps=50)).policy.noise_injection.tau == 300
 
 
 # --- FasterDiffusion against an independent reference ------------------------------------------------

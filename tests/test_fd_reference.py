@@ -76,7 +76,7 @@ class TinySDXL:
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-        from fd.builder.models import make_tiny_tokenizer
+        from fd.builder.loading import make_tiny_tokenizer
         self.tokenizer, self.tokenizer_2 = make_tiny_tokenizer(), make_tiny_tokenizer()
         torch.manual_seed(0)
         text_config = dict(vocab_size=len(self.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -14,7 +14,8 @@ from fd_reference import reference_fd_sample
 from fd.runtime.errors import FdError
 from fd.runtime.pipeline import FasterDiffusionPipeline
 from fd.runtime.policy import (PAPER_GUIDANCE_INTERVAL, FasterDiffusionPolicy, model_sigmas,
-                            parse_guidance_interval, policy_from_options)
+                            parse_guidance_interval)
+from fd.runtime.request import Policy, Request
 from fd.runtime.schedulers import make_scheduler
 from tests.conftest import run_fd
 from tests.compare import relative_error
@@ -31,6 +32,11 @@ NO_STEP = (1e6, 1e6)  # (x, x] is empty
 
 
 @pytest.fixture(scope="module")
+def default_policy(pipe, steps: int):
+    """The paper's plan for `steps` on this folder, as a request with no policy options gets it."""
+    return pipe.prepare(Request(prompts=[PROMPT], steps=steps)).policy
+
+
 def pipe(tiny_engine):
     return FasterDiffusionPipeline(tiny_engine, threads=1)
 
@@ -62,11 +68,11 @@ def test_parse_and_validate():
 
 
 def test_policy_field_from_options_and_describe():
-    assert policy_from_options(20, 15).guidance_interval is None
-    fd = policy_from_options(20, 15, guidance_interval="paper")
+    assert Policy().resolve(20, 15, 500).guidance_interval is None
+    fd = Policy(guidance_interval=parse_guidance_interval("paper")).resolve(20, 15, 500)
     assert fd.guidance_interval == PAPER and fd.key_steps == (0, 1, 2, 3, 5, 10, 15)
     assert fd.describe()["guidance_interval"] == [0.28, 5.42]
-    base = policy_from_options(20, 15, baseline=True, guidance_interval="0.5,2")
+    base = Policy(baseline=True, guidance_interval=parse_guidance_interval("0.5,2")).resolve(20, 15, 500)
     assert base == FasterDiffusionPolicy.baseline(20, (0.5, 2.0)) and base.noise_injection is None
     assert FasterDiffusionPolicy((0,), 15, guidance_interval=[1, 2]).guidance_interval == (1.0, 2.0)
     assert FasterDiffusionPolicy((0,), 15).guided_steps([20.0, 3.0, 0.1]) == (True, True, True)
@@ -106,7 +112,7 @@ def spy_on_graphs(pipe, monkeypatch):
 def test_rows_given_to_the_encoder_and_decoder_are_the_ones_the_interval_asks_for(pipe, monkeypatch):
     seen = spy_on_graphs(pipe, monkeypatch)
     result = pipe([PROMPT], steps=50, seed=3, negative_prompt="a horse",
-                  policy=with_interval(pipe.default_policy(50), PAPER))
+                  policy=with_interval(default_policy(pipe, 50), PAPER))
     timesteps = np.asarray(result.timesteps, np.float32)
     text = seen["text_encoder"][0]  # computed once: [negative, prompt]
     embeddings = pipe.runner.download(pipe.runner.run("text_encoder", {"input_ids": text["input_ids"]})["text_embeddings"])
@@ -153,7 +159,7 @@ def test_without_an_interval_rows_are_as_before(pipe):
 def test_a_backend_that_holds_the_batch_minimum_gets_padded_decoder_calls(pipe, monkeypatch):
     """TensorRT's profiles and torch.export's Dim start the decoder at 2 rows: a one-step conditional call
     repeats its step, and the extra prediction is dropped (same latents)."""
-    policy = with_interval(pipe.default_policy(20), PAPER)
+    policy = with_interval(default_policy(pipe, 20), PAPER)
     free = pipe([PROMPT], steps=20, scheduler="dpmpp-2m", seed=4, policy=policy)
     monkeypatch.setattr(pipe.runner, "holds_batch_minimum", True)
     seen = spy_on_graphs(pipe, monkeypatch)
@@ -169,7 +175,7 @@ def test_a_backend_that_holds_the_batch_minimum_gets_padded_decoder_calls(pipe, 
 
 @pytest.mark.parametrize("fd", [True, False])
 def test_an_interval_covering_every_step_equals_todays_output_exactly(pipe, fd):
-    policy = pipe.default_policy(20) if fd else FasterDiffusionPolicy.baseline(20)
+    policy = default_policy(pipe, 20) if fd else FasterDiffusionPolicy.baseline(20)
     today = pipe([PROMPT], steps=20, seed=7, policy=policy)
     every = pipe([PROMPT], steps=20, seed=7, policy=with_interval(policy, EVERY_STEP))
     assert np.array_equal(every.latents, today.latents)
@@ -178,7 +184,7 @@ def test_an_interval_covering_every_step_equals_todays_output_exactly(pipe, fd):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
 def test_an_empty_interval_equals_guidance_free_conditional_sampling(pipe, scheduler):
-    policy = pipe.default_policy(20)
+    policy = default_policy(pipe, 20)
     empty = pipe([PROMPT], steps=20, seed=8, scheduler=scheduler, negative_prompt="a horse",
                  policy=with_interval(policy, NO_STEP))
     plain = pipe([PROMPT], steps=20, seed=8, scheduler=scheduler, guidance_scale=1.0, policy=policy)
@@ -207,7 +213,7 @@ def reference(components, negative, latents, scheduler, steps, fd, interval):
 @pytest.mark.parametrize("scheduler,steps", [("ddim", 50), ("dpmpp-2m", 20)])
 def test_the_papers_interval_equals_the_reference(pipe, tiny_components, scheduler, steps, fd):
     latents = unit_noise(seed=1)
-    policy = pipe.default_policy(steps) if fd else FasterDiffusionPolicy.baseline(steps)
+    policy = default_policy(pipe, steps) if fd else FasterDiffusionPolicy.baseline(steps)
     ours = pipe([PROMPT], negative_prompt="a horse", steps=steps, scheduler=scheduler, latents=latents,
                 policy=with_interval(policy, PAPER))
     want = reference(tiny_components, "a horse", latents, scheduler, steps, fd, PAPER)

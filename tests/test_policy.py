@@ -2,7 +2,8 @@
 import pytest
 
 from fd.runtime.errors import FdError
-from fd.runtime.policy import FasterDiffusionPolicy, NoiseInjection, default_key_steps, policy_from_options
+from fd.runtime.policy import FasterDiffusionPolicy, NoiseInjection, default_key_steps, parse_key_steps
+from fd.runtime.request import Policy
 
 
 def test_default_key_steps_are_the_papers_at_50_and_20():
@@ -46,11 +47,25 @@ def test_noise_injection_threshold():
     assert injection.applies(499) and not injection.applies(500)
 
 
+def resolve(policy: Policy, steps: int = 20, max_window: int = 15):
+    return policy.resolve(steps, max_window, 500)
+
+
 def test_policy_from_options():
-    assert policy_from_options(20, 15).key_steps == (0, 1, 2, 3, 5, 10, 15)
-    assert policy_from_options(20, 15, uniform=4).key_steps == (0, 4, 8, 12, 16)
-    assert policy_from_options(20, 15, key_steps="0, 7").key_steps == (0, 7)
-    assert policy_from_options(20, 15, noise_injection=False).noise_injection is None
-    assert policy_from_options(20, 15, baseline=True) == FasterDiffusionPolicy.baseline(20)
+    assert resolve(Policy()).key_steps == (0, 1, 2, 3, 5, 10, 15)
+    assert resolve(Policy(uniform=4)).key_steps == (0, 4, 8, 12, 16)
+    assert resolve(Policy(key_steps=parse_key_steps("0, 7"))).key_steps == (0, 7)
+    assert resolve(Policy(noise_injection=False)).noise_injection is None
+    assert resolve(Policy(baseline=True)) == FasterDiffusionPolicy.baseline(20)
     with pytest.raises(FdError, match="comma-separated"):
-        policy_from_options(20, 15, key_steps="a,b")
+        parse_key_steps("a,b")
+
+
+def test_a_policy_chooses_its_key_steps_one_way():
+    for conflicting in ({"uniform": 2, "key_steps": (0, 2)}, {"baseline": True, "uniform": 2}):
+        with pytest.raises(FdError, match="both choose the key steps"):
+            Policy(**conflicting)
+    with pytest.raises(FdError, match="--uniform 0 is not allowed"):
+        Policy(uniform=0)
+    with pytest.raises(FdError, match="are not step indices"):
+        Policy(key_steps=(0, 1.5))

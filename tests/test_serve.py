@@ -42,17 +42,21 @@ def pipe(engine_b4):
     return FasterDiffusionPipeline(engine_b4)
 
 
+def to_request(body: dict):
+    """A JSON body as fd-serve's ingress turns it into fd's Request."""
+    return ImageRequest.model_validate(body).to_request()
+
+
 def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
 def alone(pipe, options: dict) -> np.ndarray:
     """The image the same request gets from the pipeline on its own (what fd-run computes)."""
-    from fd.runtime.policy import policy_from_options
+    from fd.runtime.request import Policy
     steps = options.get("steps", 50)
     keys = options.get("key_steps")
-    policy = policy_from_options(steps, pipe.manifest["limits"]["max_window"], uniform=options.get("uniform"),
-                                 key_steps=None if keys is None else ",".join(map(str, keys)))
+    policy = Policy(uniform=options.get("uniform"), key_steps=None if keys is None else tuple(keys))
     result = pipe([options["prompt"]], negative_prompt=options.get("negative_prompt"), steps=steps,
                   seed=options.get("seed", 0), policy=policy, scheduler=options.get("scheduler", "ddim"))
     return np.asarray(result.images[0], dtype=np.int16)
@@ -82,10 +86,10 @@ def test_bad_bodies_are_refused_with_one_line(body, status, fragment):
 def test_a_request_takes_fd_runs_options_and_defaults():
     request = parse_image_request(b'{"prompt": "a cat", "key_steps": [0, 1, 5], "noise_injection": false, '
                                   b'"guidance_scale": 5}')
-    assert (request.steps, request.scheduler, request.seed, request.guidance_scale, request.fd) == (50, "ddim", 0, 5,
-                                                                                                     True)
-    assert request.key_steps_text() == "0,1,5" and request.noise_injection is False
-    assert parse_image_request(b'{"prompt": "a", "key_steps": "0,3"}').key_steps_text() == "0,3"
+    assert (request.steps, request.scheduler, request.seed, request.guidance_scale, request.policy.baseline) == (
+        50, "ddim", 0, 5, False)
+    assert request.policy.key_steps == (0, 1, 5) and request.policy.noise_injection is False
+    assert parse_image_request(b'{"prompt": "a", "key_steps": "0,3"}').policy.key_steps == (0, 3)
 
 
 # --- the engine side without Ray: checks, batching, failures ------------------------------------------------
@@ -108,9 +112,8 @@ def service(pipe):
 ])
 def test_bad_values_get_the_line_fd_run_prints(service, engine_b4, tmp_path, capsys, options, cli):
     from fd.runtime.cli import main as fd_run
-    request = ImageRequest.model_validate({"prompt": "a cat", **options})
-    with pytest.raises(FdError) as caught:
-        service.prepare(request)
+    with pytest.raises(FdError) as caught:  # the Request's own checks, or the folder's
+        service.prepare(to_request({"prompt": "a cat", **options}))
     args = ["--prompt", "cat " * 90] if cli is None else ["--prompt", "a cat", *cli]
     assert fd_run(["--engine-dir", str(engine_b4), *args, "--out", str(tmp_path / "x.png")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -123,7 +126,7 @@ def test_a_batch_keeps_each_rows_prompt_negative_prompt_and_seed(service, pipe):
                 {"prompt": "a red cube", "negative_prompt": "a dog", "seed": 3, "steps": STEPS},
                 {"prompt": "a house", "seed": 4, "steps": STEPS},  # no negative prompt: a generation of its own
                 {"prompt": "a house", "seed": 5, "steps": STEPS - 1}]  # other steps: another generation
-    jobs = [service.prepare(ImageRequest.model_validate(r)) for r in requests]
+    jobs = [service.prepare(to_request(r)) for r in requests]
     outcomes = service.run(jobs)
     assert [o.status for o in outcomes] == [200] * 5
     assert [o.batch_size for o in outcomes] == [3, 3, 3, 1, 1]
@@ -137,20 +140,20 @@ def test_a_batch_keeps_each_rows_prompt_negative_prompt_and_seed(service, pipe):
 def test_a_request_can_limit_guidance_to_an_interval(service, pipe):
     from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
     request = {"prompt": "a red cube", "seed": 1, "steps": STEPS, "guidance_interval": [0.28, 5.42]}
-    (outcome,) = service.run([service.prepare(ImageRequest.model_validate(request))])
+    (outcome,) = service.run([service.prepare(to_request(request))])
     assert outcome.status == 200 and outcome.policy["guidance_interval"] == [0.28, 5.42]
     policy = FasterDiffusionPolicy(default_key_steps(STEPS), pipe.manifest["limits"]["max_window"],
                                    guidance_interval=(0.28, 5.42))
     want = np.asarray(pipe(["a red cube"], steps=STEPS, seed=1, policy=policy).images[0], dtype=np.int16)
     assert np.abs(pixels(outcome.png) - want).max() <= PIXEL_TOLERANCE
     with pytest.raises(FdError, match="guidance interval"):
-        service.prepare(ImageRequest.model_validate({"prompt": "a cat", "guidance_interval": [5.0, 1.0]}))
+        service.prepare(to_request({"prompt": "a cat", "guidance_interval": [5.0, 1.0]}))
 
 
 def test_stochastic_samplers_run_alone_and_keep_their_seeds_step_noise(service, pipe):
     """euler-a draws per-step noise from the generation's seed, so its requests are not batched together."""
     requests = [{"prompt": "a red cube", "seed": seed, "steps": STEPS, "scheduler": "euler-a"} for seed in (1, 2)]
-    outcomes = service.run([service.prepare(ImageRequest.model_validate(r)) for r in requests])
+    outcomes = service.run([service.prepare(to_request(r)) for r in requests])
     assert [o.batch_size for o in outcomes] == [1, 1]
     for request, outcome in zip(requests, outcomes):
         assert np.abs(pixels(outcome.png) - alone(pipe, request)).max() <= PIXEL_TOLERANCE
@@ -187,8 +190,8 @@ def test_an_internal_failure_is_a_500_line_logged_and_the_service_goes_on(servic
             return self.real(*args, **kwargs)
 
     flaky = ImageService(str(service.pipe.engine_dir), pipeline=FailsOnce(service.pipe))
-    jobs = [flaky.prepare(ImageRequest.model_validate({"prompt": "a cat", "seed": s, "steps": 2})) for s in (1, 2)]
-    other = flaky.prepare(ImageRequest.model_validate({"prompt": "a cat", "seed": 3, "steps": 3}))
+    jobs = [flaky.prepare(to_request({"prompt": "a cat", "seed": s, "steps": 2})) for s in (1, 2)]
+    other = flaky.prepare(to_request({"prompt": "a cat", "seed": 3, "steps": 3}))
     with caplog.at_level(logging.ERROR, logger="ray.serve"):
         first = flaky.run([*jobs, other])
     assert [o.status for o in first] == [500, 500, 200]  # only the failing generation's rows fail
@@ -239,7 +242,7 @@ def test_image_inputs_batch_only_when_equal_and_match_lone_runs(image_service):
                 ({"prompt": "a red cube", "seed": 4, **img2img}, edges),
                 ({"prompt": "a blue sphere", "seed": 4, **img2img}, edges),
                 ({"prompt": "a red cube", "seed": 5, **img2img}, edges)]
-    jobs = [image_service.prepare(ImageRequest.model_validate({**r, "control_images": [b64png(control)],
+    jobs = [image_service.prepare(to_request({**r, "control_images": [b64png(control)],
                                                                 "controlnet_scale": 0.8}))
             for r, control in requests]
     outcomes = image_service.run(jobs)
@@ -254,7 +257,7 @@ def test_image_inputs_batch_only_when_equal_and_match_lone_runs(image_service):
 
     def refused(options: dict) -> str:
         with pytest.raises(FdError) as caught:
-            image_service.prepare(ImageRequest.model_validate({"prompt": "a cat", **options}))
+            image_service.prepare(to_request({"prompt": "a cat", **options}))
         return str(caught.value)
 
     assert refused({"control_images": ["not an image!"]}).startswith('"control_images[0]" is not base64')

@@ -45,7 +45,7 @@ def services(folders) -> dict:
 
 def served(service, requests: list[dict]) -> list:
     """The outcomes of requests sent together (grouped into batched generations as the server groups them)."""
-    outcomes = service.run([service.prepare(ImageRequest.model_validate(r)) for r in requests])
+    outcomes = service.run([service.prepare(ImageRequest.model_validate(r).to_request()) for r in requests])
     assert [o.status for o in outcomes] == [200] * len(requests), [o.error for o in outcomes]
     return outcomes
 
@@ -135,9 +135,8 @@ def test_warm_up_runs_the_largest_guided_batch_with_the_familys_input(services, 
 def test_a_wrong_input_for_the_family_gets_the_line_fd_run_prints(services, folders, tmp_path, capsys, model,
                                                                   request_options, cli):
     from fd.runtime.cli import main as fd_run
-    request = ImageRequest.model_validate({"steps": 2, **request_options})
     with pytest.raises(FdError) as caught:
-        services[model].prepare(request)
+        services[model].prepare(ImageRequest.model_validate({"steps": 2, **request_options}).to_request())
     assert fd_run(["--engine-dir", str(folders[model]), "--steps", "2", *cli, "--out", str(tmp_path / "x.png")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {caught.value}"] and "\n" not in str(caught.value)

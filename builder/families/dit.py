@@ -22,7 +22,7 @@ from torch import nn
 
 from fd.builder.families.base import Components, _cast
 from fd.builder.families.transformer import TransformerFamily
-from fd.builder.models import TINY_SEED, load_weights
+from fd.builder.loading import TINY_SEED, load_weights
 from fd.builder.specs import tensor
 from fd.runtime.errors import FdError
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from fd.builder.families.base import CastOutputs, Components, _cast
 from fd.builder.families.transformer import TransformerFamily
-from fd.builder.models import TINY_SEED, load_weights
+from fd.builder.loading import TINY_SEED, load_weights
 from fd.builder.specs import Axis, tensor
 from fd.runtime.errors import FdError
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fd.builder.families.base import BuildFamily, CastOutputs, Components
-from fd.builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
+from fd.builder.loading import TINY_SEED, load_weights, make_tiny_tokenizer
 from fd.builder.specs import Axis, tensor
 
 # SD1.5's own scheduler config (PNDM with the scaled-linear betas); the runtime builds DDIM / DPM++ from it.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fd.builder.families.base import BuildFamily, CastOutputs, Components
-from fd.builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
+from fd.builder.loading import TINY_SEED, load_weights, make_tiny_tokenizer
 from fd.builder.specs import Axis, tensor
 from fd.runtime.errors import FdError
 
