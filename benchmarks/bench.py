@@ -20,6 +20,7 @@ from fd.benchmarks.fidelity import compare
 from fd.runtime.control import controlnet_records, is_controlnet_graph
 from fd.runtime.errors import FdError
 from fd.runtime.families import family_of
+from fd.runtime.images import load_image
 from fd.runtime.pipeline import FasterDiffusionPipeline, Plan
 from fd.runtime.policy import FasterDiffusionPolicy
 from fd.runtime.request import Policy, Request
@@ -111,6 +112,10 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, progress=None) -> 
     a settings error stays one line on stderr."""
     plan = check_settings(pipe, s)
     s = resolved(s, plan)
+    # each image read once, not in every timed run (and diffusers' arm takes images, not paths)
+    s = dataclasses.replace(s, request=s.request.replace(
+        control_images=[load_image(image, "--control-image") for image in s.request.control_images],
+        init_image=None if s.request.init_image is None else load_image(s.request.init_image, "--init-image")))
     policy = plan.policy
     prompts = s.request.inputs
     latents = np.random.default_rng(s.request.seed).standard_normal(

@@ -153,8 +153,8 @@ def policy_from_args(args) -> Policy:
 
 
 def request_from_args(args, **fields) -> Request:
-    """fd-run's (and fd-bench's) flags as one Request, each file (latents, images) read once here, so a bad value or
-    a missing file is refused before the engines load; `fields` fill what the command's flags do not give."""
+    """fd-run's (and fd-bench's) flags as one Request (the latents and images read once, as it is made), so a bad
+    value or a missing file is refused before the engines load; `fields` fill what the command's flags do not give."""
     from fd.runtime.images import load_image
     given = {"prompts": getattr(args, "prompt", None) or (), "class_labels": getattr(args, "class_label", None) or (),
              "negative_prompt": getattr(args, "negative_prompt", None), "steps": args.steps,

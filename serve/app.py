@@ -6,7 +6,7 @@
   values with the pipeline's checks and gathers requests with `@serve.batch` into batched generations.
 
 `build_app` is also a Ray Serve application builder, so Ray's own tools can run it from a config file
-(`serve run serve.app:build_app engine_dir=...`, or `import_path: serve.app:build_app` in a config).
+(`serve run fd.serve.app:build_app engine_dir=...`, or `import_path: fd.serve.app:build_app` in a config).
 
 Ray Serve pickles the FastAPI app (with the route methods, by value) when @serve.ingress runs, so everything
 the routes use is defined above FdHttp, and annotations stay real objects (no `from __future__ import

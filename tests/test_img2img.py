@@ -14,6 +14,7 @@ from PIL import Image
 
 from fd.runtime.errors import FdError
 from fd.runtime.img2img import prepare_init, sample_noise
+from fd.runtime.request import Request
 from fd.runtime.pipeline import FasterDiffusionPipeline
 from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests import fd_reference
@@ -156,9 +157,10 @@ def test_bad_strength_is_one_line(pipes, kwargs, fragment):
 
 def test_a_folder_without_the_vae_encoder_refuses_an_init_image():
     with pytest.raises(FdError, match="has no VAE encoder for --init-image: rebuild it with fd-build --img2img"):
-        prepare_init({"components": {}}, photo(0), 0.5, 10, SIZE, SIZE, "engines/x")
+        prepare_init({"components": {}}, Request(prompts=["a"], steps=10, init_image=photo(0), strength=0.5), SIZE,
+                     SIZE, "engines/x")
     with pytest.raises(FdError, match="--strength is for image to image"):
-        prepare_init({"components": {}}, None, 0.5, 10, SIZE, SIZE, "engines/x")
+        Request(prompts=["a"], steps=10, strength=0.5)
 
 
 def test_cli_image_to_image_and_its_bad_inputs(folders, tmp_path):
