@@ -82,7 +82,7 @@ class Request:
     width: int | None = None
     original_size: tuple[int, int] | None = None  # SDXL size conditioning; None: the image size
     crops_coords_top_left: tuple[int, int] | None = None  # SDXL crop conditioning; None: (0, 0)
-    policy: Policy | FasterDiffusionPolicy = field(default_factory=Policy)
+    policy: Policy | FasterDiffusionPolicy = field(default_factory=Policy)  # None: Policy(), the paper's
     control_images: Sequence[Any] = ()  # one image (path or PIL image) per ControlNet of the folder, in build order
     controlnet_scales: float | Sequence[float] | None = None  # one for all ControlNets or one each; None: 1.0
     init_image: Any = None  # image to image: the start image (path or PIL image), on a folder built with --img2img
@@ -129,6 +129,8 @@ class Request:
             value = getattr(self, name)
             if value is not None:
                 set_(name, check_pair(value, flag, least))
+        if self.policy is None:
+            set_("policy", Policy())
         if not isinstance(self.policy, (Policy, FasterDiffusionPolicy)):
             raise FdError(f"policy must be an fd.Policy, not {type(self.policy).__name__}")
         scales = self.controlnet_scales
