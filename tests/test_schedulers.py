@@ -61,7 +61,9 @@ CONFIGS = {
 }
 STOCHASTIC = tuple(name for name in SCHEDULERS if REGISTRY[name].stochastic)
 SHAPE = (2, 4, 8, 8)
-TOL = 1e-5  # relative to max(1, |sample|); a wrong coefficient is off by orders of magnitude more
+TOL = 3e-5  # relative to max(1, |sample|); a wrong coefficient is off by orders of magnitude more (1.25e-5 seen on
+# an AVX-512 CPU with zero-SNR Euler at 14 steps, from the sigma tables' last bits)
+SIGMA_RTOL = 5e-6  # a sigma table's last bits vary with the CPU (see run_both); a wrong formula is off by far more
 
 
 def as_numpy(x) -> np.ndarray:
@@ -81,11 +83,17 @@ def run_both(name, config, steps, seed=0):
     ref.set_timesteps(steps)
     ref_ts = ref.timesteps.numpy()
     assert ours.timesteps.dtype == ref_ts.dtype  # int64, or float32 where diffusers' are fractional
-    np.testing.assert_array_equal(ours.timesteps, ref_ts)
+    if ref_ts.dtype.kind == "f":  # Karras-style timesteps come from the sigmas through log: the same last-bit caveat
+        np.testing.assert_allclose(ours.timesteps, ref_ts, rtol=SIGMA_RTOL, atol=0)
+    else:
+        np.testing.assert_array_equal(ours.timesteps, ref_ts)
     if getattr(ref, "sigmas", None) is not None and getattr(ours, "sigmas", None) is not None:
-        # torch's float32 sqrt is not always correctly rounded (numpy's is): allow an ulp or two.
-        np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6, atol=0)
-    assert np.float32(ours.init_noise_sigma) == np.float32(float(ref.init_noise_sigma))
+        # Last bits differ by CPU: torch's float32 sqrt is not always correctly rounded, and numpy's exp/log/power
+        # take AVX-512 code paths (SVML) on CPUs that have it: up to ~1.3e-6 relative seen on such a CPU.
+        np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=SIGMA_RTOL, atol=0)
+    # sigma_max (or sqrt(sigma_max^2 + 1)) of those sigmas: the same ulp or two (seen on this CI's CPU at 1 step)
+    np.testing.assert_allclose(np.float32(ours.init_noise_sigma), np.float32(float(ref.init_noise_sigma)),
+                               rtol=SIGMA_RTOL, atol=0)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(SHAPE, dtype=np.float32) * np.float32(ours.init_noise_sigma)
     x_ref = torch.from_numpy(x.copy())
@@ -217,7 +225,7 @@ def test_timesteps_for_many_step_counts(name, spacing):
         ours.set_timesteps(steps)
         np.testing.assert_array_equal(ours.timesteps, expected, err_msg=f"{steps} steps")
         if getattr(ours, "sigmas", None) is not None:
-            np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6, atol=0, err_msg=f"{steps}")
+            np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=SIGMA_RTOL, atol=0, err_msg=f"{steps}")
 
 
 def test_euler_timesteps_stay_fractional_float32():
