@@ -1,6 +1,7 @@
 """fd-build: options, then a chain of steps, each in its own module:
 
-  model (models.py) → family modules and specs (families/) → checked graphs (graphs.py)
+  model (models.py) → adaptations: LoRA, textual inversion (adapt.py) → family modules and specs (families/)
+  → checked graphs (graphs.py)
   → engines (tensorrt_build.py, torch_build.py) → engine folder with its manifest (staging.py, here)
 
 Everything is written into a hidden folder next to the target and swapped into place only when complete
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fd.builder.adapt import Adaptations, adapt
 from fd.builder.flops import unet_flops
 from fd.builder.graphs import export_and_check
 from fd.builder.staging import staged_folder
@@ -43,6 +45,7 @@ class BuildOptions:
     controlnets: tuple[str, ...] = ()  # --controlnet: tiny-controlnet, local folders or hub ids, applied in order
     img2img: bool = False  # --img2img: also build the VAE encoder (fd-run --init-image)
     split_block: int | None = None  # --split-block: transformer families' first decoder block (None: the family's)
+    adaptations: Adaptations = Adaptations()  # --lora, --textual-inversion (builder/adapt.py)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -68,6 +71,7 @@ def validate_options(opts: BuildOptions) -> None:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
     from fd.builder.controlnet import check_controlnet_options
     check_controlnet_options(list(opts.controlnets))
+    opts.adaptations.check()
     if dynamic_range(opts) and not info.dynamic_shapes:
         able = " or ".join(b.name for b in BACKENDS.values() if b.dynamic_shapes)
         raise FdError(f"--dynamic-shape is for {able} folders ({opts.backend} folders are built for one size): "
@@ -115,6 +119,7 @@ def build(opts: BuildOptions, log=print) -> Path:
             raise FdError(f"{flag} is for UNet families (sd, sdxl); the {family.name} family has no diffusers "
                           f"{flag[2:]} pipeline fd is checked against: drop {flag}")
         log(f"loaded {opts.model} ({family.name} family) in {time.perf_counter() - started:.1f} s")
+        adapted = adapt(comps, opts.adaptations, log)
         geometry = model_geometry(comps, opts)
         limits = Limits(opts.max_batch_size, opts.max_window)
         modules = family.graph_modules(comps, export_precision)
@@ -127,6 +132,7 @@ def build(opts: BuildOptions, log=print) -> Path:
         tokenizers = save_tokenizers(comps, stage)
         manifest = make_manifest(opts, comps, geometry, specs, limits, precision, engines, tokenizers)
         manifest["flops_per_sample"] = flops
+        adapted.annotate(manifest)
         if controlnets:
             manifest["controlnets"] = controlnets
         write_json_atomic(stage / MANIFEST_NAME, manifest)

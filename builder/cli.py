@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   fd-build --model sd15 --precision fp16 --backend tensorrt
   fd-build --model ./my-sd-folder --height 768 --width 512 --out engines/mine --force
   fd-build --model tiny --controlnet tiny-controlnet --img2img --out engines/tiny-control
+  fd-build --model ./my-sd-folder --lora style.safetensors:0.8 --textual-inversion cat.safetensors:<my-cat>
 """
 
 
@@ -42,6 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split-block", type=int, metavar="S",
                    help="transformer families (DiT, PixArt): blocks 0..S-1 are the encoder, S.. the decoder "
                         "(default: the paper's 18 of 28, scaled to the model's depth)")
+    personal = p.add_argument_group("personalization (docs/personalize.md)")
+    personal.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                          help="fuse this LoRA (diffusers/peft or kohya .safetensors) into the weights at SCALE "
+                               "(default 1); repeat for several, added in order")
+    personal.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
+                          help="add this textual-inversion embedding (diffusers or A1111 file) as TOKEN (default: the "
+                               "token the file names); prompts use it as diffusers' do")
+    personal.add_argument("--allow-pickle", action="store_true",
+                          help="also read .pt/.bin/.ckpt files (Python pickles: only from sources you trust)")
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default: TensorRT's, 3)")
@@ -53,6 +63,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
+        from fd.builder.adapt import Adaptations
         from fd.builder.build import BuildOptions, build
         opts = BuildOptions(
             model=args.model, backend=args.backend, precision=args.precision, height=args.height,
@@ -60,7 +71,8 @@ def main(argv=None) -> int:
             force=args.force, backend_options={"dynamic_shape": args.dynamic_shape,
                                                "optimization_level": args.builder_optimization_level,
                                                "timing_cache": args.timing_cache},
-            controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block)
+            controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block,
+            adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), args.allow_pickle))
         out = build(opts)
         print(f"engine folder: {out}")
 

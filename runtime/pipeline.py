@@ -67,7 +67,8 @@ class FasterDiffusionPipeline:
         self.manifest = load_manifest(engine_dir)
         self.family = family_of(self.manifest)
         self.runner = load_runner(engine_dir, self.manifest, **backend_options)
-        self.tokenizers = [PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"])
+        self.tokenizers = [PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"],
+                                           tok.get("expansions"))
                            for tok in self.manifest["tokenizers"]]
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
