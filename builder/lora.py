@@ -77,6 +77,10 @@ def _fold_kohya_alphas(raw: dict, path: Path) -> dict:
     """kohya's per-module `<name>.alpha` → lora_up scaled by alpha / rank (rank: lora_down's first dimension),
     so what diffusers converts needs no alphas and every module keeps its own scale."""
     raw = dict(raw)
+    unknown = [k for k in raw if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    if unknown:
+        raise FdError(f"--lora {path.name}: unknown key {unknown[0]} (kohya LoRA keys end in .lora_down.weight, "
+                      ".lora_up.weight or .alpha)")
     for key in [k for k in raw if k.endswith(".alpha")]:
         name = key[:-len(".alpha")]
         down, up = raw.get(f"{name}.lora_down.weight"), raw.get(f"{name}.lora_up.weight")

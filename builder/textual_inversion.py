@@ -79,7 +79,7 @@ def _add(tokenizer, text_encoder, token: str, vectors: torch.Tensor, path: Path)
     if any(len(tokenizer.tokenize(t)) != 1 for t in tokens):
         raise FdError(f"--textual-inversion {path.name}: the tokenizer does not keep {token} as one token (is it "
                       "lower case? CLIP lower-cases prompts): choose a lower-case token")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are set below
     with torch.no_grad():
         table = text_encoder.get_input_embeddings().weight
         table[ids] = vectors.to(table.dtype)

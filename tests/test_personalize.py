@@ -1,0 +1,300 @@
+"""Personalized models (issue 24): LoRA fused at build, textual inversion, bad inputs.
+
+Oracles:
+- LoRA: diffusers' `load_lora_weights` + `fuse_lora(lora_scale=…)` where peft is installed (it is not a
+  dependency of fd; diffusers needs it to load LoRAs), and always an independent merge written here from the
+  LoRA definition (W + scale · alpha/rank · B @ A, B's 1x1 kernel over A's for convolutions) with the A and B
+  this test drew itself, so the test holds without peft.
+- textual inversion: diffusers' `load_textual_inversion` (needs no peft), its tokenizer and embedding table,
+  and diffusers' pipeline with it (which expands multi-vector tokens in prompts).
+- the built folder: its baseline equals diffusers' pipeline with the same LoRA and embedding; FD equals the
+  independent reference (tests/fd_reference.py) on the same adapted components.
+The LoRA and embedding files are made here: random low-rank weights for the tiny model, in the diffusers/peft
+layout (text-encoder keys with and without `text_model.`) and kohya's (`lora_unet_…`, `.alpha`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fd.builder.adapt import Adaptations, adapt
+from fd.builder.build import BuildOptions, build
+from fd.builder.families.sd import make_tiny_components
+from fd.runtime.errors import FdError
+from fd.runtime.tokenizer import expand_tokens
+from tests.compare import assert_equals_diffusers, pixels, relative_error
+from tests.test_fd_reference import PAPER_INJECTION, TOLERANCE, paper_keys
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+UNET_TARGETS = ("attn1.to_q", "attn2.to_k", "attn2.to_v", "attn1.to_out.0", "ff.net.2", "proj_in",
+                "resnets.0.conv1", "time_emb_proj")
+TEXT_TARGETS = ("q_proj", "k_proj", "out_proj", "fc1")
+TOKEN = "<cat-toy>"
+PROMPT = f"a photo of {TOKEN} on the moon"
+RANK = 2
+
+
+def draw_lora(comps, seed: int, rank: int = RANK) -> list[tuple]:
+    """[(component, layer name, A, B)] for the targeted layers: random low-rank factors big enough to matter."""
+    g = torch.Generator().manual_seed(seed)
+    factors = []
+    for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+        for name, layer in getattr(comps, component).named_modules():
+            if name.endswith(targets):
+                w = layer.weight
+                a = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * 0.3
+                b = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.3
+                factors.append((component, name, a, b))
+    return factors
+
+
+def peft_file(factors, text_model_prefix: bool) -> dict:
+    """The diffusers/peft layout: `unet.<layer>.lora_A.weight`, `text_encoder.[text_model.]<layer>.lora_B.weight`."""
+    out = {}
+    for component, name, a, b in factors:
+        if component == "text_encoder" and text_model_prefix:
+            name = f"text_model.{name}"
+        out[f"{component}.{name}.lora_A.weight"], out[f"{component}.{name}.lora_B.weight"] = a, b
+    return out
+
+
+def kohya_file(factors, alpha: float) -> dict:
+    """kohya/A1111: `lora_unet_<layer with _>.lora_down.weight`, `lora_te_text_model_…`, one `.alpha` each."""
+    out = {}
+    for component, name, a, b in factors:
+        stem = ("lora_unet_" if component == "unet" else "lora_te_text_model_") + name.replace(".", "_")
+        out[f"{stem}.lora_down.weight"], out[f"{stem}.lora_up.weight"] = a, b
+        out[f"{stem}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def independent_merge(comps, factors, scale: float, alpha_over_rank: float = 1.0) -> None:
+    """W ← W + scale · alpha/rank · B @ A, written from the definition (not fd's code)."""
+    with torch.no_grad():
+        for component, name, a, b in factors:
+            layer = dict(getattr(comps, component).named_modules())[name]
+            if a.ndim == 4:  # conv: out x in x kh x kw = Σ_r B[o, r] A[r, i, kh, kw]
+                delta = (b[:, :, 0, 0] @ a.flatten(1)).reshape(layer.weight.shape)
+            else:
+                delta = b @ a
+            layer.weight += scale * alpha_over_rank * delta
+
+
+def max_weight_difference(x, y) -> float:
+    worst = 0.0
+    for component in ("unet", "text_encoder"):
+        a, b = getattr(x, component).state_dict(), getattr(y, component).state_dict()
+        assert set(a) == set(b)
+        worst = max(worst, max((a[k].float() - b[k].float()).abs().max().item() for k in a))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """LoRA and embedding files for the tiny model, and the factors they hold."""
+    folder = tmp_path_factory.mktemp("personal")
+    comps = make_tiny_components()
+    factors = draw_lora(comps, seed=1)
+    width = comps.text_encoder.config.hidden_size
+    vectors = torch.randn(3, width, generator=torch.Generator().manual_seed(2))  # a 3-vector token
+    paths = {"peft": folder / "peft.safetensors", "peft-bare": folder / "peft-bare.safetensors",
+             "kohya": folder / "kohya.safetensors", "embedding": folder / "cat-toy.safetensors",
+             "a1111": folder / "a1111.safetensors"}
+    save_file(peft_file(factors, text_model_prefix=True), paths["peft"])
+    save_file(peft_file(factors, text_model_prefix=False), paths["peft-bare"])
+    save_file(kohya_file(factors, alpha=1.0), paths["kohya"])  # alpha 1, rank 2: every update at half strength
+    save_file({TOKEN: vectors}, paths["embedding"])  # diffusers' layout: {token: vectors}
+    save_file({"emb_params": vectors[:1]}, paths["a1111"])  # A1111's safetensors: no token inside
+    return paths, factors, vectors
+
+
+# --- LoRA: the fused weights --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout,alpha_over_rank", [("peft", 1.0), ("peft-bare", 1.0), ("kohya", 0.5)])
+def test_fused_lora_equals_independent_merge_and_diffusers(files, layout, alpha_over_rank):
+    paths, factors, _ = files
+    ours = make_tiny_components()
+    records = adapt(ours, Adaptations(loras=(f"{paths[layout]}:0.7",)), log=lambda *_: None).records
+    assert records[0]["scale"] == 0.7 and records[0]["modules"] == len(factors)
+
+    want = make_tiny_components()
+    independent_merge(want, factors, 0.7, alpha_over_rank)
+    assert max_weight_difference(ours, want) <= 1e-6
+    # sharp: the merge without kohya's alpha/rank, or without the scale, is far off
+    wrong = make_tiny_components()
+    independent_merge(wrong, factors, 0.7 if layout == "kohya" else 1.0, 1.0)
+    assert max_weight_difference(ours, wrong) > 1e-2
+
+    if HAS_PEFT:  # diffusers' own loading and fusing
+        from diffusers import DDIMScheduler
+        from fd.builder.families.sd import FAMILY
+        theirs = make_tiny_components()
+        pipe = FAMILY.diffusers_pipeline(theirs, DDIMScheduler.from_config(theirs.scheduler_config))
+        pipe.load_lora_weights(str(paths[layout]))
+        pipe.fuse_lora(lora_scale=0.7)
+        pipe.unload_lora_weights()  # drops the adapter layers, keeps the fused weights
+        assert max_weight_difference(ours, theirs) <= 1e-6
+
+
+def test_two_loras_add_up(files):
+    paths, factors, _ = files
+    ours = make_tiny_components()
+    adapt(ours, Adaptations(loras=(f"{paths['peft']}:0.5", f"{paths['kohya']}:-1")), log=lambda *_: None)
+    want = make_tiny_components()
+    independent_merge(want, factors, 0.5)
+    independent_merge(want, factors, -1.0, 0.5)
+    assert max_weight_difference(ours, want) <= 1e-6
+
+
+# --- textual inversion ----------------------------------------------------------------------------------
+
+def test_textual_inversion_equals_diffusers_load_textual_inversion(files):
+    paths, _, vectors = files
+    from diffusers import DDIMScheduler
+    from fd.builder.families.sd import FAMILY
+    ours = make_tiny_components()
+    adapted = adapt(ours, Adaptations(textual_inversions=(str(paths["embedding"]),
+                                                          f"{paths['a1111']}:<single>")), log=lambda *_: None)
+    assert [r["token"] for r in adapted.records] == [TOKEN, "<single>"]
+    assert adapted.expansions == [{TOKEN: f"{TOKEN} {TOKEN}_1 {TOKEN}_2"}]
+
+    theirs = make_tiny_components()
+    pipe = FAMILY.diffusers_pipeline(theirs, DDIMScheduler.from_config(theirs.scheduler_config))
+    pipe.load_textual_inversion(str(paths["embedding"]))
+    pipe.load_textual_inversion(str(paths["a1111"]), token="<single>")
+    assert ours.tokenizer.get_vocab() == theirs.tokenizer.get_vocab()
+    table, want = ours.text_encoder.get_input_embeddings().weight, theirs.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table, want)
+    ids = ours.tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1", f"{TOKEN}_2"])
+    assert torch.equal(table[ids], vectors)
+    # the runtime's expansion is diffusers' maybe_convert_prompt
+    assert expand_tokens(PROMPT, adapted.expansions[0]) == pipe.maybe_convert_prompt(PROMPT, pipe.tokenizer)
+
+
+# --- a built folder: LoRA + embedding, against diffusers and the FD reference ---------------------------------
+
+@pytest.fixture(scope="module")
+def personal_engine(files, tmp_path_factory):
+    paths, _, _ = files
+    out = tmp_path_factory.mktemp("engines") / "tiny-personal"
+    build(BuildOptions(model="tiny", out=str(out),
+                       adaptations=Adaptations(loras=(f"{paths['kohya']}:0.8",),
+                                               textual_inversions=(str(paths["embedding"]),))),
+          log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapted_components(files):
+    """The tiny model with the same LoRA and embedding applied by the oracles (diffusers where it can)."""
+    paths, factors, _ = files
+    from diffusers import DDIMScheduler
+    from fd.builder.families.sd import FAMILY
+    comps = make_tiny_components()
+    pipe = FAMILY.diffusers_pipeline(comps, DDIMScheduler.from_config(comps.scheduler_config))
+    if HAS_PEFT:
+        pipe.load_lora_weights(str(paths["kohya"]))
+        pipe.fuse_lora(lora_scale=0.8)
+        pipe.unload_lora_weights()
+    else:
+        independent_merge(comps, factors, 0.8, 0.5)
+    pipe.load_textual_inversion(str(paths["embedding"]))
+    return comps
+
+
+def test_manifest_records_each_adaptation(personal_engine, files):
+    paths, factors, _ = files
+    import hashlib
+    manifest = json.loads((personal_engine / "manifest.json").read_text())
+    lora, embedding = manifest["adaptations"]
+    assert lora == {"kind": "lora", "file": str(paths["kohya"]), "scale": 0.8, "modules": len(factors),
+                    "sha256": hashlib.sha256(paths["kohya"].read_bytes()).hexdigest()}
+    assert embedding["token"] == TOKEN and embedding["vectors"] == 3
+    assert manifest["tokenizers"][0]["expansions"] == {TOKEN: f"{TOKEN} {TOKEN}_1 {TOKEN}_2"}
+
+
+def test_personal_folder_baseline_equals_diffusers_and_fd_equals_reference(personal_engine, adapted_components):
+    import diffusers
+    from fd.runtime.pipeline import FasterDiffusionPipeline
+    from fd.runtime.policy import FasterDiffusionPolicy, NoiseInjection
+    from fd_reference import reference_fd_sample
+    comps, steps = adapted_components, 10
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    pipe = FasterDiffusionPipeline(personal_engine)
+    ours = pipe([PROMPT], steps=steps, latents=latents, policy=FasterDiffusionPolicy.baseline(steps))
+    oracle = diffusers.StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
+        scheduler=diffusers.DDIMScheduler.from_config(comps.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    oracle.set_progress_bar_config(disable=True)
+    want = {kind: oracle(PROMPT, num_inference_steps=steps, guidance_scale=7.5, latents=torch.from_numpy(latents),
+                         output_type=kind).images for kind in ("latent", "np")}
+    assert_equals_diffusers(ours, want["latent"].numpy(), (want["np"] * 255).round().astype(np.int16))
+    # the token matters: the same prompt without the embedding's expansion is another image
+    plain = pipe([PROMPT.replace(TOKEN, "cat")], steps=steps, latents=latents,
+                 policy=FasterDiffusionPolicy.baseline(steps))
+    assert relative_error(plain.latents, want["latent"].numpy()) > 1e-2
+
+    keys = paper_keys(steps)
+    fd = pipe([PROMPT], steps=steps, latents=latents,
+              policy=FasterDiffusionPolicy(keys, 15, NoiseInjection(*PAPER_INJECTION)))
+    reference = reference_fd_sample(comps, [PROMPT], "", latents, "ddim", steps, 7.5, keys, PAPER_INJECTION)
+    assert relative_error(fd.latents, reference) <= TOLERANCE
+    assert pixels(fd.images).std() > 20
+
+
+def test_expansion_leaves_other_prompts_alone():
+    assert expand_tokens("a dog", {TOKEN: f"{TOKEN} {TOKEN}_1"}) == "a dog"
+    assert expand_tokens(f"{TOKEN} and {TOKEN}", {TOKEN: f"{TOKEN} {TOKEN}_1"}) == \
+        f"{TOKEN} {TOKEN}_1 and {TOKEN} {TOKEN}_1"
+
+
+# --- bad inputs: one line, nothing written ------------------------------------------------------------------
+
+def bad_file(folder, name, tensors, metadata=None):
+    path = folder / name
+    save_file(tensors, path, metadata=metadata)
+    return str(path)
+
+
+def bad_inputs(folder, files):
+    paths, factors, _ = files
+    peft = peft_file(factors, True)
+    first = next(iter(peft))
+    sdxl = dict(peft, **{"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
+                         "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2)})
+    wide = {k: (torch.zeros(v.shape[0], v.shape[1] * 2, *v.shape[2:]) if ".lora_A." in k else v) for k, v in peft.items()}
+    return [
+        (["--lora", str(folder / "missing.safetensors")], "no such file"),
+        (["--lora", bad_file(folder, "x.ckpt", {"a": torch.zeros(1)})], "pickle"),
+        (["--lora", bad_file(folder, "sdxl.safetensors", sdxl)], "text_encoder_2"),
+        (["--lora", bad_file(folder, "wide.safetensors", wide)], "another model"),
+        (["--lora", bad_file(folder, "unknown.safetensors", {**peft, "unet.foo.lora_A.weight": peft[first].clone()})],
+         "does not have"),
+        (["--lora", bad_file(folder, "odd.safetensors", {"lora_unet_x.weird": torch.zeros(1)})], "unknown key"),
+        (["--textual-inversion", f"{paths['a1111']}:a"], "already in the vocabulary"),
+        (["--textual-inversion", bad_file(folder, "narrow.safetensors", {"<n>": torch.zeros(2, 7)})], "7 wide"),
+        (["--textual-inversion", str(paths["embedding"]), "--textual-inversion", str(paths["embedding"])],
+         "already in the vocabulary"),
+        (["--model", "tiny-dit", "--lora", str(paths["peft"])], "drop --lora"),
+    ]
+
+
+def test_bad_inputs_get_one_line_and_leave_nothing(files, tmp_path, capsys):
+    from fd.builder.cli import main
+    for number, (args, words) in enumerate(bad_inputs(tmp_path, files)):
+        out = tmp_path / f"engine-{number}"
+        model = [] if "--model" in args else ["--model", "tiny"]
+        assert main([*model, *args, "--out", str(out)]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, (args, err)
+        assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
