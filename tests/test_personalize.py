@@ -41,11 +41,12 @@ PROMPT = f"a photo of {TOKEN} on the moon"
 RANK = 2
 
 
-def draw_lora(comps, seed: int, rank: int = RANK) -> list[tuple]:
+def draw_lora(comps, seed: int, rank: int = RANK, components=("unet", "text_encoder")) -> list[tuple]:
     """[(component, layer name, A, B)] for the targeted layers: random low-rank factors big enough to matter."""
     g = torch.Generator().manual_seed(seed)
     factors = []
-    for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+    for component in components:
+        targets = UNET_TARGETS if component == "unet" else TEXT_TARGETS
         for name, layer in getattr(comps, component).named_modules():
             if name.endswith(targets):
                 w = layer.weight
@@ -59,7 +60,7 @@ def peft_file(factors, text_model_prefix: bool) -> dict:
     """The diffusers/peft layout: `unet.<layer>.lora_A.weight`, `text_encoder.[text_model.]<layer>.lora_B.weight`."""
     out = {}
     for component, name, a, b in factors:
-        if component == "text_encoder" and text_model_prefix:
+        if component.startswith("text_encoder") and text_model_prefix and not name.startswith("text_model."):
             name = f"text_model.{name}"
         out[f"{component}.{name}.lora_A.weight"], out[f"{component}.{name}.lora_B.weight"] = a, b
     return out
@@ -87,9 +88,9 @@ def independent_merge(comps, factors, scale: float, alpha_over_rank: float = 1.0
             layer.weight += scale * alpha_over_rank * delta
 
 
-def max_weight_difference(x, y) -> float:
+def max_weight_difference(x, y, components=("unet", "text_encoder")) -> float:
     worst = 0.0
-    for component in ("unet", "text_encoder"):
+    for component in components:
         a, b = getattr(x, component).state_dict(), getattr(y, component).state_dict()
         assert set(a) == set(b)
         worst = max(worst, max((a[k].float() - b[k].float()).abs().max().item() for k in a))
@@ -151,6 +152,29 @@ def test_two_loras_add_up(files):
     independent_merge(want, factors, 0.5)
     independent_merge(want, factors, -1.0, 0.5)
     assert max_weight_difference(ours, want) <= 1e-6
+
+
+def test_sdxl_lora_with_both_text_encoders(tmp_path):
+    from fd.builder.families.sdxl import make_tiny_xl_components
+    parts = ("unet", "text_encoder", "text_encoder_2")
+    factors = draw_lora(make_tiny_xl_components(), seed=3, components=parts)
+    path = tmp_path / "xl.safetensors"
+    save_file(peft_file(factors, text_model_prefix=True), path)
+    ours = make_tiny_xl_components()
+    adapt(ours, Adaptations(loras=(f"{path}:0.6",)), log=lambda *_: None)
+    want = make_tiny_xl_components()
+    independent_merge(want, factors, 0.6)
+    assert max_weight_difference(ours, want, parts) <= 1e-6
+    assert {f[0] for f in factors} == set(parts)
+    if HAS_PEFT:
+        from diffusers import EulerDiscreteScheduler
+        from fd.builder.families.sdxl import FAMILY
+        theirs = make_tiny_xl_components()
+        pipe = FAMILY.diffusers_pipeline(theirs, EulerDiscreteScheduler.from_config(theirs.scheduler_config))
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(lora_scale=0.6)
+        pipe.unload_lora_weights()
+        assert max_weight_difference(ours, theirs, parts) <= 1e-6
 
 
 # --- textual inversion ----------------------------------------------------------------------------------
