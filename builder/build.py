@@ -45,7 +45,8 @@ class BuildOptions:
     controlnets: tuple[str, ...] = ()  # --controlnet: tiny-controlnet, local folders or hub ids, applied in order
     img2img: bool = False  # --img2img: also build the VAE encoder (fd-run --init-image)
     split_block: int | None = None  # --split-block: transformer families' first decoder block (None: the family's)
-    adaptations: Adaptations = Adaptations()  # --lora, --textual-inversion (builder/adapt.py)
+    adaptations: Adaptations = Adaptations()  # --lora, --textual-inversion, --allow-pickle (builder/adapt.py)
+    config: str | None = None  # --config: a single-file checkpoint's config folder (builder/single_file.py)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -94,7 +95,8 @@ def dynamic_range(opts: BuildOptions) -> tuple[int, int] | None:
 
 def default_out(opts: BuildOptions) -> Path:
     model = opts.model.rstrip("/")
-    name = Path(model).name if Path(model).expanduser().is_dir() else model.replace("/", "--")
+    path = Path(model).expanduser()
+    name = path.name if path.is_dir() else path.stem if path.is_file() else model.replace("/", "--")
     return Path("engines") / f"{name}-{opts.resolved_precision()}-{opts.backend}"
 
 
@@ -110,7 +112,7 @@ def build(opts: BuildOptions, log=print) -> Path:
     from fd.builder.models import load_components
     started = time.perf_counter()
     with staged_folder(out, opts.force) as stage:  # output problems surface here, before the model loads
-        comps = load_components(opts.model)
+        comps = load_components(opts.model, opts.config, opts.adaptations.allow_pickle)
         family = FAMILIES[comps.family]
         family.check_supported(comps)
         family.set_split_block(comps, opts.split_block)

@@ -20,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fd-build", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="alias (sd15, sd21, tiny), hub id in the local cache, or a local diffusers pipeline folder")
+                   help="alias (sd15, sd21, tiny), hub id in the local cache, a local diffusers pipeline folder, or a "
+                        "single-file .safetensors checkpoint (with --config)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--precision", choices=("fp32", "fp16", "tf32"),
                    help="default: fp32 for onnxruntime, fp16 for tensorrt and torch (tf32: TensorRT only)")
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     personal.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
                           help="add this textual-inversion embedding (diffusers or A1111 file) as TOKEN (default: the "
                                "token the file names); prompts use it as diffusers' do")
+    personal.add_argument("--config", metavar="FOLDER",
+                          help="with --model FILE.safetensors (a single-file checkpoint): a diffusers pipeline folder "
+                               "of the same kind whose tokenizer and configs are used (its weights are not read)")
     personal.add_argument("--allow-pickle", action="store_true",
                           help="also read .pt/.bin/.ckpt files (Python pickles: only from sources you trust)")
     trt = p.add_argument_group("TensorRT")
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
                                                "optimization_level": args.builder_optimization_level,
                                                "timing_cache": args.timing_cache},
             controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block,
-            adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), args.allow_pickle))
+            adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), args.allow_pickle),
+            config=args.config)
         out = build(opts)
         print(f"engine folder: {out}")
 

@@ -322,3 +322,127 @@ def test_bad_inputs_get_one_line_and_leave_nothing(files, tmp_path, capsys):
         assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+# --- single-file checkpoints ------------------------------------------------------------------------------
+# The tiny pipeline written in the original (CompVis/LDM) layout that single-file checkpoints use. The key
+# correspondence is the published one (diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py
+# tables); the code is this test's. Reading it back must give the tiny pipeline's weights exactly.
+
+def _unet_block_prefixes() -> list[tuple[str, str]]:
+    """(diffusers prefix, original prefix) for SD's 4-level UNet with 2 resnets per down block."""
+    pairs = []
+    for i in range(4):
+        for j in range(2):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{3 * i + j + 1}.0."))
+            if i < 3:
+                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{3 * i + j + 1}.1."))
+        for j in range(3):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{3 * i + j}.0."))
+            if i > 0:
+                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{3 * i + j}.1."))
+        if i < 3:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{3 * (i + 1)}.0.op."))
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}."))
+    pairs += [("mid_block.attentions.0.", "middle_block.1."), ("mid_block.resnets.0.", "middle_block.0."),
+              ("mid_block.resnets.1.", "middle_block.2.")]
+    return pairs
+
+
+UNET_WHOLE = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+VAE_ATTENTION = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+
+
+def _replace_prefix(key: str, pairs) -> str:
+    for ours, theirs in pairs:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def original_layout(comps) -> dict:
+    out = {}
+    for key, value in comps.unet.state_dict().items():
+        new = _replace_prefix(key, UNET_WHOLE.items())
+        if "resnets." in key:
+            head, _, tail = key.rpartition("resnets.")
+            index, _, rest = tail.partition(".")
+            layer, _, param = rest.partition(".")
+            new = f"{head}resnets.{index}.{RESNET_PARTS.get(layer, layer)}.{param}"
+        new = _replace_prefix(new, _unet_block_prefixes())
+        out[f"model.diffusion_model.{new}"] = value
+    levels = len(comps.vae.config.block_out_channels)
+    for key, value in comps.vae.state_dict().items():
+        new = key
+        for half in ("encoder", "decoder"):
+            for i in range(levels):
+                up = levels - 1 - i  # the original numbers up blocks the other way round
+                new = new.replace(f"{half}.down_blocks.{i}.resnets.", f"{half}.down.{i}.block.")
+                new = new.replace(f"{half}.down_blocks.{i}.downsamplers.0.", f"{half}.down.{i}.downsample.")
+                new = new.replace(f"{half}.up_blocks.{i}.resnets.", f"{half}.up.{up}.block.")
+                new = new.replace(f"{half}.up_blocks.{i}.upsamplers.0.", f"{half}.up.{up}.upsample.")
+            for j in range(2):
+                new = new.replace(f"{half}.mid_block.resnets.{j}.", f"{half}.mid.block_{j + 1}.")
+        new = new.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        if ".mid_block.attentions.0." in new:
+            new = new.replace(".mid_block.attentions.0.", ".mid.attn_1.")
+            for ours, theirs in VAE_ATTENTION.items():
+                new = new.replace(f"attn_1.{ours}", f"attn_1.{theirs}")
+            if new.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+                value = value[:, :, None, None]  # 1x1 convolutions in the original
+        out[f"first_stage_model.{new}"] = value
+    for key, value in comps.text_encoder.state_dict().items():  # transformers 5 names have no text_model.
+        out[f"cond_stage_model.transformer.text_model.{key}"] = value
+    return {key: value.contiguous().clone() for key, value in out.items()}
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory, tiny_folder):
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny-dreambooth.safetensors"
+    save_file(original_layout(make_tiny_components()), path)
+    return path
+
+
+def test_single_file_checkpoint_loads_the_exact_weights(single_file, tiny_folder):
+    from fd.builder.models import load_components
+    comps = load_components(str(single_file), config=str(tiny_folder))
+    want = make_tiny_components()
+    parts = ("unet", "vae", "text_encoder")
+    assert max_weight_difference(comps, want, parts) == 0.0
+    assert comps.source["kind"] == "single_file"
+    # sharp: a checkpoint with one UNet tensor changed is seen
+    state = original_layout(want)
+    state["model.diffusion_model.out.2.bias"] += 1.0
+    changed = single_file.with_name("changed.safetensors")
+    save_file(state, changed)
+    assert max_weight_difference(load_components(str(changed), config=str(tiny_folder)), want, parts) == 1.0
+
+
+def test_single_file_build_and_its_refusals(single_file, tiny_folder, tmp_path, capsys):
+    from fd.builder.cli import main
+    out = tmp_path / "engine"
+    assert main(["--model", str(single_file), "--config", str(tiny_folder), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["kind"] == "single_file" and manifest["source"]["path"] == str(single_file)
+    only_tokenizer = tmp_path / "only-tokenizer"
+    (only_tokenizer / "tokenizer").mkdir(parents=True)
+    for name in (tiny_folder / "tokenizer").iterdir():
+        (only_tokenizer / "tokenizer" / name.name).write_bytes(name.read_bytes())
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"not read")
+    cases = [
+        ([str(single_file)], "--config FOLDER"),
+        ([str(pickle), "--config", str(tiny_folder)], "pickle"),
+        ([str(single_file), "--config", str(only_tokenizer)], "diffusers cannot load it"),  # fd's SD1.5 configs
+        (["tiny", "--config", str(tiny_folder)], "drop --config"),
+    ]
+    capsys.readouterr()
+    for number, (model, words) in enumerate(cases):
+        target = tmp_path / f"bad-{number}"
+        assert main(["--model", *model, "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, (model, err)
+        assert not target.exists()
