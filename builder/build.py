@@ -47,6 +47,7 @@ class BuildOptions:
     split_block: int | None = None  # --split-block: transformer families' first decoder block (None: the family's)
     adaptations: Adaptations = Adaptations()  # --lora, --textual-inversion, --allow-pickle (builder/adapt.py)
     config: str | None = None  # --config: a single-file checkpoint's config folder (builder/single_file.py)
+    refittable: bool = False  # --refittable: LoRA-able weights swappable at run time (builder/refit.py)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -73,6 +74,9 @@ def validate_options(opts: BuildOptions) -> None:
     from fd.builder.controlnet import check_controlnet_options
     check_controlnet_options(list(opts.controlnets))
     opts.adaptations.check()
+    if opts.refittable:
+        from fd.builder.refit import check_refittable
+        check_refittable(opts.backend)
     if dynamic_range(opts) and not info.dynamic_shapes:
         able = " or ".join(b.name for b in BACKENDS.values() if b.dynamic_shapes)
         raise FdError(f"--dynamic-shape is for {able} folders ({opts.backend} folders are built for one size): "
@@ -130,11 +134,16 @@ def build(opts: BuildOptions, log=print) -> Path:
         vocab = min((encoder.config.vocab_size for encoder in comps.text_encoders), default=None)
         export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed)
         flops = unet_flops(modules, specs)
+        if opts.refittable:  # before the backend's finish, which stores optimized copies of these graphs
+            from fd.builder.refit import make_refittable
+            refit = make_refittable(stage, specs, comps, log)
         engines = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
         tokenizers = save_tokenizers(comps, stage)
         manifest = make_manifest(opts, comps, geometry, specs, limits, precision, engines, tokenizers)
         manifest["flops_per_sample"] = flops
         adapted.annotate(manifest)
+        if opts.refittable:
+            manifest["refit"] = refit
         if controlnets:
             manifest["controlnets"] = controlnets
         write_json_atomic(stage / MANIFEST_NAME, manifest)

@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     personal.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
                           help="add this textual-inversion embedding (diffusers or A1111 file) as TOKEN (default: the "
                                "token the file names); prompts use it as diffusers' do")
+    personal.add_argument("--refittable", action="store_true",
+                          help="keep the weights LoRAs change swappable at run time (fd-run --lora; ONNX Runtime "
+                               "folders)")
     personal.add_argument("--config", metavar="FOLDER",
                           help="with --model FILE.safetensors (a single-file checkpoint): a diffusers pipeline folder "
                                "of the same kind whose tokenizer and configs are used (its weights are not read)")
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
                                                "timing_cache": args.timing_cache},
             controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block,
             adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), args.allow_pickle),
-            config=args.config)
+            config=args.config, refittable=args.refittable)
         out = build(opts)
         print(f"engine folder: {out}")
 

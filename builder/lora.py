@@ -13,6 +13,7 @@ and each module's own `.alpha` / rank for kohya files (read here, before diffuse
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,51 +27,54 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 
 @dataclass
-class LoraUpdate:
-    """One layer's update at scale 1: `component` ("unet", "text_encoder", "text_encoder_2") and the parameter's
-    name within it ("down_blocks.0….to_q.weight"), its current tensor, and the delta to add (float32)."""
+class LoraDelta:
+    """One parameter's update at scale 1: `component` ("unet", "text_encoder", "text_encoder_2"), the parameter's
+    name within it ("down_blocks.0….to_q.weight") and the float32 delta to add."""
 
     component: str
     parameter: str
-    tensor: torch.Tensor
     delta: torch.Tensor
 
 
 def fuse_lora(comps, path: Path, scale: float, allow_pickle: bool = False) -> int:
     """Add `scale` × each update to the weights in place; returns how many layers changed."""
-    updates = lora_updates(comps, path, allow_pickle)
-    with torch.no_grad():
-        for update in updates:
-            update.tensor.add_((scale * update.delta).to(update.tensor.dtype))
-    return len({u.parameter.rsplit(".", 1)[0] for u in updates})
-
-
-def lora_updates(comps, path: Path, allow_pickle: bool = False) -> list[LoraUpdate]:
-    """Every weight update the LoRA file at `path` makes to `comps`, checked against the model's layers."""
     if comps.unet is None:
         raise FdError(f"--lora {path.name}: LoRA is supported for the UNet families (sd, sdxl); the {comps.family} "
                       "family has no diffusers LoRA loader fd is checked against: drop --lora")
-    raw, metadata = read_tensors(path, allow_pickle, "--lora")
+    modules = {"unet": comps.unet, "text_encoder": comps.text_encoder, "text_encoder_2": comps.text_encoder_2}
+    tensors = {name: dict(module.state_dict(keep_vars=True)) for name, module in modules.items() if module is not None}
+    tables = {name: {key: tuple(t.shape) for key, t in state.items()} for name, state in tensors.items()}
+    deltas = lora_deltas(path, comps.family, tables, dict(comps.unet.config), allow_pickle)
+    with torch.no_grad():
+        for d in deltas:
+            target = tensors[d.component][d.parameter]
+            target.add_((scale * d.delta).to(target.dtype))
+    return len({(d.component, d.parameter.rsplit(".", 1)[0]) for d in deltas})
+
+
+def lora_deltas(path: Path, family: str, tables: dict[str, dict[str, tuple]], unet_config: dict | None = None,
+                allow_pickle: bool = False, flag: str = "--lora") -> list[LoraDelta]:
+    """Every parameter update the LoRA file at `path` makes, checked against `tables`: per component, its
+    parameters' names and shapes (a loaded model's, or a refittable engine folder's record of them)."""
+    raw, metadata = read_tensors(path, allow_pickle, flag)
     if not raw:
-        raise FdError(f"--lora {path.name}: the file holds no tensors")
+        raise FdError(f"{flag} {path.name}: the file holds no tensors")
     if any("dora_scale" in key or "lora_magnitude_vector" in key for key in raw):
-        raise FdError(f"--lora {path.name}: a DoRA file (dora_scale / magnitude vectors); fd fuses plain LoRA only")
-    kohya = all(key.startswith(KOHYA_PREFIXES) for key in raw)
-    if kohya:
+        raise FdError(f"{flag} {path.name}: a DoRA file (dora_scale / magnitude vectors); fd fuses plain LoRA only")
+    if all(key.startswith(KOHYA_PREFIXES) for key in raw):
         raw = _fold_kohya_alphas(raw, path)
-    state = _diffusers_state_dict(comps, raw, path)
+    state = _diffusers_state_dict(family, unet_config, raw, path)
     alphas = _metadata_alphas(metadata, path)
-    components = {"unet": comps.unet, "text_encoder": comps.text_encoder, "text_encoder_2": comps.text_encoder_2}
-    updates = []
+    deltas = []
     for prefix in sorted({key.split(".", 1)[0] for key in state}):
-        module = components.get(prefix)
-        if module is None:
+        table = tables.get(prefix)
+        if table is None:
             hint = " (an SDXL LoRA?)" if prefix == "text_encoder_2" else ""
-            raise FdError(f"--lora {path.name}: it changes '{prefix}', which this {comps.family} model does not "
+            raise FdError(f"{flag} {path.name}: it changes '{prefix}', which this {family} model does not "
                           f"have{hint}: use a LoRA made for this model")
         part = {key[len(prefix) + 1:]: value for key, value in state.items() if key.startswith(prefix + ".")}
-        updates += _component_updates(prefix, module, _to_peft(prefix, part, path), alphas.get(prefix), path)
-    return updates
+        deltas += _component_deltas(prefix, table, _to_peft(prefix, part, path), alphas.get(prefix), path)
+    return deltas
 
 
 def _fold_kohya_alphas(raw: dict, path: Path) -> dict:
@@ -91,11 +95,12 @@ def _fold_kohya_alphas(raw: dict, path: Path) -> dict:
     return raw
 
 
-def _diffusers_state_dict(comps, raw: dict, path: Path) -> dict:
+def _diffusers_state_dict(family: str, unet_config: dict | None, raw: dict, path: Path) -> dict:
     """diffusers' own reading of the file: keys `unet.…`, `text_encoder.…`, `text_encoder_2.…`."""
+    from diffusers.configuration_utils import FrozenDict
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-    if comps.family == "sdxl":
-        loader, options = StableDiffusionXLLoraLoaderMixin, {"unet_config": comps.unet.config}
+    if family == "sdxl":  # kohya's SDXL files number the UNet's blocks as the original code does
+        loader, options = StableDiffusionXLLoraLoaderMixin, {"unet_config": FrozenDict(unet_config or {})}
     else:
         loader, options = StableDiffusionLoraLoaderMixin, {}
     try:
@@ -140,48 +145,45 @@ def _to_peft(prefix: str, part: dict, path: Path) -> dict:
             from None
 
 
-def _component_updates(prefix: str, module, part: dict, lora_alpha: float | None, path: Path) -> list[LoraUpdate]:
-    layers = dict(module.named_modules())
+def _component_deltas(prefix: str, table: dict, part: dict, lora_alpha: float | None, path: Path) -> list[LoraDelta]:
     pairs: dict[str, dict] = {}
     for key, value in part.items():
         name, sep, kind = key.rpartition(".lora_")
         if not sep or kind not in ("A.weight", "B.weight", "B.bias"):
             raise FdError(f"--lora {path.name}: unknown key {prefix}.{key}: not a LoRA down/up weight")
         pairs.setdefault(name, {})[kind] = value
-    updates = []
+    text_model = any(key.startswith("text_model.") for key in table)
+    deltas = []
     for name, parts in sorted(pairs.items()):
-        layer = layers.get(_layer_name(name, module))
-        if layer is None or not isinstance(getattr(layer, "weight", None), torch.Tensor):
+        layer = _layer_name(name, text_model)
+        shape = table.get(f"{layer}.weight")
+        if shape is None:
             raise FdError(f"--lora {path.name}: it changes {prefix}.{name}, which this model does not have: "
                           "use a LoRA made for this model (family and version)")
         if "A.weight" not in parts or "B.weight" not in parts:
             raise FdError(f"--lora {path.name}: {prefix}.{name} has only one of its down/up weights: the file is "
                           "incomplete")
         down, up = parts["A.weight"].float(), parts["B.weight"].float()
-        rank = down.shape[0]
-        factor = 1.0 if lora_alpha is None else lora_alpha / rank
+        factor = 1.0 if lora_alpha is None else lora_alpha / down.shape[0]  # alpha / rank
         delta = _delta(down, up, prefix, name, path) * factor
-        weight = layer.weight
-        if delta.shape != weight.shape:
-            if delta.numel() != weight.numel() or weight.shape[2:] != (1,) * (weight.ndim - 2):
-                raise FdError(f"--lora {path.name}: {prefix}.{name} is {tuple(weight.shape)} here but the LoRA's "
+        if tuple(delta.shape) != shape:
+            if delta.numel() != math.prod(shape) or shape[2:] != (1,) * (len(shape) - 2):
+                raise FdError(f"--lora {path.name}: {prefix}.{name} is {shape} here but the LoRA's "
                               f"update is {tuple(delta.shape)}: the LoRA is for another model")
-            delta = delta.reshape(weight.shape)  # a linear update of a 1x1 convolution (SD's proj_in / proj_out)
-        updates.append(LoraUpdate(prefix, f"{_layer_name(name, module)}.weight", weight, delta))
+            delta = delta.reshape(shape)  # a linear update of a 1x1 convolution (SD's proj_in / proj_out)
+        deltas.append(LoraDelta(prefix, f"{layer}.weight", delta))
         if "B.bias" in parts:
-            if getattr(layer, "bias", None) is None or parts["B.bias"].shape != layer.bias.shape:
+            if table.get(f"{layer}.bias") != tuple(parts["B.bias"].shape):
                 raise FdError(f"--lora {path.name}: {prefix}.{name} has a LoRA bias this layer cannot take")
-            updates.append(LoraUpdate(prefix, f"{_layer_name(name, module)}.bias", layer.bias,
-                                      parts["B.bias"].float() * factor))
-    return updates
+            deltas.append(LoraDelta(prefix, f"{layer}.bias", parts["B.bias"].float() * factor))
+    return deltas
 
 
-def _layer_name(name: str, module) -> str:
+def _layer_name(name: str, text_model: bool) -> str:
     """transformers 5's CLIPTextModel has no `text_model.` level; LoRA files made under 4.x name it: accept both."""
-    has_level = hasattr(module, "text_model")
-    if name.startswith("text_model.") and not has_level:
+    if name.startswith("text_model.") and not text_model:
         return name[len("text_model."):]
-    if has_level and not name.startswith("text_model.") and name.startswith(("encoder.", "embeddings.")):
+    if text_model and not name.startswith("text_model.") and name.startswith(("encoder.", "embeddings.")):
         return f"text_model.{name}"
     return name
 

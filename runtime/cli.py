@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(LOW, HIGH]; the other steps skip the unconditional rows. 'paper': 0.28,5.42, the SD-XL "
                         "interval of Kynkaanniemi et al. 2024 (default: guidance at every step)")
     add_image_input_arguments(p)
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply this LoRA at run time (folders built with fd-build --refittable; needs fd's build "
+                        "extra); repeat for several")
     p.add_argument("--out", default="outputs/fd.png", help="PNG path; numbered (-0, -1, …) for several prompts")
     p.add_argument("--save-latents", help="write the final denoised latents as .npy")
     p.add_argument("--timings", action="store_true", help="print time per stage, calls and rows computed per graph")
@@ -208,6 +211,9 @@ def main(argv=None) -> int:
         image_inputs, steps_run = image_input_options(args)  # image to image runs the last steps only
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
         prompts = check_prompt_kind(args, pipe.family)
+        if args.lora:
+            swapped = pipe.set_loras(args.lora)  # runtime/lora.py
+            print(f"LoRA applied in {swapped['seconds']:.2f} s ({', '.join(swapped['graphs']) or 'no graph'} reloaded)")
         policy = policy_from_options(steps_run, pipe.manifest["limits"]["max_window"], key_steps=args.key_steps,
                                      uniform=args.uniform, baseline=args.no_fd,
                                      noise_injection=not args.no_noise_injection,

@@ -240,6 +240,12 @@ class FasterDiffusionPipeline:
         policy.validate(steps)
         self.family.check_prompts(self.tokenizers, prompts, negative_prompt, self.manifest.get("family_options", {}))
 
+    def set_loras(self, loras: list) -> dict:
+        """Replace the run-time LoRAs ("FILE[:SCALE]" texts or (path, scale) pairs; [] for none) of a folder built
+        with fd-build --refittable, reloading only the graphs they change (runtime/lora.py)."""
+        from fd.runtime.lora import set_loras
+        return set_loras(self, loras)
+
     def close(self) -> None:
         self.runner.close()
 

@@ -274,6 +274,57 @@ def test_personal_folder_baseline_equals_diffusers_and_fd_equals_reference(perso
     assert pixels(fd.images).std() > 20
 
 
+@pytest.fixture(scope="module")
+def refittable_engine(files, tmp_path_factory):
+    """The personal folder's twin without its LoRA, built --refittable: the LoRA comes at run time."""
+    paths, _, _ = files
+    out = tmp_path_factory.mktemp("engines") / "tiny-refittable"
+    build(BuildOptions(model="tiny", out=str(out), refittable=True,
+                       adaptations=Adaptations(textual_inversions=(str(paths["embedding"]),))), log=lambda *_: None)
+    return out
+
+
+def test_run_time_lora_equals_the_same_lora_fused_at_build(refittable_engine, personal_engine, files, tmp_path):
+    from fd.runtime.pipeline import FasterDiffusionPipeline
+    from fd.runtime.policy import FasterDiffusionPolicy, NoiseInjection
+    paths, factors, _ = files
+    steps, latents = 10, np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    policy = FasterDiffusionPolicy(paper_keys(steps), 15, NoiseInjection(*PAPER_INJECTION))
+
+    def run(pipe):
+        return pipe([PROMPT], steps=steps, latents=latents, policy=policy).latents
+    fused = run(FasterDiffusionPipeline(personal_engine))
+    pipe = FasterDiffusionPipeline(refittable_engine)
+    base = run(pipe)
+    vae, text = pipe.runner.sessions["vae_decoder"], pipe.runner.sessions["text_encoder"]
+    assert relative_error(base, fused) > 1e-2  # the LoRA changes the image: the comparisons below can fail
+
+    swapped = pipe.set_loras([f"{paths['kohya']}:0.8"])
+    assert swapped["graphs"] == ["text_encoder", "denoiser_encoder", "denoiser_decoder"]
+    assert pipe.runner.sessions["vae_decoder"] is vae  # a graph the LoRA does not change is not reloaded
+    assert relative_error(run(pipe), fused) <= 1e-5
+
+    # a LoRA of the UNet alone: the text encoder goes back to its base weights, the UNet gets the new ones
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file(peft_file([f for f in factors if f[0] == "unet"], True), unet_only)
+    assert pipe.set_loras([(unet_only, 0.5)])["graphs"] == ["text_encoder", "denoiser_encoder", "denoiser_decoder"]
+    assert pipe.set_loras([(unet_only, 0.5)])["graphs"] == ["denoiser_encoder", "denoiser_decoder"]
+    assert pipe.runner.sessions["vae_decoder"] is vae
+    assert pipe.set_loras([])["graphs"] == ["denoiser_encoder", "denoiser_decoder"]
+    assert np.array_equal(run(pipe), base)  # no LoRA: the folder's own weights again
+    assert pipe.runner.sessions["text_encoder"] is not text  # reloaded once, with its base weights
+
+    with pytest.raises(FdError, match="without --refittable"):
+        FasterDiffusionPipeline(personal_engine).set_loras([str(paths["peft"])])
+    with pytest.raises(FdError, match="text_encoder_2"):
+        sdxl = tmp_path / "sdxl.safetensors"
+        save_file({**peft_file(factors, True),
+                   "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
+                   "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2)},
+                  sdxl)
+        pipe.set_loras([str(sdxl)])
+
+
 def test_expansion_leaves_other_prompts_alone():
     assert expand_tokens("a dog", {TOKEN: f"{TOKEN} {TOKEN}_1"}) == "a dog"
     assert expand_tokens(f"{TOKEN} and {TOKEN}", {TOKEN: f"{TOKEN} {TOKEN}_1"}) == \
@@ -421,12 +472,8 @@ def test_single_file_checkpoint_loads_the_exact_weights(single_file, tiny_folder
     assert max_weight_difference(load_components(str(changed), config=str(tiny_folder)), want, parts) == 1.0
 
 
-def test_single_file_build_and_its_refusals(single_file, tiny_folder, tmp_path, capsys):
+def test_single_file_refusals(single_file, tiny_folder, tmp_path, capsys):
     from fd.builder.cli import main
-    out = tmp_path / "engine"
-    assert main(["--model", str(single_file), "--config", str(tiny_folder), "--out", str(out)]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["source"]["kind"] == "single_file" and manifest["source"]["path"] == str(single_file)
     only_tokenizer = tmp_path / "only-tokenizer"
     (only_tokenizer / "tokenizer").mkdir(parents=True)
     for name in (tiny_folder / "tokenizer").iterdir():
