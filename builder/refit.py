@@ -1,11 +1,13 @@
-"""fd-build --refittable (ONNX Runtime folders): keep the weights a LoRA changes swappable at run time.
+"""fd-build --refittable (ONNX Runtime and TensorRT folders): keep the weights a LoRA changes swappable at run
+time.
 
 Each ONNX graph is saved with every weight in its data file `<graph>.onnx.data`, and the manifest's `refit`
 record lists, per graph, each initializer that holds a LoRA-able weight (a Linear or Conv weight of the UNet or
 a text encoder): the parameter it is, whether the exporter stored it transposed (a Linear's MatMul operand),
 and where its bytes lie in the data file. The runtime (runtime/lora.py) then reads the base weight there, adds
 the LoRA's update and hands the result to ONNX Runtime as an initializer (SessionOptions.add_external_initializers) of a
-fresh session of the graphs the LoRA touches; the other graphs keep their sessions.
+fresh session of the graphs the LoRA touches; the other graphs keep their sessions. TensorRT folders keep the
+data files beside their engines (built with the REFIT flag) and refit the touched engines in place.
 
 Initializers are matched to parameters by their bytes (the export renames what constant folding produced,
 such as a Linear's transposed weight), so a weight whose bytes two parameters share cannot be told apart: it
@@ -26,9 +28,9 @@ LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def check_refittable(backend: str) -> None:
-    if backend != "onnxruntime":
-        raise FdError(f"--refittable is implemented for ONNX Runtime folders, not {backend}: build with "
-                      "--backend onnxruntime, or fuse the LoRA at build with --lora")
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise FdError(f"--refittable is implemented for ONNX Runtime and TensorRT folders, not {backend}: build "
+                      "with --backend onnxruntime, or fuse the LoRA at build with --lora")
 
 
 def make_refittable(stage: Path, specs: dict, comps, log=print) -> dict:
@@ -50,18 +52,21 @@ def make_refittable(stage: Path, specs: dict, comps, log=print) -> dict:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
                         size_threshold=0)
         saved = onnx.load(str(path), load_external_data=False)
-        weights = []
+        weights, everything = [], {}
         for initializer in saved.graph.initializer:
-            if initializer.name not in found:
-                continue
-            component, parameter, transposed = found[initializer.name]
             where = {entry.key: entry.value for entry in initializer.external_data}
-            weights.append({"initializer": initializer.name, "component": component, "parameter": parameter,
-                            "transposed": transposed, "offset": int(where.get("offset", 0)),
-                            "length": int(where["length"]), "shape": list(initializer.dims),
-                            "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)).name})
+            location = {"offset": int(where.get("offset", 0)), "length": int(where["length"]),
+                        "shape": list(initializer.dims),
+                        "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type)).name}
+            everything[initializer.name] = location
+            if initializer.name in found:
+                component, parameter, transposed = found[initializer.name]
+                weights.append({"initializer": initializer.name, "component": component, "parameter": parameter,
+                                "transposed": transposed, **location})
         if weights:
-            graphs[name] = {"data": data, "weights": weights}
+            # "initializers": every weight's place, for TensorRT's refitter, which asks again for the weights it
+            # combined with a changed one at build (runtime/backends/trt_refit.py)
+            graphs[name] = {"data": data, "weights": weights, "initializers": everything}
     mapped = {(w["component"], w["parameter"]) for g in graphs.values() for w in g["weights"]}
     log(f"  refittable: {len(mapped)} of {sum(len(t) for t in shapes.values())} LoRA-able weights swappable at "
         f"run time, in {', '.join(graphs)}")

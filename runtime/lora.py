@@ -8,8 +8,9 @@ their sessions. Each changed weight is the base weight, read from the graph's da
 `refit` record says it lies (builder/refit.py), plus Σ scale · update, the update computed by the build's own
 LoRA reader (builder/lora.py: diffusers' key conversion, so this needs fd's build extra: torch and diffusers).
 
-Not here: TensorRT refit (TensorRT folders are not built refittable yet) and swapping while a generation
-runs (call it between generations).
+TensorRT folders built --refittable are refitted in place instead (runtime/backends/trt_refit.py, trt.Refitter:
+untested here, no TensorRT on this machine). Not here: swapping while a generation runs (call it between
+generations), and TensorRT's CUDA graphs (refused).
 """
 from __future__ import annotations
 
@@ -25,29 +26,39 @@ REFIT_HINT = "rebuild the folder with fd-build --refittable, or fuse the LoRA at
 
 def set_loras(pipeline, loras: list) -> dict:
     """Replace the pipeline's run-time LoRAs by `loras` ("FILE[:SCALE]" texts or (path, scale) pairs).
-    Returns {"graphs": the graphs whose sessions were re-created, "seconds": the time it took}."""
+    Returns {"graphs": the graphs reloaded (ONNX Runtime) or refitted (TensorRT), "seconds": the time it took}."""
     refit = pipeline.manifest.get("refit")
     if not refit:
         raise FdError(f"{pipeline.engine_dir} was built without --refittable, so its weights cannot be swapped: "
                       f"{REFIT_HINT}")
-    if pipeline.runner.name != "onnxruntime":
-        raise FdError(f"run-time LoRA is implemented for ONNX Runtime folders, not {pipeline.runner.name}: {REFIT_HINT}")
+    runner = pipeline.runner
+    if runner.name not in ("onnxruntime", "tensorrt"):
+        raise FdError(f"run-time LoRA is implemented for ONNX Runtime and TensorRT folders, not {runner.name}: "
+                      f"{REFIT_HINT}")
+    if getattr(runner, "cuda_graphs", False):
+        raise FdError("run-time LoRA with --cuda-graphs is not supported (captured graphs would keep the old "
+                      "weights): drop --cuda-graphs")
     started = time.perf_counter()
     totals = _summed_updates(pipeline.manifest, refit, loras)
-    state = pipeline.__dict__.setdefault("_lora_state", {"touched": set()})
-    reopened = []
+    changed = pipeline.__dict__.setdefault("_lora_changed", {})  # graph → initializers now off their base
+    done = []
     for graph, record in refit["graphs"].items():
-        weights = [w for w in record["weights"] if (w["component"], w["parameter"]) in totals]
-        if not weights and graph not in state["touched"]:
-            continue  # neither the old nor the new set changes this graph: its session stays
-        values = {w["initializer"]: _new_weight(pipeline.engine_dir / record["data"], w,
-                                                totals[w["component"], w["parameter"]]) for w in weights}
-        _reopen(pipeline.runner, graph, values)
-        reopened.append(graph)
-        state["touched"].discard(graph)
-        if weights:
-            state["touched"].add(graph)
-    return {"graphs": reopened, "seconds": time.perf_counter() - started}
+        data = pipeline.engine_dir / record["data"]
+        values = {w["initializer"]: _new_weight(data, w, totals[w["component"], w["parameter"]])
+                  for w in record["weights"] if (w["component"], w["parameter"]) in totals}
+        if not values and not changed.get(graph):
+            continue  # neither the old nor the new set changes this graph: its session or engine stays
+        if runner.name == "onnxruntime":
+            _reopen(runner, graph, values)  # a fresh session starts from the file's weights
+        else:
+            from fd.runtime.backends.trt_refit import refit_engine
+            reverted = {name: _base(data, record["initializers"][name])
+                        for name in changed.get(graph, set()) - set(values)}
+            refit_engine(runner.trt, runner.engines[graph], runner._logger, {**reverted, **values},
+                         lambda name: _base(data, record["initializers"][name]), graph)
+        changed[graph] = set(values)
+        done.append(graph)
+    return {"graphs": done, "seconds": time.perf_counter() - started}
 
 
 def _summed_updates(manifest: dict, refit: dict, loras: list) -> dict:
@@ -71,11 +82,17 @@ def _summed_updates(manifest: dict, refit: dict, loras: list) -> dict:
     return totals
 
 
+def _base(data: Path, place: dict) -> np.ndarray:
+    """A weight as built, from where the refit record says it lies in the graph's data file."""
+    dtype = np.dtype(place["dtype"])
+    return np.fromfile(data, dtype=dtype, count=place["length"] // dtype.itemsize,
+                       offset=place["offset"]).reshape(place["shape"])
+
+
 def _new_weight(data: Path, weight: dict, update: np.ndarray) -> np.ndarray:
     """The base weight from the graph's data file plus the update, in the initializer's layout and dtype."""
     dtype = np.dtype(weight["dtype"])
-    count = weight["length"] // dtype.itemsize
-    base = np.fromfile(data, dtype=dtype, count=count, offset=weight["offset"]).reshape(weight["shape"])
+    base = _base(data, weight)
     if weight["transposed"]:
         update = update.T
     return (base.astype(np.float32) + update.reshape(base.shape)).astype(dtype)

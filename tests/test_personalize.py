@@ -325,6 +325,34 @@ def test_run_time_lora_equals_the_same_lora_fused_at_build(refittable_engine, pe
         pipe.set_loras([str(sdxl)])
 
 
+def test_tensorrt_refit_equals_the_same_lora_fused_at_build(files, tmp_path):
+    """TensorRT's Refitter path (runtime/backends/trt_refit.py); runs only where TensorRT and a GPU are."""
+    from tests.test_tensorrt import GPU_SKIP
+    if GPU_SKIP is not None:
+        pytest.skip(GPU_SKIP)
+    from fd.runtime.pipeline import FasterDiffusionPipeline
+    from fd.runtime.policy import FasterDiffusionPolicy
+    paths, _, _ = files
+    lora = f"{paths['kohya']}:0.8"
+
+    def folder(name, **options):
+        return build(BuildOptions(model="tiny", backend="tensorrt", precision="fp32", out=str(tmp_path / name),
+                                  **options), log=lambda *_: None)
+    fused = FasterDiffusionPipeline(folder("fused", adaptations=Adaptations(loras=(lora,))))
+    refit = FasterDiffusionPipeline(folder("refit", refittable=True))
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+
+    def run(pipe):
+        return pipe(["a photo of a cat"], steps=10, latents=latents, policy=FasterDiffusionPolicy.baseline(10)).latents
+    base = run(refit)
+    assert refit.set_loras([lora])["graphs"] == ["text_encoder", "denoiser_encoder", "denoiser_decoder"]
+    want = run(fused)
+    assert relative_error(base, want) > 1e-2
+    assert relative_error(run(refit), want) <= 1e-3
+    refit.set_loras([])
+    assert relative_error(run(refit), base) <= 1e-5
+
+
 def test_expansion_leaves_other_prompts_alone():
     assert expand_tokens("a dog", {TOKEN: f"{TOKEN} {TOKEN}_1"}) == "a dog"
     assert expand_tokens(f"{TOKEN} and {TOKEN}", {TOKEN: f"{TOKEN} {TOKEN}_1"}) == \
