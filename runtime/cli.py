@@ -208,6 +208,9 @@ def main(argv=None) -> int:
         if args.guidance_interval is not None:
             parse_guidance_interval(args.guidance_interval)  # a bad interval is refused before the engines load
         latents = load_latents(args.latents) if args.latents is not None else None
+        if args.lora:
+            from fd.runtime.lora import check_lora_options
+            check_lora_options(args.lora)  # a missing file is refused before the engines load
         image_inputs, steps_run = image_input_options(args)  # image to image runs the last steps only
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
         prompts = check_prompt_kind(args, pipe.family)

@@ -43,6 +43,9 @@ def set_loras(pipeline, loras: list) -> dict:
     changed = pipeline.__dict__.setdefault("_lora_changed", {})  # graph → initializers now off their base
     done = []
     for graph, record in refit["graphs"].items():
+        if Path(record["data"]).name != record["data"]:  # the folder's own file, never a path elsewhere
+            raise FdError(f"{pipeline.engine_dir}: manifest refit.graphs.{graph}.data is not a file name: "
+                          "rebuild the folder with fd-build --refittable")
         data = pipeline.engine_dir / record["data"]
         values = {w["initializer"]: _new_weight(data, w, totals[w["component"], w["parameter"]])
                   for w in record["weights"] if (w["component"], w["parameter"]) in totals}
@@ -59,6 +62,13 @@ def set_loras(pipeline, loras: list) -> dict:
         changed[graph] = set(values)
         done.append(graph)
     return {"graphs": done, "seconds": time.perf_counter() - started}
+
+
+def check_lora_options(texts: list[str]) -> None:
+    """fd-run --lora FILE[:SCALE]: the files exist and are .safetensors, checked before any engine loads."""
+    from fd.builder.adapt import parse_lora
+    for text in texts:
+        parse_lora(text, False)
 
 
 def _summed_updates(manifest: dict, refit: dict, loras: list) -> dict:
