@@ -4,7 +4,7 @@ diffusers reads the formats (`lora_state_dict` turns kohya/A1111 `lora_unet_…`
 and its state-dict utilities turn those into peft's `<module>.lora_A/lora_B`); the fusing is fd's, since
 diffusers fuses only through peft. The update of a layer W is, as peft defines it (LoraLayer.get_delta_weight):
 
-    W ← W + scale · (alpha / rank) · B @ A        A = lora_A / lora_down (rank × in), B = lora_B / lora_up (out × rank)
+    W ← W + scale · (alpha / rank) · B @ A      A = lora_A / lora_down (rank × in), B = lora_B / lora_up (out × rank)
 
 for convolutions with B's 1×1 kernel applied over A's kernel. `alpha / rank` is 1 for diffusers/peft files
 without adapter metadata (peft's lora_alpha = r, as diffusers configures it), lora_alpha / rank with metadata,

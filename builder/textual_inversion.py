@@ -52,7 +52,8 @@ def read_embedding(path: Path, token: str | None, allow_pickle: bool, encoders: 
             token = token or f"<{path.stem}>"
         token, tables = token or key, {0: vectors}
     else:
-        raise FdError(f"--textual-inversion {path.name}: holds {len(tensors)} tensors ({', '.join(list(tensors)[:4])}); "
+        names = ", ".join(list(tensors)[:4])
+        raise FdError(f"--textual-inversion {path.name}: holds {len(tensors)} tensors ({names}); "
                       "an embedding file holds one (diffusers), string_to_param (A1111) or clip_l and clip_g (SDXL)")
     if not token:
         raise FdError(f"--textual-inversion {path.name}: the file names no token: give one, FILE:<token>")

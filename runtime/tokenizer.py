@@ -37,7 +37,8 @@ class PromptTokenizer:
         ids = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(prompts), self.max_length), dtype=np.int64)
         for row, prompt in enumerate(prompts):
-            tokens = self.tokenizer.encode(expand_tokens(prompt, self.expansions)).ids  # with the model's special tokens (CLIP: start and end)
+            # with the model's special tokens (CLIP: start and end)
+            tokens = self.tokenizer.encode(expand_tokens(prompt, self.expansions)).ids
             if len(tokens) > self.max_length:
                 # diffusers silently truncates; fd refuses rather than drop words the user wrote.
                 raise FdError(f"prompt {prompt[:40]!r}… is {len(tokens)} tokens long; the text encoder takes at most "

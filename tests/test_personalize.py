@@ -371,9 +371,10 @@ def bad_inputs(folder, files):
     paths, factors, _ = files
     peft = peft_file(factors, True)
     first = next(iter(peft))
-    sdxl = dict(peft, **{"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
-                         "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2)})
-    wide = {k: (torch.zeros(v.shape[0], v.shape[1] * 2, *v.shape[2:]) if ".lora_A." in k else v) for k, v in peft.items()}
+    second = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"
+    sdxl = dict(peft, **{f"{second}.lora_A.weight": torch.zeros(2, 32), f"{second}.lora_B.weight": torch.zeros(32, 2)})
+    wide = {k: (torch.zeros(v.shape[0], v.shape[1] * 2, *v.shape[2:]) if ".lora_A." in k else v)
+            for k, v in peft.items()}
     return [
         (["--lora", str(folder / "missing.safetensors")], "no such file"),
         (["--lora", bad_file(folder, "x.ckpt", {"a": torch.zeros(1)})], "pickle"),
