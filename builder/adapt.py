@@ -3,7 +3,8 @@ components before anything is split or exported, the same way for every family.
 
 - LoRA (`--lora FILE[:SCALE]`, builder/lora.py): low-rank deltas fused into the UNet's and text encoders' weights;
 - textual inversion (`--textual-inversion FILE[:TOKEN]`, builder/textual_inversion.py): new tokens in the
-  tokenizer and new rows in the text encoder's embedding table, and the prompt expansion the runtime repeats.
+  tokenizer and new rows in the text encoder's embedding table, and the prompt expansion the runtime repeats;
+- Custom Diffusion (`--custom-diffusion FILE`, builder/custom_diffusion.py): attention projections replaced.
 
 Every option is parsed and every file checked (exists, readable) before the model loads; what needs the model
 (key names, shapes, the vocabulary) is checked while adapting, inside the build's staging folder, so a refusal
@@ -39,6 +40,7 @@ class Adaptations:
 
     loras: tuple[str, ...] = ()  # --lora FILE[:SCALE], fused in order
     textual_inversions: tuple[str, ...] = ()  # --textual-inversion FILE[:TOKEN]
+    custom_diffusion: tuple[str, ...] = ()  # --custom-diffusion FILE (its modifier token: --textual-inversion)
     allow_pickle: bool = False  # --allow-pickle: also read .pt/.bin/.ckpt files (torch pickles)
 
     def lora_specs(self) -> list[LoraSpec]:
@@ -51,13 +53,17 @@ class Adaptations:
             raise FdError(f"--textual-inversion names a token twice ({', '.join(tokens)}): give each its own :TOKEN")
         return specs
 
+    def custom_diffusion_paths(self) -> list[Path]:
+        return [check_file(text, "--custom-diffusion", self.allow_pickle) for text in self.custom_diffusion]
+
     def check(self) -> None:
         """Every check that needs no model (run before the build loads anything)."""
         self.lora_specs()
         self.embedding_specs()
+        self.custom_diffusion_paths()
 
     def __bool__(self) -> bool:
-        return bool(self.loras or self.textual_inversions)
+        return bool(self.loras or self.textual_inversions or self.custom_diffusion)
 
 
 @dataclass
@@ -80,8 +86,14 @@ def adapt(comps, adaptations: Adaptations | None, log=print) -> Adapted:
     adapted = Adapted(expansions=[{} for _ in comps.tokenizers])
     if not adaptations:
         return adapted
+    from fd.builder.custom_diffusion import bake_custom_diffusion
     from fd.builder.lora import fuse_lora
     from fd.builder.textual_inversion import add_embedding
+    for path in adaptations.custom_diffusion_paths():  # replaced projections first: a LoRA may then add to them
+        layers = bake_custom_diffusion(comps, path, adaptations.allow_pickle)
+        adapted.records.append({"kind": "custom_diffusion", "file": str(path), "sha256": file_sha256(path),
+                                "attention_layers": layers})
+        log(f"baked Custom Diffusion {path.name} into {layers} attention layers")
     for spec in adaptations.lora_specs():
         modules = fuse_lora(comps, spec.path, spec.scale, adaptations.allow_pickle)
         adapted.records.append({"kind": "lora", "file": str(spec.path), "sha256": file_sha256(spec.path),

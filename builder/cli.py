@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     personal.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
                           help="add this textual-inversion embedding (diffusers or A1111 file) as TOKEN (default: the "
                                "token the file names); prompts use it as diffusers' do")
+    personal.add_argument("--custom-diffusion", action="append", default=[], metavar="FILE",
+                          help="bake these Custom Diffusion attention weights (diffusers' save_attn_procs file) into "
+                               "the UNet; add its modifier token with --textual-inversion")
     personal.add_argument("--refittable", action="store_true",
                           help="keep the weights LoRAs change swappable at run time (fd-run --lora; ONNX Runtime "
                                "folders)")
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
                                                "optimization_level": args.builder_optimization_level,
                                                "timing_cache": args.timing_cache},
             controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block,
-            adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), args.allow_pickle),
+            adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), tuple(args.custom_diffusion),
+                                    args.allow_pickle),
             config=args.config, refittable=args.refittable)
         out = build(opts)
         print(f"engine folder: {out}")

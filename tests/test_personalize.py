@@ -202,6 +202,40 @@ def test_textual_inversion_equals_diffusers_load_textual_inversion(files):
     assert expand_tokens(PROMPT, adapted.expansions[0]) == pipe.maybe_convert_prompt(PROMPT, pipe.tokenizer)
 
 
+# --- Custom Diffusion -------------------------------------------------------------------------------------
+
+def test_custom_diffusion_equals_diffusers_custom_diffusion_processors(tmp_path):
+    """Baked projections give the UNet forward of diffusers' CustomDiffusionAttnProcessor with the same file."""
+    comps, g = make_tiny_components(), torch.Generator().manual_seed(5)
+    layers = dict(comps.unet.named_modules())
+    weights = {}
+    for i, name in enumerate(n for n in layers if n.endswith("attn2")):
+        attention = layers[name]
+        for part, layer in (("to_k", attention.to_k), ("to_v", attention.to_v)) + (
+                (("to_q", attention.to_q), ("to_out", attention.to_out[0])) if i == 0 else ()):  # train_q_out once
+            stem = f"{name}.processor.{part}_custom_diffusion" + (".0" if part == "to_out" else "")
+            weights[f"{stem}.weight"] = torch.randn(layer.weight.shape, generator=g) * 0.2
+            if layer.bias is not None:
+                weights[f"{stem}.bias"] = torch.randn(layer.bias.shape, generator=g) * 0.2
+    path = tmp_path / "pytorch_custom_diffusion_weights.safetensors"
+    save_file(weights, path)
+    records = adapt(comps, Adaptations(custom_diffusion=(str(path),)), log=lambda *_: None).records
+    assert records[0]["kind"] == "custom_diffusion" and records[0]["attention_layers"] == 16
+
+    theirs, plain = make_tiny_components().unet, make_tiny_components().unet
+    # diffusers' own processors for the file (load_attn_procs builds them with _process_custom_diffusion, but
+    # diffusers 0.42 sets them only when given a pipeline, so they are set here)
+    processors = dict(theirs.attn_processors)
+    processors.update(theirs._process_custom_diffusion(dict(weights)))
+    theirs.set_attn_processor(processors)
+    sample, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500.0, 500.0])
+    text = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        want = theirs(sample, t, text).sample.numpy()
+        assert relative_error(comps.unet(sample, t, text).sample.numpy(), want) <= 1e-5
+        assert relative_error(plain(sample, t, text).sample.numpy(), want) > 1e-2  # the weights matter
+
+
 # --- a built folder: LoRA + embedding, against diffusers and the FD reference ---------------------------------
 
 @pytest.fixture(scope="module")
@@ -388,6 +422,8 @@ def bad_inputs(folder, files):
         (["--textual-inversion", str(paths["embedding"]), "--textual-inversion", str(paths["embedding"])],
          "already in the vocabulary"),
         (["--model", "tiny-dit", "--lora", str(paths["peft"])], "drop --lora"),
+        (["--custom-diffusion", bad_file(folder, "cd.safetensors", {"x.processor.to_k_custom_diffusion.weight":
+                                                                     torch.zeros(32, 32)})], "does not have"),
     ]
 
 
