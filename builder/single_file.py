@@ -60,7 +60,9 @@ def load_single_file(model: str, config: str | None, allow_pickle: bool):
         pipe.save_pretrained(str(folder))  # then loaded as every folder is: one loading path, the family's
         del pipe
         comps = load_folder(str(folder), what=f"single-file checkpoint {path.name}")
-    comps.source = {"model": model, "kind": "single_file", "path": str(path), "config": config}
+    from fd.builder.adapt import file_sha256
+    comps.source = {"model": model, "kind": "single_file", "path": str(path), "sha256": file_sha256(path),
+                    "config": config}
     return comps
 
 

@@ -529,6 +529,7 @@ def test_single_file_checkpoint_loads_the_exact_weights(single_file, tiny_folder
     parts = ("unet", "vae", "text_encoder")
     assert max_weight_difference(comps, want, parts) == 0.0
     assert comps.source["kind"] == "single_file"
+    assert comps.source["sha256"] == __import__("hashlib").sha256(single_file.read_bytes()).hexdigest()
     # sharp: a checkpoint with one UNet tensor changed is seen
     state = original_layout(want)
     state["model.diffusion_model.out.2.bias"] += 1.0
