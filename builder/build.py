@@ -1,6 +1,7 @@
 """fd-build: options, then a chain of steps, each in its own module:
 
-  model (models.py) → family modules and specs (families/) → checked graphs (graphs.py)
+  model (models.py) → adaptations: LoRA, textual inversion (adapt.py) → family modules and specs (families/)
+  → checked graphs (graphs.py)
   → engines (tensorrt_build.py, torch_build.py) → engine folder with its manifest (staging.py, here)
 
 Everything is written into a hidden folder next to the target and swapped into place only when complete
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fd.builder.adapt import Adaptations, adapt
 from fd.builder.flops import unet_flops
 from fd.builder.graphs import export_and_check
 from fd.builder.staging import staged_folder
@@ -43,6 +45,9 @@ class BuildOptions:
     controlnets: tuple[str, ...] = ()  # --controlnet: tiny-controlnet, local folders or hub ids, applied in order
     img2img: bool = False  # --img2img: also build the VAE encoder (fd-run --init-image)
     split_block: int | None = None  # --split-block: transformer families' first decoder block (None: the family's)
+    adaptations: Adaptations = Adaptations()  # --lora, --textual-inversion, --allow-pickle (builder/adapt.py)
+    config: str | None = None  # --config: a single-file checkpoint's config folder (builder/single_file.py)
+    refittable: bool = False  # --refittable: LoRA-able weights swappable at run time (builder/refit.py)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -68,6 +73,10 @@ def validate_options(opts: BuildOptions) -> None:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
     from fd.builder.controlnet import check_controlnet_options
     check_controlnet_options(list(opts.controlnets))
+    opts.adaptations.check()
+    if opts.refittable:
+        from fd.builder.refit import check_refittable
+        check_refittable(opts.backend)
     if dynamic_range(opts) and not info.dynamic_shapes:
         able = " or ".join(b.name for b in BACKENDS.values() if b.dynamic_shapes)
         raise FdError(f"--dynamic-shape is for {able} folders ({opts.backend} folders are built for one size): "
@@ -90,7 +99,8 @@ def dynamic_range(opts: BuildOptions) -> tuple[int, int] | None:
 
 def default_out(opts: BuildOptions) -> Path:
     model = opts.model.rstrip("/")
-    name = Path(model).name if Path(model).expanduser().is_dir() else model.replace("/", "--")
+    path = Path(model).expanduser()
+    name = path.name if path.is_dir() else path.stem if path.is_file() else model.replace("/", "--")
     return Path("engines") / f"{name}-{opts.resolved_precision()}-{opts.backend}"
 
 
@@ -106,7 +116,7 @@ def build(opts: BuildOptions, log=print) -> Path:
     from fd.builder.models import load_components
     started = time.perf_counter()
     with staged_folder(out, opts.force) as stage:  # output problems surface here, before the model loads
-        comps = load_components(opts.model)
+        comps = load_components(opts.model, opts.config, opts.adaptations.allow_pickle)
         family = FAMILIES[comps.family]
         family.check_supported(comps)
         family.set_split_block(comps, opts.split_block)
@@ -115,6 +125,7 @@ def build(opts: BuildOptions, log=print) -> Path:
             raise FdError(f"{flag} is for UNet families (sd, sdxl); the {family.name} family has no diffusers "
                           f"{flag[2:]} pipeline fd is checked against: drop {flag}")
         log(f"loaded {opts.model} ({family.name} family) in {time.perf_counter() - started:.1f} s")
+        adapted = adapt(comps, opts.adaptations, log)
         geometry = model_geometry(comps, opts)
         limits = Limits(opts.max_batch_size, opts.max_window)
         modules = family.graph_modules(comps, export_precision)
@@ -123,10 +134,16 @@ def build(opts: BuildOptions, log=print) -> Path:
         vocab = min((encoder.config.vocab_size for encoder in comps.text_encoders), default=None)
         export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed)
         flops = unet_flops(modules, specs)
+        if opts.refittable:  # before the backend's finish, which stores optimized copies of these graphs
+            from fd.builder.refit import make_refittable
+            refit = make_refittable(stage, specs, comps, log)
         engines = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
         tokenizers = save_tokenizers(comps, stage)
         manifest = make_manifest(opts, comps, geometry, specs, limits, precision, engines, tokenizers)
         manifest["flops_per_sample"] = flops
+        adapted.annotate(manifest)
+        if opts.refittable:
+            manifest["refit"] = refit
         if controlnets:
             manifest["controlnets"] = controlnets
         write_json_atomic(stage / MANIFEST_NAME, manifest)

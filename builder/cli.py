@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   fd-build --model sd15 --precision fp16 --backend tensorrt
   fd-build --model ./my-sd-folder --height 768 --width 512 --out engines/mine --force
   fd-build --model tiny --controlnet tiny-controlnet --img2img --out engines/tiny-control
+  fd-build --model ./my-sd-folder --lora style.safetensors:0.8 --textual-inversion cat.safetensors:<my-cat>
 """
 
 
@@ -19,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fd-build", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="alias (sd15, sd21, tiny), hub id in the local cache, or a local diffusers pipeline folder")
+                   help="alias (sd15, sd21, tiny), hub id in the local cache, a local diffusers pipeline folder, or a "
+                        "single-file .safetensors checkpoint (with --config)")
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--precision", choices=("fp32", "fp16", "tf32"),
                    help="default: fp32 for onnxruntime, fp16 for tensorrt and torch (tf32: TensorRT only)")
@@ -42,6 +44,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split-block", type=int, metavar="S",
                    help="transformer families (DiT, PixArt): blocks 0..S-1 are the encoder, S.. the decoder "
                         "(default: the paper's 18 of 28, scaled to the model's depth)")
+    personal = p.add_argument_group("personalization (docs/personalize.md)")
+    personal.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                          help="fuse this LoRA (diffusers/peft or kohya .safetensors) into the weights at SCALE "
+                               "(default 1); repeat for several, added in order")
+    personal.add_argument("--textual-inversion", action="append", default=[], metavar="FILE[:TOKEN]",
+                          help="add this textual-inversion embedding (diffusers or A1111 file) as TOKEN (default: the "
+                               "token the file names); prompts use it as diffusers' do")
+    personal.add_argument("--custom-diffusion", action="append", default=[], metavar="FILE",
+                          help="bake these Custom Diffusion attention weights (diffusers' save_attn_procs file) into "
+                               "the UNet; add its modifier token with --textual-inversion")
+    personal.add_argument("--refittable", action="store_true",
+                          help="keep the weights LoRAs change swappable at run time (fd-run --lora; ONNX Runtime "
+                               "folders)")
+    personal.add_argument("--config", metavar="FOLDER",
+                          help="with --model FILE.safetensors (a single-file checkpoint): a diffusers pipeline folder "
+                               "of the same kind whose tokenizer and configs are used (its weights are not read)")
+    personal.add_argument("--allow-pickle", action="store_true",
+                          help="also read .pt/.bin/.ckpt files (Python pickles: only from sources you trust)")
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default: TensorRT's, 3)")
@@ -53,6 +73,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def job():
+        from fd.builder.adapt import Adaptations
         from fd.builder.build import BuildOptions, build
         opts = BuildOptions(
             model=args.model, backend=args.backend, precision=args.precision, height=args.height,
@@ -60,7 +81,10 @@ def main(argv=None) -> int:
             force=args.force, backend_options={"dynamic_shape": args.dynamic_shape,
                                                "optimization_level": args.builder_optimization_level,
                                                "timing_cache": args.timing_cache},
-            controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block)
+            controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block,
+            adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), tuple(args.custom_diffusion),
+                                    args.allow_pickle),
+            config=args.config, refittable=args.refittable)
         out = build(opts)
         print(f"engine folder: {out}")
 

@@ -14,11 +14,18 @@ from fd.builder.families import FAMILIES, family_for_folder, family_generating
 from fd.builder.loading import TINY_SEED, quiet_libraries
 from fd.runtime.errors import FdError
 
-def load_components(model: str):
-    """Resolve MODEL (alias, hub id, local folder or generated name) and load its components on the CPU."""
+def load_components(model: str, config: str | None = None, allow_pickle: bool = False):
+    """Resolve MODEL (alias, hub id, local folder, generated name or single-file checkpoint) and load its
+    components on the CPU. `config`: the config folder of a single-file checkpoint (builder/single_file.py)."""
+    from fd.builder.single_file import is_single_file, load_single_file  # it loads through load_folder below
     generator = family_generating(model)
     aliases = {alias: hub_id for family in FAMILIES.values() for alias, hub_id in family.aliases.items()}
-    if generator is not None:
+    if config is not None and not is_single_file(model):
+        raise FdError(f"--config is for single-file checkpoints (--model FILE.safetensors); {model} is not one: "
+                      "drop --config")
+    if is_single_file(model):
+        comps = load_single_file(model, config, allow_pickle)
+    elif generator is not None:
         comps = generator()
         comps.source = {"model": model, "kind": "generated", "seed": TINY_SEED,
                         "note": "random weights from a config in fd's code; its images are noise"}
@@ -26,7 +33,8 @@ def load_components(model: str):
         path = Path(model).expanduser().resolve()
         if not path.is_dir():
             raise FdError(f"--model {model}: {'it is a file, not a folder' if path.exists() else 'no such folder'} "
-                          f"({path}): give a local diffusers pipeline folder, a hub id such as org/name, "
+                          f"({path}): give a local diffusers pipeline folder, a single-file .safetensors "
+                          "checkpoint, a hub id such as org/name, "
                           f"or a model name ({', '.join(known_names())})")
         comps = load_folder(str(path), what=f"local folder {path}")
         comps.source = {"model": model, "kind": "local", "path": str(path)}

@@ -54,11 +54,13 @@ def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geomet
         graph = stage / specs[name]["file"]
         shapes = trt_plan.profile_shapes(specs[name], geometry)
         started = time.perf_counter()
-        plan = build_engine(trt, graph, shapes, precision, level, cache, label=name)
+        plan = build_engine(trt, graph, shapes, precision, level, cache, label=name,
+                            refittable=getattr(opts, "refittable", False))
         (stage / trt_plan.engine_filename(name)).write_bytes(plan)
         seconds[name] = round(time.perf_counter() - started, 1)
         log(f"  {name}: TensorRT engine built in {seconds[name]:.1f} s")
-        for leftover in (graph, Path(f"{graph}.data")):
+        kept = [Path(f"{graph}.data")] if getattr(opts, "refittable", False) else []  # a refit reads the weights
+        for leftover in {graph, Path(f"{graph}.data")} - set(kept):
             leftover.unlink(missing_ok=True)
         specs[name]["file"] = trt_plan.engine_filename(name)
         specs[name]["profile"] = profiles[name] = trt_plan.profile_record(shapes)
@@ -68,7 +70,8 @@ def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geomet
                                  strongly_typed=True, precision=precision, timing_cache=str(cache))
 
 
-def build_engine(trt, graph: Path, shapes: dict, precision: str, level: int | None, cache: Path, label: str):
+def build_engine(trt, graph: Path, shapes: dict, precision: str, level: int | None, cache: Path, label: str,
+                 refittable: bool = False):
     """One ONNX graph → serialized engine (trt.IHostMemory), reading and then updating the timing cache."""
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
@@ -80,7 +83,7 @@ def build_engine(trt, graph: Path, shapes: dict, precision: str, level: int | No
         network = NetworkFromOnnxPath(str(graph), strongly_typed=True,
                                       flags=[trt.OnnxParserFlag.NATIVE_INSTANCENORM])()  # GroupNorm stays native
         config = CreateConfig(tf32=precision != "fp32", profiles=[profile], builder_optimization_level=level,
-                              progress_monitor=monitor)(*network[:2])
+                              progress_monitor=monitor, refittable=refittable)(*network[:2])
         reuse_timing_cache(config, cache)
         plan = EngineBytesFromNetwork(network, config=config)()
     except Exception as exc:

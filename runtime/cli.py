@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(LOW, HIGH]; the other steps skip the unconditional rows. 'paper': 0.28,5.42, the SD-XL "
                         "interval of Kynkaanniemi et al. 2024 (default: guidance at every step)")
     add_image_input_arguments(p)
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply this LoRA at run time (folders built with fd-build --refittable; needs fd's build "
+                        "extra); repeat for several")
     p.add_argument("--out", default="outputs/fd.png", help="PNG path; numbered (-0, -1, …) for several prompts")
     p.add_argument("--save-latents", help="write the final denoised latents as .npy")
     p.add_argument("--timings", action="store_true", help="print time per stage, calls and rows computed per graph")
@@ -179,8 +182,14 @@ def main(argv=None) -> int:
         check_engine_dir(args.engine_dir)
         request = request_from_args(args)
         paths = check_outputs(args)
+        if args.lora:
+            from fd.runtime.lora import check_lora_options
+            check_lora_options(args.lora)  # a missing file is refused before the engines load
         EngineFolder(args.engine_dir).prepare(request)  # the request against the folder, before the engines load
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
+        if args.lora:
+            swapped = pipe.set_loras(args.lora)  # runtime/lora.py
+            print(f"LoRA applied in {swapped['seconds']:.2f} s ({', '.join(swapped['graphs']) or 'no graph'} reloaded)")
         result = pipe(request)
         policy = request.policy
         if (policy.key_steps, policy.uniform, policy.baseline) == (None, None, False) and \

@@ -69,7 +69,8 @@ SCALE = Rule(float, lambda v: 0 < v < float("inf"), "a positive number")  # NaN 
 DIM = Rule(None, lambda v: v == "batch" or (_is(v, int) and v > 0), 'a positive integer or "batch"')
 TENSOR = {"name": str, "dtype": Rule(str, lambda v: v in NUMPY_DTYPES, f"one of {', '.join(NUMPY_DTYPES)}"),
           "shape": ListOf(DIM), "axes": ListOf(Nullable(str))}
-TOKENIZER = {"file": FILE, "max_length": POSITIVE, "pad_token_id": COUNT}
+TOKENIZER = {"file": FILE, "max_length": POSITIVE, "pad_token_id": COUNT,
+             "expansions": Optional(MapOf(str))}  # textual inversion's multi-vector tokens (builder/adapt.py)
 # ONNX Runtime folders: the graph as ONNX Runtime optimized it at build time, and its weights file
 # (builder/onnxruntime_build.py); used only on the CPU they were made for (backend_info.optimized_graphs)
 OPTIMIZED_GRAPH = {"file": FILE, "data": Optional(FILE)}

@@ -83,7 +83,8 @@ class EngineFolder:
         self.engine_dir = Path(engine_dir)
         self.manifest = load_manifest(engine_dir)
         self.family = family_of(self.manifest)
-        self.tokenizers = [PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"])
+        self.tokenizers = [PromptTokenizer(self.engine_dir / tok["file"], tok["max_length"], tok["pad_token_id"],
+                                           tok.get("expansions"))
                            for tok in self.manifest["tokenizers"]]
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
@@ -249,6 +250,12 @@ class FasterDiffusionPipeline(EngineFolder):
         calls = dict(Counter(self.runner.calls) - calls_before)
         rows = dict(Counter(self.runner.rows) - rows_before)
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist(), rows)
+
+    def set_loras(self, loras: list) -> dict:
+        """Replace the run-time LoRAs ("FILE[:SCALE]" texts or (path, scale) pairs; [] for none) of a folder built
+        with fd-build --refittable, reloading only the graphs they change (runtime/lora.py)."""
+        from fd.runtime.lora import set_loras
+        return set_loras(self, loras)
 
     def close(self) -> None:
         self.runner.close()

@@ -13,7 +13,8 @@ from fd.runtime.errors import FdError
 class PromptTokenizer:
     """Pads every prompt to the text encoder's fixed length, as diffusers' pipelines do."""
 
-    def __init__(self, tokenizer_json: str | Path, max_length: int, pad_token_id: int):
+    def __init__(self, tokenizer_json: str | Path, max_length: int, pad_token_id: int,
+                 expansions: dict[str, str] | None = None):
         try:
             self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
         except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception for bad files
@@ -24,6 +25,8 @@ class PromptTokenizer:
         self.tokenizer.no_truncation()
         self.max_length = max_length
         self.pad_token_id = pad_token_id
+        # textual inversion's multi-vector tokens: "<t>" → "<t> <t>_1 …" (fd-build --textual-inversion)
+        self.expansions = dict(expansions or {})
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         return self.with_mask(prompts)[0]
@@ -34,7 +37,8 @@ class PromptTokenizer:
         ids = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(prompts), self.max_length), dtype=np.int64)
         for row, prompt in enumerate(prompts):
-            tokens = self.tokenizer.encode(prompt).ids  # with the model's special tokens (CLIP: start and end)
+            # with the model's special tokens (CLIP: start and end)
+            tokens = self.tokenizer.encode(expand_tokens(prompt, self.expansions)).ids
             if len(tokens) > self.max_length:
                 # diffusers silently truncates; fd refuses rather than drop words the user wrote.
                 raise FdError(f"prompt {prompt[:40]!r}… is {len(tokens)} tokens long; the text encoder takes at most "
@@ -42,3 +46,10 @@ class PromptTokenizer:
             ids[row, :len(tokens)] = tokens
             mask[row, :len(tokens)] = 1
         return ids, mask
+
+
+def expand_tokens(prompt: str, expansions: dict[str, str]) -> str:
+    """Each multi-vector textual-inversion token as all its tokens, as diffusers' maybe_convert_prompt writes it."""
+    for token, replacement in expansions.items():
+        prompt = prompt.replace(token, replacement)
+    return prompt

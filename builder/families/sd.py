@@ -49,6 +49,24 @@ def _toy_sd(seed: int, scheduler_config: dict, unet: dict, text: dict, pad_token
     return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), scheduler_config)
 
 
+# SD1.5's real UNet, VAE and CLIP ViT-L/14 text configs (sd15-random; single-file checkpoints, builder/single_file.py)
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SD15_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2, sample_size=512,
+)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+
+
 def make_sd15_random_components(seed: int = TINY_SEED) -> Components:
     """SD1.5's real UNet, VAE and CLIP ViT-L/14 text configs with random weights (no download).
 
@@ -60,20 +78,10 @@ def make_sd15_random_components(seed: int = TINY_SEED) -> Components:
 
     tokenizer = make_tiny_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, sample_size=512,
-    )
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    vae = AutoencoderKL(**SD15_VAE_CONFIG)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        **SD15_TEXT_CONFIG,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
     return Components(tokenizer, text_encoder.eval(), unet.eval(), vae.eval(), dict(SD_SCHEDULER_CONFIG))
