@@ -23,7 +23,7 @@ from fd.runtime.errors import FdError
 from fd.runtime.families import PromptRequest, family_of
 from fd.runtime.img2img import prepare_init
 from fd.runtime.manifest import load_manifest
-from fd.runtime.policy import FasterDiffusionPolicy, model_sigmas
+from fd.runtime.policy import FasterDiffusionPolicy
 from fd.runtime.schedulers import make_scheduler
 from fd.runtime.sizes import check_size
 from fd.runtime.tokenizer import PromptTokenizer
@@ -115,8 +115,8 @@ class FasterDiffusionPipeline:
                            seed=seed, latents=latents, policy=policy, height=height, width=width)
         if init is not None:
             init.check_policy(policy)
-        sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])  # refuses unsupported options
-        sampler.set_timesteps(steps)
+        sampler = make_scheduler(self.family.scheduler_name(scheduler), self.manifest["scheduler_config"])
+        sampler.set_timesteps(steps, **self.family.timestep_options(self.manifest, height, width))
         if sampler.stochastic:
             check_seed(seed)
         run = steps if init is None else init.steps_run  # the steps that run, and the model evaluations they take
@@ -150,7 +150,7 @@ class FasterDiffusionPipeline:
         # outside the guidance interval need only the conditional rows: a window none of whose steps is
         # guided encodes those alone; in a window that has both kinds each step decodes the rows it needs.
         injection = policy.noise_injection
-        guide = [guided and g for g in policy.guided_steps(model_sigmas(sampler.alphas_cumprod, timesteps))]
+        guide = [guided and g for g in policy.guided_steps(self.family.guidance_sigmas(sampler, timesteps))]
         skipping = guided and not all(guide)  # some step needs the conditional half alone
         conditional = stages.conditional_rows(self.runner, conditions, batch) if skipping else conditions
         for window in policy.windows(len(timesteps)):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 DENOISER_GRAPHS = ("denoiser_encoder", "denoiser_decoder", "vae_decoder")
 
 
@@ -43,6 +45,20 @@ class Family:
         texts = self.prompt_texts(list(prompts) + negatives)
         for tokenizer in tokenizers:
             tokenizer(texts)
+
+    # --- the sampler: what a flow-matching family (runtime/families/flow.py) changes -------------------------
+    def scheduler_name(self, name: str) -> str:
+        """The scheduler registry name to run for the name asked for (flow families: the default means theirs)."""
+        return name
+
+    def timestep_options(self, manifest: dict, height: int, width: int) -> dict:
+        """Extra set_timesteps arguments the family's diffusers pipeline passes (FLUX.1: sigmas and mu)."""
+        return {}
+
+    def guidance_sigmas(self, sampler, timesteps) -> np.ndarray:
+        """Each step's sigma in the variance-preserving frame, which the guidance interval is given in."""
+        from fd.runtime.policy import model_sigmas
+        return model_sigmas(sampler.alphas_cumprod, timesteps)
 
     def prompt_texts(self, texts: list[str]) -> list[str]:
         """The texts as the family tokenizes them (PixArt-α lower-cases and strips them)."""
