@@ -116,7 +116,7 @@ class FasterDiffusionPipeline:
         if init is not None:
             init.check_policy(policy)
         sampler = make_scheduler(self.family.scheduler_name(scheduler), self.manifest["scheduler_config"])
-        sampler.set_timesteps(steps, **self.family.timestep_options(self.manifest, height, width))
+        sampler.set_timesteps(steps, **self.family.timestep_options(self.manifest, steps, height, width))
         if sampler.stochastic:
             check_seed(seed)
         run = steps if init is None else init.steps_run  # the steps that run, and the model evaluations they take
@@ -124,12 +124,12 @@ class FasterDiffusionPipeline:
         timer = StageTimer(self.runner.synchronize, stage_names(control_inputs, init))
         calls_before, rows_before = Counter(self.runner.calls), Counter(self.runner.rows)
         started = time.perf_counter()
-        batch, guided = len(prompts), guidance_scale > 1.0
+        batch, guided = len(prompts), self.family.classifier_free_guidance(guidance_scale)
 
         # 2. encode the prompt: the family's conditioning, rows [negative…, positive…] when guided
         with timer("text_encoder"):
             request = PromptRequest(list(prompts), negative_prompt, guided, height, width, original_size,
-                                    tuple(crops_coords_top_left))
+                                    tuple(crops_coords_top_left), guidance_scale)
             conditions = self.family.encode_prompt(self.runner, self.tokenizers, request,
                                                    self.manifest.get("family_options", {}))
 

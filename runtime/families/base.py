@@ -19,6 +19,7 @@ class PromptRequest:
     width: int
     original_size: tuple[int, int] | None = None  # SDXL size conditioning; None: (height, width)
     crops_coords_top_left: tuple[int, int] = (0, 0)
+    guidance_scale: float | None = None  # FLUX.1-dev's embedded guidance reads it
 
 
 class Family:
@@ -51,7 +52,11 @@ class Family:
         """The scheduler registry name to run for the name asked for (flow families: the default means theirs)."""
         return name
 
-    def timestep_options(self, manifest: dict, height: int, width: int) -> dict:
+    def classifier_free_guidance(self, guidance_scale: float) -> bool:
+        """Whether the guidance scale asks for classifier-free guidance (FLUX.1 embeds it instead)."""
+        return guidance_scale > 1.0
+
+    def timestep_options(self, manifest: dict, steps: int, height: int, width: int) -> dict:
         """Extra set_timesteps arguments the family's diffusers pipeline passes (FLUX.1: sigmas and mu)."""
         return {}
 

@@ -27,7 +27,7 @@ class FlowFamily(Family):
         _, h, w, _ = manifest["components"]["denoiser_encoder"]["outputs"][0]["shape"]
         return h * w
 
-    def timestep_options(self, manifest: dict, height: int, width: int) -> dict:
+    def timestep_options(self, manifest: dict, steps: int, height: int, width: int) -> dict:
         config = manifest["scheduler_config"]
         if not config.get("use_dynamic_shifting"):
             return {}
