@@ -284,3 +284,19 @@ def test_cli_runs_and_refuses_in_one_line(folder, tmp_path):
     done = run_fd("fd.builder.cli", "--model", "tiny-sd3", "--split-block", "6", "--out", str(tmp_path / "x"))
     assert_one_line_error(done, "--split-block 6 does not fit this 6-block transformer: use 1 to 5")
     assert not (tmp_path / "x").exists()
+
+
+def test_default_split_is_the_measured_flop_split():
+    """The default S gives the decoder the FLOP share closest to DiT-XL/2's at the paper's block (35.7%): on
+    SD3.5-medium's real config, whose first 13 blocks (dual attention) cost 1.5x the others, that is block 13
+    (decoder 36.2%), not the block count's 15 (29.6%); counted on the meta device, no weights."""
+    from fd.builder.families.flow import block_flops
+    from fd.builder.families.transformer import default_split_block
+    with torch.device("meta"):
+        comps = family_generating("sd3.5-medium-random")()
+    family = FAMILIES["sd3"]
+    before, blocks, after = block_flops(family, comps)
+    assert len(blocks) == 24 and blocks[0] > 1.4 * blocks[13]
+    split = family.default_split(comps)
+    share = (sum(blocks[split:]) + after) / (before + sum(blocks) + after)
+    assert split == 13 and default_split_block(24) == 15 and abs(share - 0.357) < 0.01

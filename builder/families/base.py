@@ -179,6 +179,10 @@ class BuildFamily:
         unet = _cast(comps.unet, dtype)
         return UNetEncoder(unet), FlatDecoder(unet)
 
+    def decoder_reads(self, condition: str) -> bool:
+        """Whether the decoder takes this condition (SD3/FLUX: not the text tokens, which the cache carries)."""
+        return True
+
     def size_rule(self, comps: Components) -> tuple[int, int, int]:
         """(latent channels, the latent side's required multiple, the native latent side)."""
         return comps.unet.config.in_channels, unet_levels(comps.unet), comps.unet.config.sample_size

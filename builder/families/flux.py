@@ -195,19 +195,29 @@ def make_tiny_flux_schnell_components(seed: int = TINY_SEED) -> Components:
     return _tiny(seed, guidance=False)
 
 
-def make_flux_dev_random_components(seed: int = TINY_SEED) -> Components:
-    """FLUX.1-dev's transformer config with random weights (19 double + 38 single blocks, 3072 wide: 11.9 B
-    parameters, 48 GB in fp32) does not fit 24 GiB; this keeps its width, heads, rotary axes and VAE and cuts
-    the depth to 2 double + 4 single blocks (the same 1:2 ratio), with 2-layer text encoders of the real widths
-    (CLIP-L 768, T5 4096) and the tiny tokenizers. For benchmarks; its images are noise."""
+def _flux_dev_shaped(seed: int, double: int, single: int) -> Components:
     return _flux_components(
         seed, guidance=True, clip=dict(hidden=768, layers=2, projection=768, heads=12, vocab=49408),
         length=MAX_SEQUENCE_LENGTH,
         t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, relative_attention_num_buckets=32,
                 vocab=32128),
-        transformer=dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=24,
+        transformer=dict(num_layers=double, num_single_layers=single, attention_head_dim=128, num_attention_heads=24,
                          axes_dims_rope=(16, 56, 56)),
         vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024))
+
+
+def make_flux_dev_random_components(seed: int = TINY_SEED) -> Components:
+    """FLUX.1-dev's transformer and VAE configs with random weights: 19 double + 38 single blocks 3072 wide
+    (24 heads of 128, rotary axes 16+56+56), 11.9 B parameters (48 GB in fp32: for FLOP counting on the meta
+    device, benchmarks/flop_split.py, or a machine with that memory). The text encoders keep their widths
+    (CLIP-L 768, T5 4096) with 2 layers each, and the tokenizers are the tiny ones. Its images are noise."""
+    return _flux_dev_shaped(seed, 19, 38)
+
+
+def make_flux_dev_random_shallow_components(seed: int = TINY_SEED) -> Components:
+    """flux-dev-random cut to 2 double + 4 single blocks (the same 1:2 ratio, every width kept) so that it fits
+    this project's 24 GiB CPU machines: for CPU benchmarks of FLUX-shaped blocks."""
+    return _flux_dev_shaped(seed, 2, 4)
 
 
 # --- the family --------------------------------------------------------------------------------------
@@ -217,7 +227,8 @@ class FluxFamily(FlowTransformerFamily):
     pipeline_classes = ("FluxPipeline",)
     aliases = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell"}
     generated = {"tiny-flux": make_tiny_flux_components, "tiny-flux-schnell": make_tiny_flux_schnell_components,
-                 "flux-dev-random": make_flux_dev_random_components}
+                 "flux-dev-random": make_flux_dev_random_components,
+                 "flux-dev-random-shallow": make_flux_dev_random_shallow_components}
     subfolders = SUBFOLDERS
 
     @property
@@ -256,7 +267,11 @@ class FluxFamily(FlowTransformerFamily):
 
     def denoiser_halves(self, comps: Components, dtype: torch.dtype):
         transformer, split = _cast(comps.transformer, dtype), self.split_block(comps)
-        return FluxEncoder(transformer, split), FluxDecoder(transformer, split)
+        halves = FluxEncoder(transformer, split), FluxDecoder(transformer, split)
+        native = self.size_rule(comps)[2] // 2  # the native token grid; specs() sets the built size's
+        for half in halves:
+            half.set_grid(comps.transformer, comps.tokenizer_2.model_max_length, (native, native))
+        return halves
 
     def specs(self, comps, modules, geometry, precision, limits):
         grid = (geometry["latent_height"] // 2, geometry["latent_width"] // 2)
