@@ -115,7 +115,7 @@ class FasterDiffusionPipeline:
                            seed=seed, latents=latents, policy=policy, height=height, width=width)
         if init is not None:
             init.check_policy(policy)
-        sampler = make_scheduler(self.family.scheduler_name(scheduler), self.manifest["scheduler_config"])
+        sampler = make_scheduler(scheduler, self.manifest["scheduler_config"])  # refuses unsupported options
         sampler.set_timesteps(steps, **self.family.timestep_options(self.manifest, steps, height, width))
         if sampler.stochastic:
             check_seed(seed)

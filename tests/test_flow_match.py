@@ -107,13 +107,17 @@ def test_vp_scale_and_model_sigmas_are_the_variance_preserving_frame():
 
 
 def test_registry_and_model_resolution():
+    """The default name (ddim) means the model's own sampler on a flow model, as `model` does."""
+    from fd.runtime.schedulers import DEFAULT
+    assert DEFAULT == "ddim" and type(make_scheduler(DEFAULT, SD3)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(diffusers_scheduler(DEFAULT, FLUX)).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert FLOW_SCHEDULERS == ("flow-euler",)
     assert scheduler_for_model(SD3) == "flow-euler" == scheduler_for_model(FLUX)
     assert type(make_scheduler("model", FLUX)).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
 @pytest.mark.parametrize("name,config,message", [
-    ("ddim", SD3, "--scheduler ddim cannot run a flow-matching model .*: use --scheduler flow-euler"),
+    ("dpmpp-2m", SD3, "--scheduler dpmpp-2m cannot run a flow-matching model .*: use --scheduler flow-euler"),
     ("flow-euler", SD15, "--scheduler flow-euler is for flow-matching models .*: choose one of ddim"),
 ])
 def test_frames_do_not_mix(name, config, message):

@@ -176,7 +176,7 @@ def flow_injection_scale(s: float) -> float:
 
 
 def reference_fd(comps, prompts, negative, latents, steps, key_steps, split=SPLIT, noise_injection=INJECTION,
-                 decode_with_key_timestep=False, flow_scale=True):
+                 decode_with_key_timestep=False, flow_scale=True, guidance_interval=None):
     """FasterDiffusion in its plainest form on diffusers' SD3 transformer and flow scheduler: the encoder half at
     key steps, every step decoded from the latest cache with its own timestep (one call per step), guidance, then
     z ← z + α·ε/(a+b) before each step whose timestep is below τ, then the scheduler's step."""
@@ -201,7 +201,10 @@ def reference_fd(comps, prompts, negative, latents, steps, key_steps, split=SPLI
             t_decode = t_key if decode_with_key_timestep else t
             prediction = forward_from_cache(transformer, split, cache, rows.shape, t_decode.repeat(len(rows)), kwargs)
             uncond, cond = prediction.chunk(2)
-            prediction = uncond + GUIDANCE * (cond - uncond)
+            s = float(scheduler.sigmas[i])
+            vp_sigma = s / (1 - s) if s < 1 else float("inf")  # b / a
+            guided = guidance_interval is None or guidance_interval[0] < vp_sigma <= guidance_interval[1]
+            prediction = uncond + GUIDANCE * (cond - uncond) if guided else cond
             if noise_injection is not None and t < noise_injection[1]:
                 scale = flow_injection_scale(float(scheduler.sigmas[i])) if flow_scale else 1.0
                 z = z + noise_injection[0] * scale * noise
@@ -236,6 +239,19 @@ def test_fasterdiffusion_equals_the_reference(pipe, comps):
     assert ours.policy["noise_injection"] == {"alpha": INJECTION[0], "tau": INJECTION[1]}
     assert ours.calls["denoiser_encoder"] == 8
     assert relative_error(ours.latents, reference(comps, latents, 28)) <= TOLERANCE
+
+
+def test_guidance_interval_is_in_the_vp_frames_sigma(pipe, comps):
+    """--guidance-interval on a flow model: guidance at the steps whose s / (1 − s) lies in (low, high], the
+    conditional prediction alone elsewhere, as the reference; (0.5, 3] leaves both ends of 10 steps unguided."""
+    latents = initial_latents(pipe)
+    interval = (0.5, 3.0)
+    ours = pipe(PROMPTS, steps=10, latents=latents, policy=FasterDiffusionPolicy.baseline(10, interval))
+    want = reference_fd(comps, PROMPTS, None, latents, 10, range(10), noise_injection=None, guidance_interval=interval)
+    assert relative_error(ours.latents, want) <= TOLERANCE
+    assert ours.rows["denoiser_decoder"] < 2 * 2 * 10  # some steps decoded the conditional rows alone
+    everywhere = reference_fd(comps, PROMPTS, None, latents, 10, range(10), noise_injection=None)
+    assert relative_error(everywhere, want) > 10 * TOLERANCE
 
 
 def test_injection_fires_where_the_flow_timestep_is_below_tau(pipe):

@@ -48,10 +48,6 @@ class Family:
             tokenizer(texts)
 
     # --- the sampler: what a flow-matching family (runtime/families/flow.py) changes -------------------------
-    def scheduler_name(self, name: str) -> str:
-        """The scheduler registry name to run for the name asked for (flow families: the default means theirs)."""
-        return name
-
     def classifier_free_guidance(self, guidance_scale: float) -> bool:
         """Whether the guidance scale asks for classifier-free guidance (FLUX.1 embeds it instead)."""
         return guidance_scale > 1.0

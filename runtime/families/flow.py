@@ -1,8 +1,8 @@
 """What the flow-matching families (SD3/SD3.5, FLUX.1) change in sampling, read by the pipeline through the
 Family hooks:
 
-- the sampler is flow-matching Euler (runtime/schedulers/flow_match.py): fd's default scheduler name, or
-  `model`, means it; a diffusion (VP) sampler is refused by the scheduler registry in one line;
+- the sampler is flow-matching Euler (runtime/schedulers/flow_match.py): the scheduler registry makes fd's
+  default scheduler name, or `model`, mean it, and refuses a diffusion (VP) sampler in one line;
 - a config with dynamic shifting gets `mu` from the image's token count, as the pipelines compute it;
 - the guidance interval is given in the VP frame's sigma, which for a flow sample is s / (1 − s);
 - prior noise injection (runtime/pipeline.py): z ← z + α·ε on the VP latent is x ← x + α·sqrt((1 − s)² + s²)·ε
@@ -12,15 +12,11 @@ Family hooks:
 from __future__ import annotations
 
 from fd.runtime.families.base import Family
-from fd.runtime.schedulers import DEFAULT, FLOW_SCHEDULERS, MODEL
 from fd.runtime.schedulers.flow_match import dynamic_shift_mu
 
 
 class FlowFamily(Family):
     noise_injection_tau = 500  # on the flow timestep s·1000: inject where s < 1/2
-
-    def scheduler_name(self, name: str) -> str:
-        return FLOW_SCHEDULERS[0] if name in (DEFAULT, MODEL) else name
 
     def image_seq_len(self, manifest: dict, height: int, width: int) -> int:
         """The image's token count at this size (the tokens cache is an (h, w, width) grid per row)."""

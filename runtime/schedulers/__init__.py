@@ -107,8 +107,9 @@ def scheduler_for_model(config: dict) -> str:
 
 
 def resolve_name(name: str, config: dict) -> str:
-    """A registry name; "model" becomes the name of the model's own scheduler."""
-    if name == MODEL:
+    """A registry name; "model" becomes the name of the model's own scheduler, and so does the default name
+    (ddim) for a flow-matching model, which no diffusion sampler can run."""
+    if name == MODEL or (name == DEFAULT and flow_match.is_flow_config(config)):
         return scheduler_for_model(config)
     if name not in _ALL:
         raise FdError(f"unknown scheduler {name!r}; choose one of: {', '.join(CHOICES)}")
