@@ -25,7 +25,7 @@ from torch import nn
 from fd.builder.families.base import CastOutputs, Components, _cast
 from fd.builder.families.flow import FlowTransformerFamily, token_grid
 from fd.builder.families.pixart import make_tiny_t5_tokenizer
-from fd.builder.families.sd3 import T5EncoderGraph3
+from fd.builder.families.sd3 import T5UnmaskedGraph
 from fd.builder.families.sdxl import _clip_config
 from fd.builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
 from fd.builder.specs import Axis, tensor
@@ -231,9 +231,7 @@ class FluxFamily(FlowTransformerFamily):
                  "flux-dev-random-shallow": make_flux_dev_random_shallow_components}
     subfolders = SUBFOLDERS
 
-    @property
-    def decoder_conditions(self):
-        return ("guidance", "pooled_projections")  # guidance only where the model has it (specs filter by name)
+    decoder_conditions = ("guidance", "pooled_projections")  # guidance: only models with guidance_embeds have it
 
     def load_folder(self, folder: str, what: str) -> Components:
         from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -281,7 +279,7 @@ class FluxFamily(FlowTransformerFamily):
 
     def text_graphs(self, comps, unet_dtype):
         return {"text_encoder": CastOutputs(ClipPooledGraph(comps.text_encoder.float()), unet_dtype).eval(),
-                "text_encoder_2": CastOutputs(T5EncoderGraph3(comps.text_encoder_2.float()), unet_dtype).eval()}
+                "text_encoder_2": CastOutputs(T5UnmaskedGraph(comps.text_encoder_2.float()), unet_dtype).eval()}
 
     def text_specs(self, comps, unet_dtype):
         clip_length, t5_length = comps.tokenizer.model_max_length, comps.tokenizer_2.model_max_length

@@ -191,7 +191,7 @@ class StableDiffusion3Family(FlowTransformerFamily):
             - comps.text_encoder_2.config.hidden_size
         return {"text_encoder": CastOutputs(ClipGraph(comps.text_encoder.float()), unet_dtype).eval(),
                 "text_encoder_2": CastOutputs(ClipGraph(comps.text_encoder_2.float(), pad), unet_dtype).eval(),
-                "text_encoder_3": CastOutputs(T5EncoderGraph3(comps.text_encoder_3.float()), unet_dtype).eval()}
+                "text_encoder_3": CastOutputs(T5UnmaskedGraph(comps.text_encoder_3.float()), unet_dtype).eval()}
 
     def text_specs(self, comps, unet_dtype):
         clip_length, t5_length = comps.tokenizer.model_max_length, comps.tokenizer_3.model_max_length
@@ -241,7 +241,7 @@ class StableDiffusion3Family(FlowTransformerFamily):
         return out.images, final.get("latents")
 
 
-class T5EncoderGraph3(T5EncoderGraph):
+class T5UnmaskedGraph(T5EncoderGraph):
     """input_ids → T5's last hidden state without an attention mask, as StableDiffusion3Pipeline calls it."""
 
     def forward(self, input_ids):
