@@ -84,9 +84,11 @@ def count_split(comps, height: int, width: int) -> dict:
         raise FdError(f"--size {height}x{width}: count a {comps.family} model at its native size, "
                       f"{native * scale}x{native * scale}")
     latent = (1, channels, height // scale, width // scale)
+    specs = family.conditions(comps, "float32")
     conditions = [torch.empty([1 if d == "batch" else d for d in spec["shape"]], device="meta",
                               dtype=getattr(torch, spec["dtype"]))  # float32, or int64 (class labels, token masks)
-                  for spec in family.conditions(comps, "float32")]
+                  for spec in specs]
+    decoder_conditions = [c for c, spec in zip(conditions, specs) if family.decoder_reads(spec["name"])]
     sample, timestep = torch.empty(latent, device="meta"), torch.empty(1, device="meta")
     encoder, decoder = family.denoiser_halves(comps, torch.float32)
 
@@ -98,7 +100,7 @@ def count_split(comps, height: int, width: int) -> dict:
         return out, {"flops": int(counter.get_total_flops()), "attention_scores": int(attention)}
 
     cache, encoder_flops = counted(lambda: encoder.eval()(sample, timestep, *conditions))
-    _, decoder_flops = counted(lambda: decoder.eval()(timestep, *conditions, *cache))
+    _, decoder_flops = counted(lambda: decoder.eval()(timestep, *decoder_conditions, *cache))
     whole = None
     if unet is not None:
         added = dict(zip(added_condition_names(unet), conditions[1:]))  # SDXL's text_embeds, time_ids

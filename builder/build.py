@@ -169,7 +169,7 @@ def add_image_input_graphs(opts, comps, family, modules: dict, specs: dict, geom
 def save_tokenizers(comps, stage: Path) -> list[dict]:
     """Each tokenizer as tokenizer.json (what the runtime's `tokenizers` library reads), with its padding."""
     records = []
-    for folder, tokenizer in zip(("tokenizer", "tokenizer_2"), comps.tokenizers):
+    for folder, tokenizer in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), comps.tokenizers):
         tokenizer.save_pretrained(str(stage / folder))
         records.append({"file": f"{folder}/tokenizer.json", "max_length": tokenizer.model_max_length,
                         "pad_token_id": tokenizer.pad_token_id})

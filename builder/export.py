@@ -71,6 +71,8 @@ def export_onnx(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray], pat
     """Export one module to `path` (plus `path`.data when the weights pass the 2 GB protobuf limit)."""
     import onnx
 
+    from fd.builder import onnx_ops
+    onnx_ops.register()  # aten::rms_norm (FLUX.1) at opset 17
     input_names, output_names = names(spec["inputs"]), names(spec["outputs"])
     args = tuple(torch.from_numpy(feeds[n]) for n in input_names)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch, warnings.catch_warnings():

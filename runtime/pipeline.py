@@ -22,7 +22,7 @@ from fd.runtime.errors import FdError
 from fd.runtime.families import PromptRequest, family_of
 from fd.runtime.img2img import InitImage, prepare_init
 from fd.runtime.manifest import load_manifest
-from fd.runtime.policy import FasterDiffusionPolicy, model_sigmas
+from fd.runtime.policy import FasterDiffusionPolicy
 from fd.runtime.request import Request, check_seed
 from fd.runtime.schedulers import make_scheduler
 from fd.runtime.sizes import check_size
@@ -177,18 +177,18 @@ class FasterDiffusionPipeline(EngineFolder):
         request, policy, control_inputs, init = plan.request, plan.policy, plan.control, plan.init
         steps, seed, guidance_scale = request.steps, request.seed, plan.guidance_scale
         sampler = make_scheduler(request.scheduler, self.manifest["scheduler_config"])
-        sampler.set_timesteps(steps)
+        sampler.set_timesteps(steps, **self.family.timestep_options(self.manifest, steps, plan.height, plan.width))
         run = request.steps_run  # the steps that run, and the model evaluations they take
         policy = every_evaluation_a_key_step(policy, run, len(sampler.timesteps) - (steps - run))
         timer = StageTimer(self.runner.synchronize, stage_names(control_inputs, init))
         calls_before, rows_before = Counter(self.runner.calls), Counter(self.runner.rows)
         started = time.perf_counter()
-        batch, guided = len(plan.inputs), guidance_scale > 1.0
+        batch, guided = len(plan.inputs), self.family.classifier_free_guidance(guidance_scale)
 
         # 2. encode the prompt: the family's conditioning, rows [negative…, positive…] when guided
         with timer("text_encoder"):
             prompt = PromptRequest(plan.inputs, request.negative_prompt, guided, plan.height, plan.width,
-                                   request.original_size, request.crops_coords_top_left or (0, 0))
+                                   request.original_size, request.crops_coords_top_left or (0, 0), guidance_scale)
             conditions = self.family.encode_prompt(self.runner, self.tokenizers, prompt,
                                                    self.manifest.get("family_options", {}))
 
@@ -210,7 +210,7 @@ class FasterDiffusionPipeline(EngineFolder):
         # outside the guidance interval need only the conditional rows: a window none of whose steps is
         # guided encodes those alone; in a window that has both kinds each step decodes the rows it needs.
         injection = policy.noise_injection
-        guide = [guided and g for g in policy.guided_steps(model_sigmas(sampler.alphas_cumprod, timesteps))]
+        guide = [guided and g for g in policy.guided_steps(self.family.guidance_sigmas(sampler, timesteps))]
         skipping = guided and not all(guide)  # some step needs the conditional half alone
         conditional = stages.conditional_rows(self.runner, conditions, batch) if skipping else conditions
         for window in policy.windows(len(timesteps)):

@@ -51,7 +51,10 @@ def decode_denoiser(runner, cache: Cache, timesteps: np.ndarray, conditions: dic
         rows.append(rows[-1]), timesteps.append(timesteps[-1])
     counts = [stop - start for start, stop in rows]
     feeds = {"timestep": np.repeat(np.asarray(timesteps, np.float32), counts)}
+    decoder_inputs = {t["name"] for t in runner.specs["denoiser_decoder"]["inputs"]}  # SD3/FLUX: not the text
     for name, value in {**conditions, **cache.values}.items():
+        if name not in decoder_inputs:
+            continue
         spans = {span: value if span == full else runner.take_rows(value, *span) for span in set(rows)}
         pieces = [spans[span] for span in rows]
         feeds[name] = runner.concat(pieces, key=f"denoiser_decoder.{name}") if len(pieces) > 1 else pieces[0]

@@ -459,7 +459,7 @@ def test_vp_scale_is_the_sample_over_the_variance_preserving_latent(name):
 def test_registry_names_and_diffusers_classes():
     assert set(SCHEDULERS) == {"ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "euler-a", "pndm", "unipc", "lcm",
                                "ddpm"}
-    assert CHOICES == (*SCHEDULERS, "model")
+    assert CHOICES == (*SCHEDULERS, "flow-euler", "model")  # flow-matching samplers: tests/test_flow_match.py
     assert set(STOCHASTIC) == {"euler-a", "lcm", "ddpm"}
     for name, spec in REGISTRY.items():
         assert type(diffusers_scheduler(name, SD15)).__name__ == spec.diffusers_class

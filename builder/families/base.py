@@ -35,18 +35,21 @@ class Components:
     text_encoder_2: object = None
     options: dict = field(default_factory=dict)  # family options the runtime needs (manifest "family_options")
     transformer: object = None  # transformer families (DiT, PixArt) fill this instead of `unet`
+    tokenizer_3: object = None  # SD3's T5
+    text_encoder_3: object = None
 
     @property
     def tokenizers(self) -> list:
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None]
 
     @property
     def text_encoders(self) -> list:
-        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
+        return [t for t in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if t is not None]
 
     def torch_modules(self) -> dict:
-        modules = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "unet": self.unet,
-                   "transformer": self.transformer, "vae": self.vae}
+        modules = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                   "text_encoder_3": self.text_encoder_3, "unet": self.unet, "transformer": self.transformer,
+                   "vae": self.vae}
         return {name: module for name, module in modules.items() if module is not None}
 
 
@@ -175,6 +178,10 @@ class BuildFamily:
         timestep, the conditions, then the cache, all positional (the order of their specs)."""
         unet = _cast(comps.unet, dtype)
         return UNetEncoder(unet), FlatDecoder(unet)
+
+    def decoder_reads(self, condition: str) -> bool:
+        """Whether the decoder takes this condition (SD3/FLUX: not the text tokens, which the cache carries)."""
+        return True
 
     def size_rule(self, comps: Components) -> tuple[int, int, int]:
         """(latent channels, the latent side's required multiple, the native latent side)."""

@@ -25,21 +25,30 @@ class TransformerFamily(BuildFamily):
 
     supports_dynamic_shape = False  # the token count (and its position embedding) is fixed at build time
 
+    def depth(self, comps: Components) -> int:
+        """The number of blocks, in execution order (FLUX: double-stream then single-stream blocks)."""
+        return len(comps.transformer.transformer_blocks)
+
     def check_supported(self, comps: Components) -> None:
-        if len(comps.transformer.transformer_blocks) < 2:
+        if self.depth(comps) < 2:
             raise FdError("this transformer has fewer than 2 blocks, so it cannot be split into an encoder and a "
                           "decoder: fd needs at least 2")
 
+    def default_split(self, comps: Components) -> int:
+        """The split block when --split-block is not given."""
+        return default_split_block(self.depth(comps))
+
     def set_split_block(self, comps: Components, split_block: int | None) -> None:
-        depth = len(comps.transformer.transformer_blocks)
-        split = default_split_block(depth) if split_block is None else split_block
+        depth = self.depth(comps)
+        split = self.default_split(comps) if split_block is None else split_block
         if not 1 <= split < depth:
             raise FdError(f"--split-block {split} does not fit this {depth}-block transformer: use 1 to {depth - 1} "
-                          f"(default {default_split_block(depth)})")
+                          f"(default {self.default_split(comps)})")
         comps.options["split_block"] = split  # recorded in the manifest (family_options)
 
     def split_block(self, comps: Components) -> int:
-        return comps.options.get("split_block", default_split_block(len(comps.transformer.transformer_blocks)))
+        split = comps.options.get("split_block")
+        return self.default_split(comps) if split is None else split
 
     def size_rule(self, comps: Components) -> tuple[int, int, int]:
         config = comps.transformer.config

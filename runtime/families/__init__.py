@@ -8,9 +8,11 @@ from fd.runtime.families.sd import StableDiffusion
 from fd.runtime.families.sdxl import StableDiffusionXL
 from fd.runtime.families.dit import DiT
 from fd.runtime.families.pixart import PixArtAlpha
+from fd.runtime.families.sd3 import StableDiffusion3
+from fd.runtime.families.flux import Flux
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), DiT(),
-                                                                  PixArtAlpha())}
+                                                                  PixArtAlpha(), StableDiffusion3(), Flux())}
 
 
 def family_of(manifest: dict) -> Family:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 DENOISER_GRAPHS = ("denoiser_encoder", "denoiser_decoder", "vae_decoder")
 
 
@@ -17,6 +19,7 @@ class PromptRequest:
     width: int
     original_size: tuple[int, int] | None = None  # SDXL size conditioning; None: (height, width)
     crops_coords_top_left: tuple[int, int] = (0, 0)
+    guidance_scale: float | None = None  # FLUX.1-dev's embedded guidance reads it
 
 
 class Family:
@@ -43,6 +46,20 @@ class Family:
         texts = self.prompt_texts(list(prompts) + negatives)
         for tokenizer in tokenizers:
             tokenizer(texts)
+
+    # --- the sampler: what a flow-matching family (runtime/families/flow.py) changes -------------------------
+    def classifier_free_guidance(self, guidance_scale: float) -> bool:
+        """Whether the guidance scale asks for classifier-free guidance (FLUX.1 embeds it instead)."""
+        return guidance_scale > 1.0
+
+    def timestep_options(self, manifest: dict, steps: int, height: int, width: int) -> dict:
+        """Extra set_timesteps arguments the family's diffusers pipeline passes (FLUX.1: sigmas and mu)."""
+        return {}
+
+    def guidance_sigmas(self, sampler, timesteps) -> np.ndarray:
+        """Each step's sigma in the variance-preserving frame, which the guidance interval is given in."""
+        from fd.runtime.policy import model_sigmas
+        return model_sigmas(sampler.alphas_cumprod, timesteps)
 
     def prompt_texts(self, texts: list[str]) -> list[str]:
         """The texts as the family tokenizes them (PixArt-α lower-cases and strips them)."""

@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fd.runtime.errors import FdError
-from fd.runtime.schedulers import common, ddim, ddpm, dpmsolver, euler, euler_ancestral, lcm, pndm, unipc
+from fd.runtime.schedulers import common, ddim, ddpm, dpmsolver, euler, euler_ancestral, flow_match, lcm, pndm, unipc
 from fd.runtime.schedulers.ddim import DDIMScheduler
 from fd.runtime.schedulers.ddpm import DDPMScheduler
 from fd.runtime.schedulers.dpmsolver import DPMSolverMultistepScheduler
 from fd.runtime.schedulers.euler import EulerDiscreteScheduler
 from fd.runtime.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
+from fd.runtime.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 from fd.runtime.schedulers.lcm import LCMScheduler
 from fd.runtime.schedulers.pndm import PNDMScheduler
 from fd.runtime.schedulers.unipc import UniPCMultistepScheduler
@@ -65,8 +66,15 @@ REGISTRY: dict[str, SchedulerSpec] = {spec.name: spec for spec in (
     SchedulerSpec("ddpm", DDPMScheduler, ddpm.DEFAULTS, "DDPMScheduler", "DDPM"),
 )}
 SCHEDULERS = tuple(REGISTRY)
+# Flow-matching samplers (SD3, FLUX.1) apart: they run only flow-matching models, and VP samplers only the others
+FLOW_REGISTRY: dict[str, SchedulerSpec] = {spec.name: spec for spec in (
+    SchedulerSpec("flow-euler", FlowMatchEulerDiscreteScheduler, flow_match.DEFAULTS, flow_match.FLOW_CLASS,
+                  "flow-matching Euler, for SD3 and FLUX.1 (their default)"),
+)}
+FLOW_SCHEDULERS = tuple(FLOW_REGISTRY)
+_ALL = {**REGISTRY, **FLOW_REGISTRY}
 MODEL = "model"  # the scheduler class the model's own scheduler_config.json names
-CHOICES = (*SCHEDULERS, MODEL)
+CHOICES = (*SCHEDULERS, *FLOW_SCHEDULERS, MODEL)
 DEFAULT = "ddim"
 
 
@@ -84,7 +92,7 @@ def with_overrides(config: dict, overrides: dict) -> dict:
 def scheduler_for_model(config: dict) -> str:
     """The registry name of the scheduler the model ships with (its config's _class_name and options)."""
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    candidates = [spec for spec in REGISTRY.values() if spec.diffusers_class == class_name]
+    candidates = [spec for spec in _ALL.values() if spec.diffusers_class == class_name]
     if not candidates:
         raise FdError(f"the model's scheduler is {class_name or 'not named in its scheduler config'}, which fd "
                       f"does not offer: choose --scheduler {', '.join(SCHEDULERS)}")
@@ -99,34 +107,42 @@ def scheduler_for_model(config: dict) -> str:
 
 
 def resolve_name(name: str, config: dict) -> str:
-    """A registry name; "model" becomes the name of the model's own scheduler."""
-    if name == MODEL:
+    """A registry name; "model" becomes the name of the model's own scheduler, and so does the default name
+    (ddim) for a flow-matching model, which no diffusion sampler can run."""
+    if name == MODEL or (name == DEFAULT and flow_match.is_flow_config(config)):
         return scheduler_for_model(config)
-    if name not in REGISTRY:
+    if name not in _ALL:
         raise FdError(f"unknown scheduler {name!r}; choose one of: {', '.join(CHOICES)}")
+    flow_model, flow_name = flow_match.is_flow_config(config), name in FLOW_REGISTRY
+    if flow_model != flow_name:
+        raise FdError(f"--scheduler {name} " + (f"is for flow-matching models (SD3, FLUX.1); this one is a diffusion "
+                      f"model: choose one of {', '.join(SCHEDULERS)}" if flow_name else
+                      f"cannot run a flow-matching model (SD3, FLUX.1): use --scheduler "
+                      f"{' or '.join(FLOW_SCHEDULERS)} (or model)"))
     return name
 
 
 def make_scheduler(name: str, config: dict):
     """fd's scheduler called `name` (or "model"), configured from a scheduler_config.json dict."""
-    spec = REGISTRY[resolve_name(name, config)]
+    spec = _ALL[resolve_name(name, config)]
     return spec.fd_class(with_overrides(config, spec.overrides))
 
 
 def diffusers_scheduler(name: str, config: dict):
     """diffusers' counterpart of `name` on the same config (imports diffusers: for baselines and tests)."""
     import diffusers
-    spec = REGISTRY[resolve_name(name, config)]
+    spec = _ALL[resolve_name(name, config)]
     return getattr(diffusers, spec.diffusers_class).from_config(config, **spec.overrides)
 
 
 def choices_help() -> str:
     """Every name and what it is, for --help."""
-    names = [f"{spec.name} = {spec.summary}{', stochastic' if spec.stochastic else ''}" for spec in REGISTRY.values()]
+    names = [f"{spec.name} = {spec.summary}{', stochastic' if spec.stochastic else ''}" for spec in _ALL.values()]
     return "; ".join(names) + f"; {MODEL} = the scheduler class the model ships with. Default: {DEFAULT}"
 
 
-__all__ = ["CHOICES", "DEFAULT", "MODEL", "REGISTRY", "SCHEDULERS", "SchedulerSpec", "DDIMScheduler", "DDPMScheduler",
-           "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "LCMScheduler",
+__all__ = ["CHOICES", "DEFAULT", "FLOW_REGISTRY", "FLOW_SCHEDULERS", "MODEL", "REGISTRY", "SCHEDULERS", "SchedulerSpec",
+           "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
+           "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "LCMScheduler",
            "PNDMScheduler", "UniPCMultistepScheduler", "choices_help", "diffusers_scheduler", "make_scheduler",
            "resolve_name", "scheduler_for_model", "with_overrides"]
