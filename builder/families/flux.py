@@ -27,7 +27,7 @@ from fd.builder.families.flow import FlowTransformerFamily, token_grid
 from fd.builder.families.pixart import make_tiny_t5_tokenizer
 from fd.builder.families.sd3 import T5UnmaskedGraph
 from fd.builder.families.sdxl import _clip_config
-from fd.builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
+from fd.builder.loading import TINY_SEED, load_weights, make_tiny_tokenizer
 from fd.builder.specs import Axis, tensor
 from fd.runtime.errors import FdError
 

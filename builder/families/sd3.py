@@ -23,7 +23,7 @@ from fd.builder.families.base import CastOutputs, Components, _cast
 from fd.builder.families.flow import FlowTransformerFamily, token_grid, unpatchify
 from fd.builder.families.pixart import T5EncoderGraph, make_tiny_t5_tokenizer
 from fd.builder.families.sdxl import _clip_config, _open_clip_style
-from fd.builder.models import TINY_SEED, load_weights, make_tiny_tokenizer
+from fd.builder.loading import TINY_SEED, load_weights, make_tiny_tokenizer
 from fd.builder.specs import Axis, tensor
 from fd.runtime.errors import FdError
 
