@@ -50,8 +50,8 @@ CACHE_ENV = "FD_DIGITS_CACHE"  # where trained folders go (default: cache_root()
 class TrainConfig:
     """How long and how hard each part trains (the full model's defaults fit ~10 minutes on 2 CPU cores)."""
 
-    vae_steps: int = 300
-    unet_steps: int = 2000
+    vae_steps: int = 250
+    unet_steps: int = 1500
     batch_size: int = 64
     vae_lr: float = 2e-3
     unet_lr: float = 1e-3
@@ -214,6 +214,9 @@ def train_unet(unet, latent_mean, latent_std, labels, embeddings, steps: int, co
 def train_components(config: TrainConfig = FULL, seed: int = SEED, progress=None):
     """Every part trained from `seed`: fd's Components of the digits model (family sd, DDIM config)."""
     from fd.builder.families.base import Components
+    # One thread: the same arithmetic (so the same weights) on any machine, and on a shared 2-core machine two
+    # threads were measured 10x slower than one (they spin-wait on each other under load).
+    torch.set_num_threads(1)
     split = load_split()
     tokenizer, text_encoder, unet, vae = make_untrained(seed)
     train_vae(vae, split.train_images, config.vae_steps, config, seed, progress)
