@@ -19,7 +19,7 @@ NOT_WITH_QUALITY = ("key_steps", "uniform", "guidance_interval", "compare", "plo
 
 def add_quality_arguments(parser) -> None:
     group = parser.add_argument_group(
-        "quality (on the digits model: fd-build --model digits --max-batch-size 100)",
+        "quality (on the digits model: fd-build --model digits --max-batch-size 50)",
         "--quality generates 10 x --samples-per-digit images in every arm (each arm sets its own steps, "
         "scheduler and key steps) and reports accuracy, FD-digits and s/image with bootstrap 95% intervals; "
         "--json and --markdown write the table, --seed picks the initial latents, --guidance-scale the scale "
