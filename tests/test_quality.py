@@ -170,12 +170,12 @@ def test_fd_bench_quality_end_to_end_on_the_tiny_model(tiny_engine, digits_cache
     from fd.benchmarks.cli import main
     out, grid = tmp_path / "quality.json", tmp_path / "grid.png"
     code = main(["--engine-dir", str(tiny_engine), "--quality", "--samples-per-digit", "1",
-                 "--arms", "ddim9,fd,dpmpp20-fd,deepcache3", "--json", str(out), "--grid", str(grid)])
+                 "--arms", "ddim9,dpmpp20-fd,deepcache3", "--json", str(out), "--grid", str(grid)])
     printed = capsys.readouterr().out
     assert code == 0
     result = json.loads(out.read_text())
     assert result["schema"] == "fd-bench-quality/1"
-    assert list(result["arms"]) == ["ddim9", "fd", "dpmpp20-fd", "deepcache3"]
+    assert list(result["arms"]) == ["ddim9", "dpmpp20-fd", "deepcache3"]
     for name, arm in result["arms"].items():
         assert arm["samples"] == 10
         for measure in ("accuracy", "fd_digits", "seconds_per_image"):
@@ -183,12 +183,13 @@ def test_fd_bench_quality_end_to_end_on_the_tiny_model(tiny_engine, digits_cache
             assert m["low"] <= m["high"] and np.isfinite(m["value"]), (name, measure)
         assert 0 <= arm["accuracy"]["value"] <= 1 and arm["seconds_per_image"]["value"] > 0
         assert f"| {name} |" in printed
-    assert result["arms"]["fd"]["policy"]["key_steps"] == [0, 1, 2, 3, 5, 10, 15, 25, 35]
+    assert result["arms"]["dpmpp20-fd"]["policy"]["key_steps"] == [0, 1, 2, 3, 5, 10, 15]  # the paper's 20-step set
+    assert result["arms"]["ddim9"]["policy"]["key_steps"] == list(range(9))
     assert result["arms"]["deepcache3"]["runs_on"] == "diffusers"
     assert result["classifier"]["held_out_accuracy"]["value"] >= 0.97
     assert result["floor"]["fd_digits"]["value"] > 0
     width, height = Image.open(grid).size
-    assert height == 4 * 64 + 16 and width > 10 * 64  # a row per arm under a header, ten digits each
+    assert height == 3 * 64 + 16 and width > 10 * 64  # a row per arm under a header, ten digits each
 
 
 def test_quality_refuses_speed_options_and_unknown_arms(tiny_engine, capsys):
