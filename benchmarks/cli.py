@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fd.benchmarks import report
 from fd.benchmarks.bench import DEFAULT_CLASS_LABEL, DEFAULT_PROMPT, Settings, run_benchmark
+from fd.benchmarks.quality_report import add_quality_arguments, main_quality
 from fd.runtime.atomic import check_writable
 from fd.runtime.cli import add_image_input_arguments, check_engine_dir
 from fd.runtime.cli_common import run_cli
@@ -26,6 +27,7 @@ EXAMPLES = """examples:
   fd-bench --engine-dir engines/sd15-control --control-image edges.png --controlnet-scale 0.8 --compare diffusers
   fd-bench --engine-dir engines/dit-xl-random-fp32-onnxruntime --class-label 207 --runs 2 --warmup 1
   fd-bench --engine-dir engines/tiny-pixart-fp32-onnxruntime --steps 20 --compare diffusers
+  fd-bench --engine-dir engines/digits-fp32-onnxruntime --quality --json quality.json --grid quality.png
 """
 
 
@@ -63,12 +65,15 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table block (for benchmarks/RESULTS.md)")
     p.add_argument("--plot", metavar="FILE.png", help="draw per-stage stacked bars per arm (needs matplotlib)")
+    add_quality_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.quality:  # image quality per arm on the digits model (benchmarks/quality.py)
+        return run_cli(lambda: main_quality(args, argv))
 
     def job():
         from fd.benchmarks.bench import check_settings, default_inputs, resolved

@@ -28,7 +28,8 @@ def load_components(model: str, config: str | None = None, allow_pickle: bool = 
     elif generator is not None:
         comps = generator()
         comps.source = {"model": model, "kind": "generated", "seed": TINY_SEED,
-                        "note": "random weights from a config in fd's code; its images are noise"}
+                        "note": "random weights from a config in fd's code; its images are noise",
+                        **comps.source}  # a trained generated model (digits) names its own folder and note
     elif Path(model).expanduser().exists() or looks_like_path(model):
         path = Path(model).expanduser().resolve()
         if not path.is_dir():

@@ -105,6 +105,17 @@ def make_tiny_v_components(seed: int = TINY_SEED) -> Components:
                    text=dict(hidden_act="gelu"), pad_token="!")
 
 
+def make_digits_components(seed: int = TINY_SEED) -> Components:
+    """SD's structure trained here on scikit-learn's digits: a yardstick for image quality (fd-bench --quality).
+    The trainer is the benchmarks' (fd.benchmarks.digits): it trains on first use and caches the folder."""
+    from fd.benchmarks.digits import trained_folder
+    from fd.builder.models import load_folder
+    folder = trained_folder()
+    comps = load_folder(str(folder), f"the digits model at {folder}")
+    comps.source = {"path": str(folder.resolve()), "note": "trained by fd.benchmarks.digits on scikit-learn's digits"}
+    return comps
+
+
 class TextEncoderGraph(nn.Module):
     """input_ids → last hidden state (what Stable Diffusion conditions on)."""
 
@@ -121,7 +132,7 @@ class StableDiffusionFamily(BuildFamily):
     pipeline_classes = ("StableDiffusionPipeline",)
     aliases = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1"}
     generated = {"tiny": make_tiny_components, "tiny-v": make_tiny_v_components,
-                 "sd15-random": make_sd15_random_components}
+                 "sd15-random": make_sd15_random_components, "digits": make_digits_components}
     subfolders = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
     def load_folder(self, folder: str, what: str) -> Components:
