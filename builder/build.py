@@ -43,6 +43,7 @@ class BuildOptions:
     controlnets: tuple[str, ...] = ()  # --controlnet: tiny-controlnet, local folders or hub ids, applied in order
     img2img: bool = False  # --img2img: also build the VAE encoder (fd-run --init-image)
     split_block: int | None = None  # --split-block: transformer families' first decoder block (None: the family's)
+    device: str = "cpu"  # --device: where the torch backend checks its programs (builder/torch_build.py)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -68,6 +69,9 @@ def validate_options(opts: BuildOptions) -> None:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
     from fd.builder.controlnet import check_controlnet_options
     check_controlnet_options(list(opts.controlnets))
+    if opts.device != "cpu":
+        from fd.builder.torch_build import check_device
+        check_device(opts.device, opts.backend)
     if dynamic_range(opts) and not info.dynamic_shapes:
         able = " or ".join(b.name for b in BACKENDS.values() if b.dynamic_shapes)
         raise FdError(f"--dynamic-shape is for {able} folders ({opts.backend} folders are built for one size): "
@@ -121,7 +125,8 @@ def build(opts: BuildOptions, log=print) -> Path:
         specs = family.specs(comps, modules, geometry, export_precision, limits)
         controlnets = add_image_input_graphs(opts, comps, family, modules, specs, geometry, export_precision, limits)
         vocab = min((encoder.config.vocab_size for encoder in comps.text_encoders), default=None)
-        export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed)
+        export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed,
+                         opts.device)
         flops = unet_flops(modules, specs)
         engines = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
         tokenizers = save_tokenizers(comps, stage)

@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split-block", type=int, metavar="S",
                    help="transformer families (DiT, PixArt): blocks 0..S-1 are the encoder, S.. the decoder "
                         "(default: the paper's 18 of 28, scaled to the model's depth)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="torch backend: where each exported program is checked against its module (default cpu; "
+                        "cuda for fp16 SD-sized models, whose fp16 kernels are slow on a CPU); the folder is the same")
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default: TensorRT's, 3)")
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
             force=args.force, backend_options={"dynamic_shape": args.dynamic_shape,
                                                "optimization_level": args.builder_optimization_level,
                                                "timing_cache": args.timing_cache},
-            controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block)
+            controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block,
+            device=args.device)
         out = build(opts)
         print(f"engine folder: {out}")
 
