@@ -121,9 +121,13 @@ if part "build-$SD" 240 "${BUILD[@]}" --model "$SD" --height "$SD_SIZE" --width 
         compare=(); [[ $graphs == "${GRAPHS[0]}" ]] && compare=(--compare diffusers)
         bench "$SD-dpmpp$DPM_STEPS-graphs-$graphs" 120 "$sd_engine" dpmpp-2m "$DPM_STEPS" "$graphs" "${compare[@]}"
     done
-    [[ $DRY == 1 ]] && skip "$SD-ddim$DDIM_STEPS-graphs-on" "CUDA graphs need a GPU"
-    part "$SD-deepcache-ddim$DDIM_STEPS" 120 $PY -m fd.benchmarks.gpu_deepcache --engine-dir "$sd_engine" \
-        --steps "$DDIM_STEPS" --interval 3 --runs "$RUNS" --warmup "$WARMUP" --json "$WORK/$SD-deepcache.json"
+    if [[ $DRY == 1 ]]; then
+        skip "$SD-ddim$DDIM_STEPS-graphs-on" "CUDA graphs need a GPU"
+        skip "$SD-dpmpp$DPM_STEPS-graphs-on" "CUDA graphs need a GPU"
+    fi
+    name=$SD-deepcache3-ddim$DDIM_STEPS
+    part "$name" 120 $PY -m fd.benchmarks.gpu_deepcache --engine-dir "$sd_engine" \
+        --steps "$DDIM_STEPS" --interval 3 --runs "$RUNS" --warmup "$WARMUP" --json "$WORK/$name.json"
 fi
 
 xl_engine=$WORK/engines/$XL

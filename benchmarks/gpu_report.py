@@ -46,10 +46,9 @@ def read_parts(path: Path) -> list[dict]:
 def gather(mode: str, parts: list[dict], work: Path) -> dict:
     """Every part with the JSON its fd-bench (or DeepCache) run wrote, if it wrote one."""
     for part in parts:
-        for suffix in (".json", "-deepcache.json"):
-            candidate = work / f"{part['name']}{suffix}"
-            if candidate.exists():
-                part["result"] = json.loads(candidate.read_text())
+        written = work / f"{part['name']}.json"  # gpu.sh names each part's JSON after the part
+        if written.exists():
+            part["result"] = json.loads(written.read_text())
     env = work / "environment.json"
     return {"schema": SCHEMA, "mode": mode, "written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "environment": json.loads(env.read_text()) if env.exists() else None, "parts": parts}
