@@ -80,3 +80,18 @@ def test_exhausted_budget_skips_parts_and_still_reports(tmp_path):
     run = json.loads((tmp_path / "results.json").read_text())
     assert {p["status"] for p in run["parts"]} == {"skipped (budget)"}
     assert {p["name"] for p in run["parts"]} == {"environment", "build-tiny", "build-tiny-xl"}
+
+
+@pytest.mark.parametrize("backend, message", [
+    ("onnxruntime", "--device cuda is for --backend torch"),
+    ("torch", "--device cuda, but this PyTorch sees no CUDA GPU"),
+])
+def test_build_device_refusals_are_one_line(tmp_path, backend, message):
+    torch = pytest.importorskip("torch")
+    if backend == "torch" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here")
+    from fd.builder.build import BuildOptions, build
+    from fd.runtime.errors import FdError
+    with pytest.raises(FdError, match=message):
+        build(BuildOptions(model="tiny", backend=backend, device="cuda", out=str(tmp_path / "x")), log=lambda *_: None)
+    assert not (tmp_path / "x").exists()
