@@ -62,6 +62,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--compare", choices=["diffusers"], help="add diffusers' own pipeline of the folder's family "
                    "(StableDiffusionPipeline, StableDiffusionXLPipeline, DiTPipeline, PixArtAlphaPipeline; the "
                    "ControlNet pipelines with --control-image) as a third arm")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="fd's arms replay each (graph, input shapes) as a CUDA graph, as fd-run --cuda-graphs")
     p.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings as JSON")
     p.add_argument("--markdown", metavar="FILE", help="write a Markdown table block (for benchmarks/RESULTS.md)")
     p.add_argument("--plot", metavar="FILE.png", help="draw per-stage stacked bars per arm (needs matplotlib)")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
         plan = check_settings(folder, settings)
         settings = resolved(settings, plan)  # the JSON records the size and guidance scale the arms ran with
         started = time.perf_counter()
-        pipe = FasterDiffusionPipeline(args.engine_dir)
+        pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
         load_seconds = time.perf_counter() - started  # the folder's cold start: manifest, every graph, tokenizers
         measured = run_benchmark(pipe, settings,
                                  progress=lambda total: tqdm(total=total, unit="run", desc="fd-bench", leave=False))

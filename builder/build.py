@@ -48,6 +48,7 @@ class BuildOptions:
     adaptations: Adaptations = Adaptations()  # --lora, --textual-inversion, --allow-pickle (builder/adapt.py)
     config: str | None = None  # --config: a single-file checkpoint's config folder (builder/single_file.py)
     refittable: bool = False  # --refittable: LoRA-able weights swappable at run time (builder/refit.py)
+    device: str = "cpu"  # --device: where the torch backend checks its programs (builder/torch_build.py)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -77,6 +78,9 @@ def validate_options(opts: BuildOptions) -> None:
     if opts.refittable:
         from fd.builder.refit import check_refittable
         check_refittable(opts.backend)
+    if opts.device != "cpu":
+        from fd.builder.torch_build import check_device
+        check_device(opts.device, opts.backend)
     if dynamic_range(opts) and not info.dynamic_shapes:
         able = " or ".join(b.name for b in BACKENDS.values() if b.dynamic_shapes)
         raise FdError(f"--dynamic-shape is for {able} folders ({opts.backend} folders are built for one size): "
@@ -132,7 +136,8 @@ def build(opts: BuildOptions, log=print) -> Path:
         specs = family.specs(comps, modules, geometry, export_precision, limits)
         controlnets = add_image_input_graphs(opts, comps, family, modules, specs, geometry, export_precision, limits)
         vocab = min((encoder.config.vocab_size for encoder in comps.text_encoders), default=None)
-        export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed)
+        export_and_check(modules, specs, stage, opts.backend, geometry, export_precision, vocab, opts.seed,
+                         opts.device)
         flops = unet_flops(modules, specs)
         if opts.refittable:  # before the backend's finish, which stores optimized copies of these graphs
             from fd.builder.refit import make_refittable

@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                "of the same kind whose tokenizer and configs are used (its weights are not read)")
     personal.add_argument("--allow-pickle", action="store_true",
                           help="also read .pt/.bin/.ckpt files (Python pickles: only from sources you trust)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="torch backend: where each exported program is checked against its module (default cpu; "
+                        "cuda for fp16 SD-sized models, whose fp16 kernels are slow on a CPU); the folder is the same")
     trt = p.add_argument_group("TensorRT")
     trt.add_argument("--builder-optimization-level", type=int, choices=range(6), metavar="0-5",
                      help="TensorRT builder optimization level (default: TensorRT's, 3)")
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
             controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block,
             adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), tuple(args.custom_diffusion),
                                     args.allow_pickle),
-            config=args.config, refittable=args.refittable)
+            config=args.config, refittable=args.refittable, device=args.device)
         out = build(opts)
         print(f"engine folder: {out}")
 

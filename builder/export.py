@@ -48,11 +48,12 @@ def random_inputs(spec: dict, batch: int, rng: np.random.Generator, vocab_size: 
     return feeds
 
 
-def run_torch(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run_torch(module: nn.Module, spec: dict, feeds: dict[str, np.ndarray], device: str = "cpu") -> list[np.ndarray]:
+    """The module's outputs on host inputs, as float32 host arrays; `device` is where the module already is."""
     with torch.no_grad():
-        out = module(*(torch.from_numpy(feeds[n]) for n in names(spec["inputs"])))
+        out = module(*(torch.from_numpy(feeds[n]).to(device) for n in names(spec["inputs"])))
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    return [o.float().numpy() for o in outs]
+    return [o.float().cpu().numpy() for o in outs]
 
 
 def dynamic_axes(spec: dict, spatial: bool) -> dict[str, dict[int, str]]:

@@ -14,7 +14,7 @@ from fd.builder.specs import has_spatial_axes
 
 
 def export_and_check(modules: dict, specs: dict, stage: Path, backend: str, geometry: dict, precision: str,
-                     vocab: int, seed: int = 0) -> None:
+                     vocab: int, seed: int = 0, device: str = "cpu") -> None:
     """Write each graph into `stage`; record its file, export time and check in its spec."""
     rng = np.random.default_rng(seed)
     for name in tqdm(specs, desc="export + check", unit="graph", disable=None):  # no bar when not a terminal
@@ -25,7 +25,7 @@ def export_and_check(modules: dict, specs: dict, stage: Path, backend: str, geom
             path = stage / f"{name}.pt2"
             torch_build.export_program(module, spec, rng, vocab, path)
             seconds = time.perf_counter() - started
-            check = torch_build.check_program(path, module, spec, rng, vocab, precision)
+            check = torch_build.check_program(path, module, spec, rng, vocab, precision, device)
         else:
             path = stage / f"{name}.onnx"
             feeds = export.random_inputs(spec, spec["batch"]["min"] + 1, rng, vocab)

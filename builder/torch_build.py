@@ -21,6 +21,7 @@ import torch
 from fd.builder import export
 from fd.builder.specs import names
 from fd.runtime.backends.torch_archive import IO_FILE, load_program
+from fd.runtime.errors import FdError
 
 
 def finish(stage: Path, specs: dict, modules: dict, precision: str, opts, geometry: dict, log) -> dict:
@@ -55,21 +56,41 @@ def export_program(module, spec: dict, rng, vocab: int, path: Path) -> None:
     torch.export.save(program, path, extra_files={IO_FILE: json.dumps(io)})
 
 
-def check_program(path: Path, module, spec: dict, rng, vocab: int, precision: str) -> dict:
+def check_device(device: str, backend: str) -> None:
+    """fd-build --device: only the torch backend checks its programs on a device, and only one that is here."""
+    if backend != "torch":
+        raise FdError(f"--device {device} is for --backend torch (the {backend} build checks its graphs its own way): "
+                      "drop --device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FdError("--device cuda, but this PyTorch sees no CUDA GPU: drop --device (the check then runs on the CPU)")
+
+
+def check_program(path: Path, module, spec: dict, rng, vocab: int, precision: str, device: str = "cpu") -> dict:
     """Reload the saved program as fd-run will (so a folder fd-run refuses is never built) and compare it
-    with the module at the smallest batch and the traced one."""
-    loaded = load_program(path, "cpu", spec)
+    with the module at the smallest batch and the traced one, both on `device` (the program saved is the
+    CPU one either way: the runtime moves it where it runs)."""
+    loaded = load_program(path, device, spec)
     batches = sorted({spec["batch"]["min"], example_batch(spec["batch"])})
     result = {}
-    for batch in batches:
-        feeds = export.random_inputs(spec, batch, rng, vocab)
-        with torch.inference_mode():
-            out = loaded(*(torch.from_numpy(feeds[n]) for n in names(spec["inputs"])))
-        got = [o.float().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
-        check = export.compare(got, export.run_torch(module, spec, feeds), precision, f"{path.name} (torch.export)")
-        result["max_rel_error"] = max(result.get("max_rel_error", 0.0), check["max_rel_error"])
-        result["tolerance"] = check["tolerance"]
-    return {**result, "batches": batches}
+    module.to(device)
+    try:
+        for batch in batches:
+            feeds = export.random_inputs(spec, batch, rng, vocab)
+            args = [torch.from_numpy(feeds[n]).to(device) for n in names(spec["inputs"])]
+            with torch.inference_mode():
+                got = host_arrays(loaded(*args))
+            check = export.compare(got, export.run_torch(module, spec, feeds, device), precision,
+                                   f"{path.name} (torch.export)")
+            result["max_rel_error"] = max(result.get("max_rel_error", 0.0), check["max_rel_error"])
+            result["tolerance"] = check["tolerance"]
+    finally:
+        module.to("cpu")  # the next graphs (and the FLOP count) expect the modules where the build made them
+        del loaded
+    return {**result, "batches": batches, "device": device}
+
+
+def host_arrays(out) -> list:
+    return [o.float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
 def drop_unused_weights(program):
