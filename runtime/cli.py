@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fd.runtime.atomic import check_writable, write_atomic
+from fd.runtime.calibrated_steps import calibrated_key_steps
 from fd.runtime.cli_common import run_cli
 from fd.runtime.errors import FdError
 from fd.runtime.policy import FEW_STEPS, parse_guidance_interval, policy_from_options
@@ -18,6 +19,7 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --steps 20 --scheduler dpmpp-2m
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --no-fd          # baseline: every step in full
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --uniform 4      # key step every 4 steps
+  fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --key-steps paper # not the fd-calibrate ones
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --guidance-interval paper  # CFG for sigma in (0.28, 5.42]
   fd-run --engine-dir engines/sd15-dynamic --prompt "a cat" --height 768 --width 512  # built with --dynamic-shape
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --control-image edges.png   # fd-build --controlnet …
@@ -51,8 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     noise.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     noise.add_argument("--latents", help="initial noise as float32 .npy of shape batch x channels x h x w")
     keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--key-steps", help="comma-separated 0-based step indices that run the denoiser encoder "
-                                          "(default: the paper's 0,1,2,3,5,10,15,25,35 at 50 steps)")
+    keys.add_argument("--key-steps", help="comma-separated 0-based step indices that run the denoiser encoder, "
+                                          "'paper' (the paper's 0,1,2,3,5,10,15,25,35 at 50 steps) or 'calibrated' "
+                                          "(the folder's fd-calibrate steps; default where the folder has them for "
+                                          "this scheduler and step count, else paper)")
     keys.add_argument("--uniform", type=int, metavar="K", help="a key step every K steps")
     keys.add_argument("--no-fd", action="store_true", help="baseline: every step a key step, no noise injection")
     p.add_argument("--no-noise-injection", action="store_true", help="turn prior noise injection off")
@@ -212,7 +216,9 @@ def main(argv=None) -> int:
                                      uniform=args.uniform, baseline=args.no_fd,
                                      noise_injection=not args.no_noise_injection,
                                      guidance_interval=args.guidance_interval,
-                                     noise_injection_tau=pipe.family.noise_injection_tau)
+                                     noise_injection_tau=pipe.family.noise_injection_tau,
+                                     calibrated=None if args.init_image is not None else
+                                     calibrated_key_steps(pipe.manifest, args.scheduler, args.steps))
         size_conditioning = sdxl_size_options(args, pipe.family.name)
         result = pipe(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
                       scheduler=args.scheduler, guidance_scale=args.guidance_scale, seed=args.seed,

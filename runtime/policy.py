@@ -169,18 +169,29 @@ def parse_key_steps(text: str) -> tuple[int, ...]:
 
 def policy_from_options(steps: int, max_window: int, *, key_steps: str | None = None, uniform: int | None = None,
                         baseline: bool = False, noise_injection: bool = True,
-                        guidance_interval: str | None = None, noise_injection_tau: int = NOISE_TAU
-                        ) -> FasterDiffusionPolicy:
-    """The policy the command-line options describe (--key-steps "0,1,…" | --uniform K | --no-fd, and
-    --guidance-interval LOW,HIGH | paper); `noise_injection_tau` is the folder's family's."""
+                        guidance_interval: str | None = None, noise_injection_tau: int = NOISE_TAU,
+                        calibrated: tuple[int, ...] | None = None) -> FasterDiffusionPolicy:
+    """The policy the command-line options describe (--key-steps "0,1,…" | paper | calibrated, --uniform K,
+    --no-fd, and --guidance-interval LOW,HIGH | paper); `noise_injection_tau` is the folder's family's;
+    `calibrated` the folder's fd-calibrate key steps for this scheduler and step count (None: none), the default
+    where present."""
     interval = None if guidance_interval is None else parse_guidance_interval(guidance_interval)
     if baseline:
         return FasterDiffusionPolicy.baseline(steps, interval)
-    if key_steps is not None:
+    named = None if key_steps is None else key_steps.strip().lower()
+    if named == "paper":
+        keys = default_key_steps(steps)
+    elif named == "calibrated":
+        if calibrated is None:
+            raise FdError(f"--key-steps calibrated: this engine folder has no calibrated key steps for this scheduler "
+                          f"at {steps} steps: run fd-calibrate with the same --scheduler and --steps, or give "
+                          "--key-steps paper")
+        keys = calibrated
+    elif key_steps is not None:
         keys = parse_key_steps(key_steps)
     elif uniform is not None:
         keys = uniform_key_steps(steps, uniform)
     else:
-        keys = default_key_steps(steps)
+        keys = default_key_steps(steps) if calibrated is None else calibrated
     return FasterDiffusionPolicy(keys, max_window, NoiseInjection(tau=noise_injection_tau) if noise_injection else None,
                                  interval)
