@@ -60,7 +60,7 @@ def choose_key_steps(drift: np.ndarray, num_key_steps: int, max_window: int) -> 
     check_budget(num_key_steps, steps, max_window)
     totals, solution = _solve(drift, min(num_key_steps, steps), max_window)
     count = 1 + int(np.argmin(totals[1:]))  # the first minimum: fewest keys among equal J
-    return _keys(totals, solution, count)
+    return _keys(solution, count)
 
 
 def fewest_key_steps(drift: np.ndarray, max_drift: float, max_window: int) -> tuple[int, ...]:
@@ -71,7 +71,7 @@ def fewest_key_steps(drift: np.ndarray, max_drift: float, max_window: int) -> tu
     steps = len(drift)
     totals, solution = _solve(drift, steps, max_window, stop_below=max_drift * steps)
     count = next(c for c in range(1, len(totals)) if totals[c] <= max_drift * steps * (1 + 1e-12))
-    return _keys(totals, solution, count)
+    return _keys(solution, count)
 
 
 def check_budget(num_key_steps: int, steps: int, max_window: int) -> None:
@@ -124,8 +124,8 @@ def _solve(drift: np.ndarray, most_keys: int, max_window: int, stop_below: float
     return np.asarray(totals), (best, parents, cost)
 
 
-def _keys(totals: np.ndarray, solution, count: int) -> tuple[int, ...]:
-    """The key set behind totals[count]: its last key, then the parents back to step 0."""
+def _keys(solution, count: int) -> tuple[int, ...]:
+    """The key set of least drift with `count` keys: its last key, then the parents back to step 0."""
     best, parents, cost = solution
     key = int(np.argmin(best[count] + cost[:, -1]))
     keys = [key]
