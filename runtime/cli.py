@@ -11,7 +11,7 @@ from fd.runtime.atomic import check_writable, write_atomic
 from fd.runtime.cli_common import run_cli
 from fd.runtime.errors import FdError
 from fd.runtime.policy import FEW_STEPS, parse_guidance_interval, parse_key_steps
-from fd.runtime.request import Policy, Request
+from fd.runtime.request import NAMED_KEY_STEPS, Policy, Request
 from fd.runtime.schedulers import CHOICES, DEFAULT, choices_help
 
 EXAMPLES = """examples:
@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --steps 20 --scheduler dpmpp-2m
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --no-fd          # baseline: every step in full
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --uniform 4      # key step every 4 steps
+  fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --key-steps paper # not the fd-calibrate ones
   fd-run --engine-dir engines/sd15-fp16-tensorrt --prompt "a cat" --guidance-interval paper  # CFG for sigma in (0.28, 5.42]
   fd-run --engine-dir engines/sd15-dynamic --prompt "a cat" --height 768 --width 512  # built with --dynamic-shape
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --control-image edges.png   # fd-build --controlnet …
@@ -52,8 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     noise.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     noise.add_argument("--latents", help="initial noise as float32 .npy of shape batch x channels x h x w")
     keys = p.add_mutually_exclusive_group()
-    keys.add_argument("--key-steps", help="comma-separated 0-based step indices that run the denoiser encoder "
-                                          "(default: the paper's 0,1,2,3,5,10,15,25,35 at 50 steps)")
+    keys.add_argument("--key-steps", help="comma-separated 0-based step indices that run the denoiser encoder, "
+                                          "'paper' (the paper's 0,1,2,3,5,10,15,25,35 at 50 steps) or 'calibrated' "
+                                          "(the folder's fd-calibrate steps; default where the folder has them for "
+                                          "this scheduler and step count, else paper)")
     keys.add_argument("--uniform", type=int, metavar="K", help="a key step every K steps")
     keys.add_argument("--no-fd", action="store_true", help="baseline: every step a key step, no noise injection")
     p.add_argument("--no-noise-injection", action="store_true", help="turn prior noise injection off")
@@ -148,7 +151,10 @@ def policy_from_args(args) -> Policy:
     """--key-steps | --uniform | --no-fd, --no-noise-injection and --guidance-interval as the request's Policy (the
     flags fd-bench lacks count as not given)."""
     key_steps = getattr(args, "key_steps", None)
-    return Policy(key_steps=None if key_steps is None else parse_key_steps(key_steps),
+    if key_steps is not None:
+        named = key_steps.strip().lower()
+        key_steps = named if named in NAMED_KEY_STEPS else parse_key_steps(key_steps)
+    return Policy(key_steps=key_steps,
                   uniform=getattr(args, "uniform", None), baseline=getattr(args, "no_fd", False),
                   noise_injection=not getattr(args, "no_noise_injection", False),
                   guidance_interval=None if args.guidance_interval is None else
@@ -193,7 +199,7 @@ def main(argv=None) -> int:
         result = pipe(request)
         policy = request.policy
         if (policy.key_steps, policy.uniform, policy.baseline) == (None, None, False) and \
-                request.steps_run <= FEW_STEPS:
+                request.steps_run <= FEW_STEPS and result.policy["key_steps"] == list(range(request.steps_run)):
             print(f"note: {request.steps_run} steps: every step is a key step (FasterDiffusion's windows pay off "
                   f"above {FEW_STEPS} steps); give --key-steps or --uniform to reuse the encoder anyway",
                   file=sys.stderr)

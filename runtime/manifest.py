@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from fd.runtime import manifest_schema
 from fd.runtime.atomic import write_atomic
 from fd.runtime.batch import Limits, batch_range
+from fd.runtime.calibrated_steps import check_calibrations
 from fd.runtime.errors import FdError
 
 # 2: model families (family, family_options, tokenizers), named tensor axes, graphs listed by the family
@@ -49,6 +50,7 @@ def load_manifest(engine_dir: str | os.PathLike) -> dict:
     check_graphs(manifest, path)
     check_cache(manifest, path)
     check_batch_ranges(manifest, path)
+    check_calibrations(manifest, path)
     return manifest
 
 

@@ -77,6 +77,13 @@ OPTIMIZED_GRAPH = {"file": FILE, "data": Optional(FILE)}
 OPTIMIZED_GRAPHS = {"level": str, "provider": str, "onnxruntime": str, "cpu": {"machine": str, "isa": ListOf(str)}}
 COMPONENT = {"file": FILE, "inputs": ListOf(TENSOR), "outputs": ListOf(TENSOR),
              "batch": {"min": POSITIVE, "opt": POSITIVE, "max": POSITIVE}, "optimized": Optional(OPTIMIZED_GRAPH)}
+# fd-calibrate's entries (runtime/calibrated_steps.py checks the rest: order, windows, one per scheduler and steps)
+STEP_COUNT = Rule(int, lambda v: 1 <= v <= 1000, "a step count from 1 to 1000")
+STEP_INDEX = Rule(int, lambda v: 0 <= v < 1000, "a step index from 0 to 999")
+DRIFT = Rule(float, lambda v: 0 <= v <= 1e3, "a relative drift from 0 to 1000")  # NaN and inf fail
+CALIBRATION = {"scheduler": str, "steps": STEP_COUNT, "key_steps": ListOf(STEP_INDEX), "mean_drift": DRIFT,
+               "worst_drift": Optional(DRIFT), "paper_mean_drift": Optional(DRIFT),
+               "samples": Optional(Rule(int, lambda v: 1 <= v <= 100_000, "a sample count from 1 to 100000"))}
 CONTROLNET = {"graph": str, "source": dict, "conditioning_channels": POSITIVE, "conditioning_size": ListOf(POSITIVE)}
 MANIFEST = {
     "manifest_version": int,
@@ -98,6 +105,7 @@ MANIFEST = {
     "backend_info": Optional({"optimized_graphs": Optional(OPTIMIZED_GRAPHS), "file_bytes": Optional(MapOf(COUNT))}),
     "flops_per_sample": Optional(MapOf(float)),
     "controlnets": Optional(ListOf(CONTROLNET)),  # fd-build --controlnet, in the order they apply
+    "calibrated_key_steps": Optional(ListOf(CALIBRATION)),  # fd-calibrate, one entry per (scheduler, steps)
 }
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from fd.runtime import stages
 from fd.runtime.backends import load_runner
+from fd.runtime.calibrated_steps import calibrated_key_steps
 from fd.runtime.control import ControlInputs, prepare_control
 from fd.runtime.errors import FdError
 from fd.runtime.families import PromptRequest, family_of
@@ -106,7 +107,11 @@ class EngineFolder:
         inputs = self.inputs_of(request)
         height, width = self.image_size(request.height, request.width)
         guidance = family.default_guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
-        policy = request.policy.resolve(request.steps_run, m["limits"]["max_window"], family.noise_injection_tau)
+        # fd-calibrate's key steps index a whole schedule: image to image, which runs its tail, keeps the paper's
+        calibrated = None if request.init_image is not None else calibrated_key_steps(m, request.scheduler,
+                                                                                         request.steps)
+        policy = request.policy.resolve(request.steps_run, m["limits"]["max_window"], family.noise_injection_tau,
+                                        calibrated)
         max_batch = m["limits"]["max_batch_size"]
         if len(inputs) > max_batch:
             what = "class labels" if family.class_conditional else "prompts"

@@ -98,7 +98,7 @@ class FasterDiffusionPolicy:
         limited to `guidance_interval` when one is given)."""
         return cls(tuple(range(num_steps)), max_window=1, noise_injection=None, guidance_interval=guidance_interval)
 
-    def resolve(self, steps: int, folder_max_window: int, tau: int) -> "FasterDiffusionPolicy":
+    def resolve(self, steps: int, folder_max_window: int, tau: int, calibrated=None) -> "FasterDiffusionPolicy":
         """An explicit plan stands as it is (fd.runtime.request.Policy resolves the same way from options)."""
         return self
 
@@ -167,5 +167,5 @@ def parse_key_steps(text: str) -> tuple[int, ...]:
         raise FdError(f"--key-steps {text!r} is not a comma-separated list of step indices, {example}") from None
     if not keys:
         raise FdError(f"--key-steps {text!r} names no steps: give comma-separated step indices, {example} "
-                      "(or leave --key-steps out for the paper's set)")
+                      "(or 'paper' for the paper's set)")
     return keys

@@ -20,6 +20,7 @@ from fd.runtime.policy import (FasterDiffusionPolicy, NoiseInjection, check_guid
                                uniform_key_steps)
 
 MAX_STEPS = 1000
+NAMED_KEY_STEPS = ("paper", "calibrated")
 DEFAULT_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default
 
 
@@ -30,7 +31,9 @@ class Policy:
     It is resolved against the folder and the steps that run (`resolve`) into a FasterDiffusionPolicy, the plan
     with concrete key steps. A FasterDiffusionPolicy may stand in a Request's `policy` too, as an explicit plan."""
 
-    key_steps: tuple[int, ...] | None = None  # loop indices that run the encoder; None: the paper's set for the steps
+    # loop indices that run the encoder; "paper": the paper's set for the steps; "calibrated": the folder's fd-calibrate
+    # set for this scheduler and step count; None: the calibrated set where the folder has one, else the paper's
+    key_steps: tuple[int, ...] | str | None = None
     uniform: int | None = None  # a key step every `uniform` steps, instead of key_steps
     baseline: bool = False  # every step a key step, no noise injection: the plain sampler (diffusers' pipeline)
     noise_injection: bool = True  # prior noise injection (alpha 0.003, the folder family's tau)
@@ -38,7 +41,10 @@ class Policy:
     max_window: int | None = None  # most steps per decoder call; None: the folder's limit
 
     def __post_init__(self):
-        if self.key_steps is not None:
+        if isinstance(self.key_steps, str):
+            if self.key_steps not in NAMED_KEY_STEPS:
+                raise FdError(f"key steps {self.key_steps!r}: give step indices, 'paper' or 'calibrated'")
+        elif self.key_steps is not None:
             keys = tuple(self.key_steps)
             if not keys or not all(_is_int(k) for k in keys):
                 raise FdError(f"key steps {list(keys)} are not step indices: give whole numbers such as "
@@ -55,13 +61,24 @@ class Policy:
         if self.max_window is not None and not (_is_int(self.max_window) and self.max_window >= 1):
             raise FdError(f"max window {self.max_window} must be a whole number of at least 1")
 
-    def resolve(self, steps: int, folder_max_window: int, tau: int) -> FasterDiffusionPolicy:
+    def resolve(self, steps: int, folder_max_window: int, tau: int,
+                calibrated: tuple[int, ...] | None = None) -> FasterDiffusionPolicy:
         """The plan for `steps` steps that run, on a folder whose decoder takes `folder_max_window` steps per call,
-        with the family's noise-injection `tau`."""
+        with the family's noise-injection `tau` and the folder's calibrated key steps for these steps (None: none)."""
         if self.baseline:
             return FasterDiffusionPolicy.baseline(steps, self.guidance_interval)
-        keys = (self.key_steps if self.key_steps is not None else
-                uniform_key_steps(steps, self.uniform) if self.uniform is not None else default_key_steps(steps))
+        if self.key_steps == "calibrated" and calibrated is None:
+            raise FdError(f"--key-steps calibrated: this engine folder has no calibrated key steps for this scheduler "
+                          f"at {steps} steps: run fd-calibrate with the same --scheduler and --steps, or give "
+                          "--key-steps paper")
+        if self.uniform is not None:
+            keys = uniform_key_steps(steps, self.uniform)
+        elif self.key_steps == "paper" or (self.key_steps is None and calibrated is None):
+            keys = default_key_steps(steps)
+        elif self.key_steps in (None, "calibrated"):
+            keys = calibrated
+        else:
+            keys = self.key_steps
         return FasterDiffusionPolicy(keys, folder_max_window if self.max_window is None else self.max_window,
                                      NoiseInjection(tau=tau) if self.noise_injection else None, self.guidance_interval)
 

@@ -57,14 +57,17 @@ class ImageRequest(BaseModel):
         its images decoded."""
         from fd.runtime.request import Policy, Request
         key_steps = self.key_steps
-        if isinstance(key_steps, str):  # fd-run's "0,1,2" form
+        if isinstance(key_steps, str):  # fd-run's "0,1,2" form, or "paper" / "calibrated"
             from fd.runtime.policy import parse_key_steps
-            key_steps = parse_key_steps(key_steps)
+            from fd.runtime.request import NAMED_KEY_STEPS
+            named = key_steps.strip().lower()
+            key_steps = named if named in NAMED_KEY_STEPS else parse_key_steps(key_steps)
         interval = self.guidance_interval
         if isinstance(interval, str):  # "paper" or fd-run's "LOW,HIGH"
             from fd.runtime.policy import parse_guidance_interval
             interval = parse_guidance_interval(interval)
-        policy = Policy(key_steps=None if key_steps is None else tuple(key_steps), uniform=self.uniform,
+        policy = Policy(key_steps=key_steps if key_steps is None or isinstance(key_steps, str) else tuple(key_steps),
+                        uniform=self.uniform,
                         baseline=not self.fd, noise_injection=self.noise_injection,
                         guidance_interval=None if interval is None else tuple(interval))
         return Request(prompts=() if self.prompt is None else (self.prompt,),

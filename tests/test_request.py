@@ -91,3 +91,15 @@ def test_image_to_image_runs_the_last_steps():
     assert Request(prompts=["a"], steps=10).steps_run == 10
     assert Request(prompts=["a"], steps=10, init_image="x.png").steps_run == 8  # the default strength, 0.8
     assert Request(prompts=["a"], steps=10, init_image="x.png", strength=0.5).steps_run == 5
+
+
+def test_named_key_steps_from_every_front_end():
+    run = request_from_args(run_args(["--engine-dir", "x", "--prompt", "a", "--key-steps", "calibrated"]))
+    assert run.policy == parse_image_request(b'{"prompt": "a", "key_steps": "calibrated"}').policy == \
+        Policy(key_steps="calibrated")
+    assert Policy(key_steps="paper").resolve(20, 15, 500, calibrated=(0, 9)).key_steps == (0, 1, 2, 3, 5, 10, 15)
+    assert Policy().resolve(20, 15, 500, calibrated=(0, 9)).key_steps == (0, 9)  # calibrated is the default
+    with pytest.raises(FdError, match="no calibrated key steps"):
+        Policy(key_steps="calibrated").resolve(20, 15, 500)
+    with pytest.raises(FdError, match="give step indices, 'paper' or 'calibrated'"):
+        Policy(key_steps="best")
