@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import socket
@@ -52,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per engine replica")
     p.add_argument("--address", help="Ray cluster to deploy onto (auto, or ray://HOST:10001); "
                                      "default: a local Ray instance in this process")
+    p.add_argument("--api-key", default=os.environ.get("FD_SERVE_API_KEY") or None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on POST /v1/images and GET /v1/info (/healthz stays "
+                        "open); default: the FD_SERVE_API_KEY environment variable (which, unlike this flag, other "
+                        "users' `ps` does not show), else no key")
     p.add_argument("--verbose", action="store_true",
                    help="also print Ray's and the replicas' logs here (they always go to Ray's log folder)")
     return p.parse_args(argv)
@@ -94,7 +99,8 @@ def serve_args(args, engine_dir: str):
     from fd.serve.app import ServeArgs
     return ServeArgs(engine_dir=engine_dir, replicas=args.replicas, max_batch_size=args.max_batch_size,
                      batch_wait_ms=args.batch_wait_ms, max_ongoing_requests=args.max_ongoing_requests,
-                     max_queued_requests=args.max_queued_requests, num_gpus=args.num_gpus, num_cpus=args.num_cpus)
+                     max_queued_requests=args.max_queued_requests, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                     api_key=args.api_key)
 
 
 def deploy_failure(serve, exc: Exception, logs: str | None) -> FdError:
@@ -144,6 +150,9 @@ def main(argv=None) -> int:
         local = args.address is None
         if args.replicas < 1 or args.max_queued_requests < 1 or args.batch_wait_ms < 0:
             raise FdError("--replicas and --max-queued-requests must be at least 1, --batch-wait-ms 0 or more")
+        if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()):
+            raise FdError("--api-key (or FD_SERVE_API_KEY) is empty or holds control characters: give a key of "
+                          "printable characters, such as one from `openssl rand -hex 32`")
         engine_dir = check_local_options(args) if local else args.engine_dir
         try:
             import ray
