@@ -207,8 +207,8 @@ def test_outputs_are_never_links_devices_or_fifos(tmp_path, capsys):
     assert "is a symbolic link" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a", "--out", str(link))
     assert "device, FIFO or socket" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a",
                                                     "--out", str(tmp_path / "o.png"), "--save-latents", str(fifo))
-    assert "device, FIFO or socket" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a",
-                                                    "--out", str(tmp_path / "o.png"), "--save-latents", "/dev/null")
+    assert "/dev/null must end in .npy" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a",
+                                                        "--out", str(tmp_path / "o.png"), "--save-latents", "/dev/null")
     assert "must end in .npy" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a",
                                               "--out", str(tmp_path / "o.png"), "--save-latents", str(tmp_path / "l"))
     with pytest.raises(FdError, match="device, FIFO or socket"):
@@ -226,12 +226,9 @@ def test_outputs_are_never_links_devices_or_fifos(tmp_path, capsys):
 # --- item 8: every number the manifest and archives carry is bounded ---------------------------------------
 
 @pytest.fixture(scope="module")
-def control_folder(tmp_path_factory) -> Path:
-    """tiny with tiny-controlnet and the VAE encoder (--img2img), one image per generation."""
-    from fd.builder.build import BuildOptions, build
-    out = tmp_path_factory.mktemp("hostile") / "tiny-control"
-    return build(BuildOptions(model="tiny", controlnets=("tiny-controlnet",), img2img=True, max_batch_size=1,
-                              max_window=6, out=str(out)), log=lambda *_: None)
+def control_folder(tiny_control_engine) -> Path:
+    """tiny with tiny-controlnet and the VAE encoder (--img2img), built once per session (conftest.py)."""
+    return tiny_control_engine
 
 
 def tampered(key_path: str, value):
