@@ -32,7 +32,7 @@ def check_target(path: Path, what: str) -> None:
     go), a device such as /dev/null, a FIFO or a socket."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a file in the way is said by the caller)
         return
     if stat.S_ISLNK(mode):
         raise FdError(f"{what} {path} is a symbolic link: fd writes only regular files; give the path of the file "

@@ -160,9 +160,30 @@ class FdHttp:
         self.info_cache: dict | None = None
         self.api_key_digest = api_key_digest
         self.image_inputs = folder_image_inputs(engine_dir)
+        self.in_flight = 0  # POST /v1/images being handled (drain waits for them)
+        self.draining = False
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking images (503 with Retry-After) and wait up to grace_s seconds for those in flight to be
+        answered; fd-serve calls it on SIGINT/SIGTERM before it shuts Serve down. Returns how many remain."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
 
     @http.post("/v1/images")
     async def images(self, request: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"error": "the server is stopping: retry on another server or after it restarts"},
+                                status_code=503, headers={"Retry-After": "10"})
+        self.in_flight += 1
+        try:
+            return await self._images(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _images(self, request: Request) -> Response:
         refused = unauthorized(request, self.api_key_digest)
         if refused is not None:
             return refused

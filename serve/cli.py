@@ -20,12 +20,14 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from fd.runtime.cli_common import run_cli
 from fd.runtime.errors import FdError
 
 APP_NAME = "fd"
+DRAIN_SECONDS = 30  # on SIGINT/SIGTERM, how long the requests in flight get to finish
 EXAMPLES = """examples:
   fd-serve --engine-dir engines/tiny-fp32-onnxruntime
   curl -s localhost:8000/v1/images -H 'content-type: application/json' -d '{"prompt": "a cat", "seed": 1}' -o cat.png
@@ -181,11 +183,25 @@ def main(argv=None) -> int:
                   "(POST /v1/images, GET /healthz, GET /v1/info); Ctrl-C stops"
                   + (f"; logs in {logs}" if logs else ""), flush=True)
             wait_for_stop_signal()
-            print("fd-serve: stopping", flush=True)
+            print(f"fd-serve: stopping (answering the requests in flight, up to {DRAIN_SECONDS} s)", flush=True)
+            drain(serve)
         finally:
             stop_serving(serve, ray, local, deployed)
 
     return run_cli(job)
+
+
+def drain(serve) -> None:
+    """Let the front answer the images in flight (new ones get 503 with Retry-After) before Serve shuts down,
+    so no client's connection is closed without a reply."""
+    try:
+        left = serve.get_app_handle(APP_NAME).drain.remote(DRAIN_SECONDS).result(timeout_s=DRAIN_SECONDS + 10)
+        time.sleep(0.5)  # the proxy sends the last replies
+    except Exception as exc:  # noqa: BLE001 - the front is gone already: nothing to wait for
+        print(f"fd-serve: could not drain the requests in flight ({type(exc).__name__})", file=sys.stderr)
+        return
+    if left:
+        print(f"fd-serve: {left} request(s) still running after {DRAIN_SECONDS} s are dropped", file=sys.stderr)
 
 
 def stop_serving(serve, ray, local: bool, deployed: bool) -> None:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -207,8 +208,8 @@ def test_outputs_are_never_links_devices_or_fifos(tmp_path, capsys):
     assert "is a symbolic link" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a", "--out", str(link))
     assert "device, FIFO or socket" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a",
                                                     "--out", str(tmp_path / "o.png"), "--save-latents", str(fifo))
-    assert "/dev/null must end in .npy" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a",
-                                                        "--out", str(tmp_path / "o.png"), "--save-latents", "/dev/null")
+    assert "device, FIFO or socket" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a",
+                                                    "--out", str(tmp_path / "o.png"), "--save-latents", "/dev/null")
     assert "must end in .npy" in fd_run_error(capsys, "--engine-dir", none, "--prompt", "a",
                                               "--out", str(tmp_path / "o.png"), "--save-latents", str(tmp_path / "l"))
     with pytest.raises(FdError, match="device, FIFO or socket"):
@@ -279,7 +280,7 @@ def test_size_expressions_must_be_small_and_plain(expression, plain):
     assert _plain_sympy(expression) is plain
 
 
-# --- item 1 and the HTTP front: one real fd-serve on the ControlNet + img2img folder -------------------------
+# --- items 1, 4, 5, 9 and the HTTP front: one real fd-serve on the ControlNet + img2img folder ---------------
 
 def test_warm_up_runs_the_control_and_img2img_graphs(control_folder):
     from fd.serve.service import ImageService
@@ -334,9 +335,21 @@ def test_the_front_refuses_what_it_should_before_the_engine(control_folder, tmp_
         reply = connection.getresponse()
         assert reply.status == 413 and "at most" in json.loads(reply.read())["error"]
         connection.close()
+        # SIGTERM (to fd-serve alone, as a service manager sends it) while a request runs: it is answered
+        replies = []
+        slow = threading.Thread(target=lambda: replies.append(server.client(timeout=120).request(
+            "POST", "/v1/images", body(control_images=[edges], steps=30, seed=7), key)))
+        slow.start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        slow.join(120)
+        assert [r.status for r in replies] == [200], server.tail()
+        assert process.wait(90) == 0, server.tail()
+        assert "still running" not in server.tail() and "could not drain" not in server.tail(), server.tail()
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
