@@ -78,7 +78,8 @@ MAX_SIDE = 16384  # pixels
 POSITIVE = Rule(int, lambda v: 0 < v < 2**31, "a positive integer")
 COUNT = Rule(int, lambda v: 0 <= v < 2**31, "an integer of 0 or more")
 SCALE = bounded(1e-6, 1e3, float, "a number")
-DIM = Rule(None, lambda v: v == "batch" or (_is(v, int) and 0 < v <= 2**20), 'a positive integer (at most 2^20) or "batch"')
+DIM = Rule(None, lambda v: v == "batch" or (_is(v, int) and 0 < v <= 2**20),
+           'a positive integer (at most 2^20) or "batch"')
 SIDE = bounded(1, MAX_SIDE)
 FINITE = bounded(-1e6, 1e6, float, "a number")
 BETA = bounded(0, 1, float, "a number")

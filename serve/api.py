@@ -4,9 +4,10 @@ The schema (field names and JSON types) is checked here by pydantic; the body th
 (fd.runtime.request), whose checks are fd-run's, so a bad value gets the line fd-run prints, before the request
 reaches an engine replica. What depends on the engine folder (its family, size, limits, ControlNets, prompt
 length) is checked by the replica with the pipeline's `prepare`. Images (ControlNet conditioning, the img2img
-start) travel as base64-encoded PNG, JPEG or WEBP files (no other format) and are decoded here, after their
-count, and whether the folder takes them at all (`ImageInputs`, from its manifest), are checked. A request gives a `prompt` (text folders)
-or a `class_label` (class-conditional folders: DiT), as fd-run takes --prompt or --class-label.
+start) travel as base64-encoded PNG, JPEG or WEBP files (no other format) and are decoded here, once their
+count and whether the folder takes them at all (`ImageInputs`, from its manifest) are checked. A request gives a
+`prompt` (text folders) or a `class_label` (class-conditional folders: DiT), as fd-run takes --prompt or
+--class-label.
 """
 from __future__ import annotations
 
