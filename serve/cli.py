@@ -13,6 +13,7 @@ logs (the access log, tracebacks of internal errors) go to Ray's log folder, whi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
             print(f"fd-serve: stopping (answering the requests in flight, up to {DRAIN_SECONDS} s)", flush=True)
             drain(serve)
         finally:
-            stop_serving(serve, ray, local, deployed)
+            with quiet_stdout(not args.verbose):
+                stop_serving(serve, ray, local, deployed)
 
     return run_cli(job)
 
@@ -202,6 +204,18 @@ def drain(serve) -> None:
         return
     if left:
         print(f"fd-serve: {left} request(s) still running after {DRAIN_SECONDS} s are dropped", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def quiet_stdout(quiet: bool):
+    """While fd-serve shuts Serve down, Ray relays to this process's stdout the retries of the Serve controller's
+    tasks that the shutdown itself kills ("(raylet) Task ServeController.graceful_shutdown failed ..."): noise
+    after fd's own "stopping" line, so it is dropped (--verbose keeps it; Ray's log folder has it either way)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
 
 
 def stop_serving(serve, ray, local: bool, deployed: bool) -> None:

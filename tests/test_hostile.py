@@ -346,6 +346,7 @@ def test_the_front_refuses_what_it_should_before_the_engine(control_folder, tmp_
         assert [r.status for r in replies] == [200], server.tail()
         assert process.wait(90) == 0, server.tail()
         assert "still running" not in server.tail() and "could not drain" not in server.tail(), server.tail()
+        assert "(raylet)" not in server.tail(), server.tail()  # no stray Ray line after fd's own
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)
