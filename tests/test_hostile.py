@@ -296,8 +296,8 @@ def test_the_front_refuses_what_it_should_before_the_engine(control_folder, tmp_
     env.pop("RAY_ADDRESS", None)
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "fd.serve.cli", "--engine-dir", str(control_folder),
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+                                    "--port", str(port), "--replicas", "2", "--num-cpus", "0.5"], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Server(process, f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + 240
@@ -335,6 +335,30 @@ def test_the_front_refuses_what_it_should_before_the_engine(control_folder, tmp_
         reply = connection.getresponse()
         assert reply.status == 413 and "at most" in json.loads(reply.read())["error"]
         connection.close()
+        # two replicas; one killed mid-load: every request is answered (200, or 503 for the dead one's), the other
+        # replica serves on, and Ray starts a new one
+        import psutil
+        from concurrent.futures import ThreadPoolExecutor
+        engines = [p for p in psutil.Process(process.pid).children(recursive=True)
+                   if "ServeReplica:fd:FdEngine" in " ".join(p.cmdline())]
+        assert len(engines) == 2, server.tail()
+
+        def send(seed):
+            return server.client(timeout=120).request(
+                "POST", "/v1/images", body(control_images=[edges], steps=20, seed=seed), key)
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(send, seed) for seed in range(8)]
+            time.sleep(1.0)
+            engines[0].kill()
+            statuses = sorted(future.result(timeout=150).status for future in futures)
+        print(f"\nreplies around the replica kill: {statuses}")
+        assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+        deadline = time.monotonic() + 120
+        while client.request("GET", "/healthz").status != 200:
+            assert time.monotonic() < deadline, f"not healthy again:\n{server.tail()}"
+            time.sleep(1)
+        assert send(99).status == 200
         # SIGTERM (to fd-serve alone, as a service manager sends it) while a request runs: it is answered
         replies = []
         slow = threading.Thread(target=lambda: replies.append(server.client(timeout=120).request(
@@ -346,7 +370,8 @@ def test_the_front_refuses_what_it_should_before_the_engine(control_folder, tmp_
         assert [r.status for r in replies] == [200], server.tail()
         assert process.wait(90) == 0, server.tail()
         assert "still running" not in server.tail() and "could not drain" not in server.tail(), server.tail()
-        assert "(raylet)" not in server.tail(), server.tail()  # no stray Ray line after fd's own
+        after_stop = server.tail().split("fd-serve: stopping", 1)[1]
+        assert "(raylet)" not in after_stop, server.tail()  # no stray Ray line after fd's own
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)
