@@ -12,6 +12,7 @@ folder is swapped into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -141,6 +142,23 @@ def _swap_into_place(stage: Path, out: Path, force: bool, committed: list) -> No
             shutil.rmtree(retired, ignore_errors=True)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What ran out of space, if `exc` (or an error it came from) is a full disk or quota; libraries that write
+    (onnx, torch, TensorRT) may wrap the OSError in their own error, keeping its text."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return f"{exc.strerror or os.strerror(exc.errno)}" + (f" writing {exc.filename}" if exc.filename else "")
+        if any(os.strerror(code) in str(exc) for code in DISK_FULL):
+            return next(os.strerror(code) for code in DISK_FULL if os.strerror(code) in str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def staged_folder(out: Path, force: bool):
     """Check `out`, then yield an empty stage beside it; swap it into place if the block completes."""
@@ -156,6 +174,10 @@ def staged_folder(out: Path, force: bool):
         # it into "ImportError: initialization failed"); after a signal, any failure is the interrupt.
         signum = exc.signum if isinstance(exc, Interrupted) else next(iter(signals_seen()), None)
         if signum is None:
+            full = disk_full(exc)
+            if full is not None:  # the stage is removed below: the space it took comes back
+                raise FdError(f"the disk is full ({full}): the build stopped and {out} is unchanged; free space "
+                              f"in {out.parent.absolute()} (or choose another --out) and build again") from None
             raise
         detail = (f"it came as the build finished; {out} holds the new engine folder" if committed else
                   f"the build stopped before it finished; {out} is unchanged")

@@ -115,6 +115,9 @@ def check_outputs(args) -> list[Path]:
         check_writable(path, "--out")
     if args.save_latents is not None:
         check_writable(args.save_latents, "--save-latents")
+        if Path(args.save_latents).suffix.lower() != ".npy":
+            raise FdError(f"--save-latents {args.save_latents} must end in .npy (numpy's format, which it is "
+                          "written in)")
     return paths
 
 

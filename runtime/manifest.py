@@ -35,6 +35,8 @@ def load_manifest(engine_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         raise FdError(f"{path} is unreadable ({exc}): {REBUILD}") from None
+    except RecursionError:  # json's parser recurses once per nesting level; fd's manifests are a few levels deep
+        raise FdError(f"{path} is nested too deeply to be an fd manifest: {REBUILD}") from None
     try:
         manifest_schema.check(manifest, dict)
     except manifest_schema.SchemaError as exc:

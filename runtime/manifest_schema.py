@@ -63,20 +63,38 @@ class File:
 
 
 FILE = File()
-POSITIVE = Rule(int, lambda v: v > 0, "a positive integer")
-COUNT = Rule(int, lambda v: v >= 0, "an integer of 0 or more")
-SCALE = Rule(float, lambda v: 0 < v < float("inf"), "a positive number")  # NaN fails too
-DIM = Rule(None, lambda v: v == "batch" or (_is(v, int) and v > 0), 'a positive integer or "batch"')
-TENSOR = {"name": str, "dtype": Rule(str, lambda v: v in NUMPY_DTYPES, f"one of {', '.join(NUMPY_DTYPES)}"),
+
+
+def bounded(low, high, kind=int, what=None):
+    """A number from low to high (NaN and infinities fail): every number the runtime sizes buffers or loops by."""
+    what = what or ("a positive integer" if low >= 1 else "an integer")
+    show = lambda x: f"{x:g}" if isinstance(x, float) else f"{x:_}".replace("_", " ")  # noqa: E731
+    return Rule(kind, lambda v: low <= v <= high, f"{what} from {show(low)} to {show(high)}")
+
+
+# Bounds far above any real model (SDXL: 1024 px, 4 latent channels, 1000 train steps; FLUX: 16 channels) and
+# far below what would hang fd or exhaust memory before a check could say why.
+MAX_SIDE = 16384  # pixels
+POSITIVE = Rule(int, lambda v: 0 < v < 2**31, "a positive integer")
+COUNT = Rule(int, lambda v: 0 <= v < 2**31, "an integer of 0 or more")
+SCALE = bounded(1e-6, 1e3, float, "a number")
+DIM = Rule(None, lambda v: v == "batch" or (_is(v, int) and 0 < v <= 2**20),
+           'a positive integer (at most 2^20) or "batch"')
+SIDE = bounded(1, MAX_SIDE)
+FINITE = bounded(-1e6, 1e6, float, "a number")
+BETA = bounded(0, 1, float, "a number")
+NAME = Rule(str, lambda v: "\x00" not in v, "a string without NUL characters")
+TENSOR = {"name": NAME, "dtype": Rule(str, lambda v: v in NUMPY_DTYPES, f"one of {', '.join(NUMPY_DTYPES)}"),
           "shape": ListOf(DIM), "axes": ListOf(Nullable(str))}
-TOKENIZER = {"file": FILE, "max_length": POSITIVE, "pad_token_id": COUNT,
+TOKENIZER = {"file": FILE, "max_length": bounded(1, 65536), "pad_token_id": bounded(0, 2**24),
              "expansions": Optional(MapOf(str))}  # textual inversion's multi-vector tokens (builder/adapt.py)
 # ONNX Runtime folders: the graph as ONNX Runtime optimized it at build time, and its weights file
 # (builder/onnxruntime_build.py); used only on the CPU they were made for (backend_info.optimized_graphs)
 OPTIMIZED_GRAPH = {"file": FILE, "data": Optional(FILE)}
 OPTIMIZED_GRAPHS = {"level": str, "provider": str, "onnxruntime": str, "cpu": {"machine": str, "isa": ListOf(str)}}
+BATCH = bounded(1, 2**16)
 COMPONENT = {"file": FILE, "inputs": ListOf(TENSOR), "outputs": ListOf(TENSOR),
-             "batch": {"min": POSITIVE, "opt": POSITIVE, "max": POSITIVE}, "optimized": Optional(OPTIMIZED_GRAPH)}
+             "batch": {"min": BATCH, "opt": BATCH, "max": BATCH}, "optimized": Optional(OPTIMIZED_GRAPH)}
 # fd-calibrate's entries (runtime/calibrated_steps.py checks the rest: order, windows, one per scheduler and steps)
 STEP_COUNT = Rule(int, lambda v: 1 <= v <= 1000, "a step count from 1 to 1000")
 STEP_INDEX = Rule(int, lambda v: 0 <= v < 1000, "a step index from 0 to 999")
@@ -84,20 +102,27 @@ DRIFT = Rule(float, lambda v: 0 <= v <= 1e3, "a relative drift from 0 to 1000") 
 CALIBRATION = {"scheduler": str, "steps": STEP_COUNT, "key_steps": ListOf(STEP_INDEX), "mean_drift": DRIFT,
                "worst_drift": Optional(DRIFT), "paper_mean_drift": Optional(DRIFT),
                "samples": Optional(Rule(int, lambda v: 1 <= v <= 100_000, "a sample count from 1 to 100000"))}
-CONTROLNET = {"graph": str, "source": dict, "conditioning_channels": POSITIVE, "conditioning_size": ListOf(POSITIVE)}
+CONTROLNET = {"graph": str, "source": dict, "conditioning_channels": bounded(1, 64), "conditioning_size": ListOf(SIDE)}
+# The numbers of a diffusers scheduler_config.json the schedulers size tables or loops by; other keys are the
+# schedulers' own (fd.runtime.schedulers checks their names and kinds).
+SCHEDULER_CONFIG = {"num_train_timesteps": Optional(bounded(1, 100_000)), "steps_offset": Optional(bounded(0, 1000)),
+                    "beta_start": Optional(BETA), "beta_end": Optional(BETA),
+                    "trained_betas": Optional(Nullable(ListOf(BETA))),
+                    "shift": Optional(FINITE), "base_shift": Optional(FINITE), "max_shift": Optional(FINITE),
+                    "original_inference_steps": Optional(bounded(1, 100_000))}
 MANIFEST = {
     "manifest_version": int,
     "backend": str,
     "precision": str,
     "source": Optional(dict),
-    "height": POSITIVE, "width": POSITIVE,
-    "vae_scale_factor": POSITIVE, "latent_channels": POSITIVE,
-    "dynamic_shape": Optional(Nullable({"min": POSITIVE, "max": POSITIVE})),
+    "height": SIDE, "width": SIDE,
+    "vae_scale_factor": bounded(1, 64), "latent_channels": bounded(1, 1024),
+    "dynamic_shape": Optional(Nullable({"min": SIDE, "max": SIDE})),
     "vae_scaling_factor": SCALE,
-    "limits": {"max_batch_size": POSITIVE, "max_window": POSITIVE},
-    "scheduler_config": dict,
+    "limits": {"max_batch_size": bounded(1, 1024), "max_window": bounded(1, 1000)},
+    "scheduler_config": SCHEDULER_CONFIG,
     "family": str,
-    "family_options": dict,
+    "family_options": {"num_classes": Optional(bounded(1, 1_000_000))},
     "tokenizers": ListOf(TOKENIZER),  # one per text graph (SDXL: two)
     "cache": ListOf(str),
     "components": MapOf(COMPONENT, required=REQUIRED_COMPONENTS),
@@ -124,7 +149,7 @@ def _check(value, node, key_path: str, files: list) -> None:
         if (node.node is not None and not _is(value, node.node)) or not node.test(value):
             raise SchemaError(key_path, f"is {_show(value)}, expected {node.expected}")
     elif isinstance(node, File):
-        _check(value, str, key_path, files)
+        _check(value, NAME, key_path, files)
         files.append((key_path, value))
     elif isinstance(node, (dict, MapOf)):
         _check(value, dict, key_path, files)

@@ -21,6 +21,9 @@ from fd.runtime.policy import (FasterDiffusionPolicy, NoiseInjection, check_guid
 
 MAX_STEPS = 1000
 NAMED_KEY_STEPS = ("paper", "calibrated")
+# Far above any useful scale (SD's usual 7.5, the papers' sweeps stop near 20); larger ones only saturate the
+# image, and near float's limit the guided prediction overflows to a black image.
+MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default
 
 
@@ -121,6 +124,10 @@ class Request:
         if not all(isinstance(c, str) or _is_int(c) for c in self.class_labels):
             raise FdError(_SEQUENCE_HINTS["class_labels"])
         negative = self.negative_prompt
+        texts = [*self.prompts, *(c for c in self.class_labels if isinstance(c, str)),
+                 *([negative] if isinstance(negative, str) else negative if isinstance(negative, Sequence) else [])]
+        for text in texts:
+            check_text(text)
         if not (negative is None or isinstance(negative, str)):
             if not (isinstance(negative, Sequence) and len(negative) == len(self.inputs)
                     and all(isinstance(n, str) for n in negative)):
@@ -203,9 +210,20 @@ def _is_int(value) -> bool:
 def check_guidance_scale(guidance_scale) -> None:
     # NaN passes every comparison and inf overflows the guided prediction: both give black or noise images.
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)) or not (
-            math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise FdError(f"--guidance-scale {guidance_scale} is not allowed: give a finite number, 0 or more "
-                      "(1 or less turns guidance off; 7.5 is usual)")
+            math.isfinite(guidance_scale) and 0 <= guidance_scale <= MAX_GUIDANCE_SCALE):
+        raise FdError(f"--guidance-scale {guidance_scale} is not allowed: give a finite number from 0 to "
+                      f"{MAX_GUIDANCE_SCALE:g} (1 or less turns guidance off; 7.5 is usual)")
+
+
+def check_text(text) -> None:
+    """Prompts and labels must be Unicode a tokenizer can take: no lone surrogates, which are what Python makes of
+    argv bytes that are not UTF-8 (surrogateescape) and what JSON's unpaired \\ud800-\\udfff escapes decode to."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FdError(f"prompt {text.encode('utf-8', 'replace').decode()[:60]!r} is not valid text (bytes that are "
+                          "not UTF-8, or an unpaired UTF-16 surrogate): give the prompt as UTF-8") from None
 
 
 def check_seed(seed) -> None:

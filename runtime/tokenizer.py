@@ -21,6 +21,10 @@ class PromptTokenizer:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise FdError(f"cannot read the tokenizer {tokenizer_json}: {reason}: "
                           "rebuild the engine folder with fd-build --force") from None
+        vocabulary = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if not 0 <= pad_token_id < vocabulary:  # the text encoder's embedding would index out of its table
+            raise FdError(f"the manifest's pad_token_id {pad_token_id} is not in the tokenizer {tokenizer_json}'s "
+                          f"vocabulary of {vocabulary} tokens: rebuild the engine folder with fd-build --force")
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_length = max_length

@@ -4,18 +4,21 @@ The schema (field names and JSON types) is checked here by pydantic; the body th
 (fd.runtime.request), whose checks are fd-run's, so a bad value gets the line fd-run prints, before the request
 reaches an engine replica. What depends on the engine folder (its family, size, limits, ControlNets, prompt
 length) is checked by the replica with the pipeline's `prepare`. Images (ControlNet conditioning, the img2img
-start) travel as base64-encoded PNG or JPEG files and are decoded here. A request gives a `prompt` (text folders)
-or a `class_label` (class-conditional folders: DiT), as fd-run takes --prompt or --class-label.
+start) travel as base64-encoded PNG, JPEG or WEBP files (no other format) and are decoded here, once their
+count and whether the folder takes them at all (`ImageInputs`, from its manifest) are checked. A request gives a
+`prompt` (text folders) or a `class_label` (class-conditional folders: DiT), as fd-run takes --prompt or
+--class-label.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # text fields and a few base64 images; anything bigger is refused unparsed
-MAX_IMAGE_PIXELS = 4096 * 4096  # a sent image is resized to the generation size; bigger ones are refused unread
+MAX_CONTROL_IMAGES = 8  # more than any folder's ControlNets: refused before any is decoded
 
 
 class BadRequest(Exception):
@@ -86,16 +89,45 @@ class ImageRequest(BaseModel):
 FIELDS = ", ".join(ImageRequest.model_fields)
 
 
-def parse_image_request(body: bytes):
+@dataclass(frozen=True)
+class ImageInputs:
+    """What images an engine folder takes, from its manifest: the front refuses others before decoding them."""
+
+    controlnets: int  # ControlNets, each taking one control image
+    img2img: bool  # a VAE encoder: an init image
+
+    @classmethod
+    def of(cls, manifest: dict) -> "ImageInputs":
+        from fd.runtime.control import controlnet_records
+        return cls(len(controlnet_records(manifest)), "vae_encoder" in manifest["components"])
+
+    def refuse(self, request: ImageRequest) -> None:
+        """BadRequest (422) for images this folder cannot use (their count, or an init image without --img2img)."""
+        given = len(request.control_images or [])
+        if given and not self.controlnets:
+            raise BadRequest(422, '"control_images" given, but this engine folder has no ControlNet: drop it')
+        if given and given != self.controlnets:
+            raise BadRequest(422, f'"control_images" holds {given} images, but this engine folder has '
+                                  f"{self.controlnets} ControlNet(s): send one per ControlNet, in build order")
+        if request.init_image is not None and not self.img2img:
+            raise BadRequest(422, '"init_image" given, but this engine folder has no VAE encoder (built without '
+                                  "fd-build --img2img): drop it")
+
+
+def parse_image_request(body: bytes, inputs: ImageInputs | None = None):
     """The fd Request of a POST body, or BadRequest: 400 for a body that is not a JSON object, 422 for a schema
     problem (unknown field, wrong type, empty prompt, conflicting key-step options) or a value fd-run refuses
-    without an engine folder (neither or both of prompt and class_label, steps, seed, sizes, images, ...)."""
+    without an engine folder (neither or both of prompt and class_label, steps, seed, sizes, images, ...).
+    With the folder's `inputs`, images it cannot use are refused too; images are decoded last."""
     if len(body) > MAX_BODY_BYTES:
         raise BadRequest(413, f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(400, f"request body is not valid JSON ({exc}): send a JSON object such as "
+                              '{"prompt": "a photo of a cat"}') from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise BadRequest(400, "request body is nested too deeply: send a flat JSON object such as "
                               '{"prompt": "a photo of a cat"}') from None
     if not isinstance(data, dict):
         raise BadRequest(400, 'request body must be a JSON object such as {"prompt": "a photo of a cat"}')
@@ -110,6 +142,11 @@ def parse_image_request(body: bytes):
     if len(chosen) > 1:
         raise BadRequest(422, f'{" and ".join(chosen)} both choose the key steps: give at most one of "key_steps", '
                               '"uniform" or "fd": false')
+    if len(request.control_images or []) > MAX_CONTROL_IMAGES:
+        raise BadRequest(422, f'"control_images" holds {len(request.control_images)} images; at most '
+                              f"{MAX_CONTROL_IMAGES} are accepted: send one per ControlNet of the folder")
+    if inputs is not None:
+        inputs.refuse(request)
     from fd.runtime.errors import FdError
     try:
         return request.to_request()  # fd-run's checks and lines for every value that needs no engine folder
@@ -118,31 +155,21 @@ def parse_image_request(body: bytes):
 
 
 def decode_image(data: str, field_name: str):
-    """A base64-encoded image file (a data: URL's prefix allowed) as a PIL image, or one FdError line."""
+    """A base64-encoded PNG, JPEG or WEBP file (a data: URL's prefix allowed) as a PIL image, or one FdError line:
+    its format (first bytes) and size (header) are checked before its pixels are decoded."""
     import base64
     import binascii
     import io
 
-    from PIL import Image, UnidentifiedImageError
-
     from fd.runtime.errors import FdError
+    from fd.runtime.images import IMAGE_FORMATS, read_image
     if data.startswith("data:") and "," in data:
         data = data.split(",", 1)[1]
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise FdError(f'"{field_name}" is not base64: send the image file (PNG or JPEG) base64-encoded') from None
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise FdError(f'"{field_name}" is {image.width}x{image.height} pixels; at most {MAX_IMAGE_PIXELS} '
-                              "are accepted: send it at (about) the image size")
-            image.load()  # decode now: a truncated file fails here, not mid-generation
-            return image.copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FdError(f'"{field_name}" is not an image PIL can read ({reason}): send a base64-encoded PNG or '
-                      "JPEG file") from None
+        raise FdError(f'"{field_name}" is not base64: send the image file ({IMAGE_FORMATS}) base64-encoded') from None
+    return read_image(io.BytesIO(raw), f'"{field_name}"', f"send a base64-encoded {IMAGE_FORMATS} file")
 
 
 def describe(error: dict) -> str:
@@ -161,7 +188,7 @@ def describe(error: dict) -> str:
                 "guidance_interval": 'two numbers such as [0.28, 5.42], or "paper"',
                 "original_size": 'two whole numbers such as [1024, 1024] or "1024,1024"',
                 "crops_coords_top_left": 'two whole numbers such as [0, 0] or "0,0"',
-                "control_images": "a list of base64-encoded PNG or JPEG images, one per ControlNet",
+                "control_images": "a list of base64-encoded PNG, JPEG or WEBP images, one per ControlNet",
                 "controlnet_scale": "a number, or a list of numbers (one per ControlNet)",
-                "init_image": "a base64-encoded PNG or JPEG image", "strength": "a number"}.get(top, "a whole number")
+                "init_image": "a base64-encoded PNG, JPEG or WEBP image", "strength": "a number"}.get(top, "a whole number")
     return f'"{field}" is {json.dumps(error.get("input"))}: give {expected}'

@@ -14,6 +14,8 @@ annotations`: FastAPI must see `Request` itself).
 """
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import logging
 
@@ -25,7 +27,7 @@ from ray.serve import metrics
 
 from fd.runtime.errors import FdError
 from fd.runtime.request import Request as FdRequest
-from fd.serve.api import BadRequest, parse_image_request
+from fd.serve.api import MAX_BODY_BYTES, BadRequest, ImageInputs, parse_image_request
 from fd.serve.service import ImageService, Outcome
 
 log = logging.getLogger("ray.serve")
@@ -81,6 +83,54 @@ class FdEngine:
         return self.service.info()
 
 
+async def read_body(request: Request) -> bytes:
+    """The body, or BadRequest 413 before more than MAX_BODY_BYTES are held: refused on its Content-Length
+    unread, else (chunked, or a length that lies) read in chunks up to the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest(400, f"Content-Length {declared[:40]!r} is not a number of bytes")
+        if int(declared) > MAX_BODY_BYTES:
+            raise BadRequest(413, f"request body is {declared} bytes; at most {MAX_BODY_BYTES} are accepted")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BadRequest(413, f"request body is over {MAX_BODY_BYTES} bytes; at most {MAX_BODY_BYTES} are "
+                                  "accepted")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def key_digest(key: str | None) -> str | None:
+    """What the front keeps of --api-key: its SHA-256 (the key itself never enters Ray's deployment state)."""
+    return None if key is None else hashlib.sha256(key.encode()).hexdigest()
+
+
+def unauthorized(request: Request, digest: str | None) -> JSONResponse | None:
+    """401 unless the request carries `Authorization: Bearer KEY` for fd-serve's --api-key (None: no key set)."""
+    if digest is None:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), digest):
+        return None
+    return JSONResponse({"error": "this server needs an API key: send the header 'Authorization: Bearer KEY' "
+                                  "(fd-serve --api-key / FD_SERVE_API_KEY)"}, status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def folder_image_inputs(engine_dir: str | None):
+    """The images the engine folder takes, from its manifest, where the front can read it (a cluster's head node
+    may not hold the folder: then the replicas refuse what the folder cannot use)."""
+    if engine_dir is None:
+        return None
+    from fd.runtime.manifest import load_manifest
+    try:
+        return ImageInputs.of(load_manifest(engine_dir))
+    except FdError:
+        return None
+
+
 def name_of(state) -> str:
     return str(getattr(state, "value", state))
 
@@ -103,15 +153,44 @@ def image_response(outcome: Outcome, as_json: bool) -> Response:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
 @serve.ingress(http)
 class FdHttp:
-    def __init__(self, engine, batch_wait_ms: float):
+    def __init__(self, engine, batch_wait_ms: float, engine_dir: str | None = None,
+                 api_key_digest: str | None = None):
         self.engine = engine
         self.batch_wait_ms = batch_wait_ms
         self.info_cache: dict | None = None
+        self.api_key_digest = api_key_digest
+        self.image_inputs = folder_image_inputs(engine_dir)
+        self.in_flight = 0  # POST /v1/images being handled (drain waits for them)
+        self.draining = False
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking images (503 with Retry-After) and wait up to grace_s seconds for those in flight to be
+        answered; fd-serve calls it on SIGINT/SIGTERM before it shuts Serve down. Returns how many remain."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
 
     @http.post("/v1/images")
     async def images(self, request: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"error": "the server is stopping: retry on another server or after it restarts"},
+                                status_code=503, headers={"Retry-After": "10"})
+        self.in_flight += 1
         try:
-            image_request = parse_image_request(await request.body())
+            return await self._images(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _images(self, request: Request) -> Response:
+        refused = unauthorized(request, self.api_key_digest)
+        if refused is not None:
+            return refused
+        try:
+            # parsed and its images decoded in a thread: a large body does not stall /healthz or other requests
+            image_request = await asyncio.to_thread(
+                parse_image_request, await read_body(request), self.image_inputs)
         except BadRequest as exc:
             return error_response(exc.status, exc.message)
         try:
@@ -150,7 +229,10 @@ class FdHttp:
                             status_code=200 if healthy else 503)
 
     @http.get("/v1/info")
-    async def info(self) -> JSONResponse:
+    async def info(self, request: Request) -> JSONResponse:
+        refused = unauthorized(request, self.api_key_digest)
+        if refused is not None:
+            return refused
         if self.info_cache is None:
             try:
                 info = await self.engine.info.remote()
@@ -174,6 +256,7 @@ class ServeArgs(BaseModel):
     max_queued_requests: int = 64  # waiting for an engine replica; more get 503
     num_gpus: float | None = None  # per engine replica; default: 1 on a cluster with GPUs, else 0
     num_cpus: float = 1.0
+    api_key: str | None = None  # POST /v1/images and GET /v1/info need "Authorization: Bearer KEY"; /healthz: open
 
 
 def build_app(args: ServeArgs) -> serve.Application:
@@ -187,7 +270,7 @@ def build_app(args: ServeArgs) -> serve.Application:
         num_replicas=args.replicas, max_ongoing_requests=ongoing, max_queued_requests=args.max_queued_requests,
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": gpus_per_replica(args)},
     ).bind(args.engine_dir, args.max_batch_size, args.batch_wait_ms)
-    return FdHttp.bind(engine, args.batch_wait_ms)
+    return FdHttp.bind(engine, args.batch_wait_ms, args.engine_dir, key_digest(args.api_key))
 
 
 def engine_batch_size(engine_dir: str) -> int:

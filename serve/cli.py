@@ -13,18 +13,22 @@ logs (the access log, tracebacks of internal errors) go to Ray's log folder, whi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import re
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from fd.runtime.cli_common import run_cli
 from fd.runtime.errors import FdError
 
 APP_NAME = "fd"
+DRAIN_SECONDS = 30  # on SIGINT/SIGTERM, how long the requests in flight get to finish
 EXAMPLES = """examples:
   fd-serve --engine-dir engines/tiny-fp32-onnxruntime
   curl -s localhost:8000/v1/images -H 'content-type: application/json' -d '{"prompt": "a cat", "seed": 1}' -o cat.png
@@ -52,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs Ray reserves per engine replica")
     p.add_argument("--address", help="Ray cluster to deploy onto (auto, or ray://HOST:10001); "
                                      "default: a local Ray instance in this process")
+    p.add_argument("--api-key", default=os.environ.get("FD_SERVE_API_KEY") or None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on POST /v1/images and GET /v1/info (/healthz stays "
+                        "open); default: the FD_SERVE_API_KEY environment variable (which, unlike this flag, other "
+                        "users' `ps` does not show), else no key")
     p.add_argument("--verbose", action="store_true",
                    help="also print Ray's and the replicas' logs here (they always go to Ray's log folder)")
     return p.parse_args(argv)
@@ -94,7 +102,8 @@ def serve_args(args, engine_dir: str):
     from fd.serve.app import ServeArgs
     return ServeArgs(engine_dir=engine_dir, replicas=args.replicas, max_batch_size=args.max_batch_size,
                      batch_wait_ms=args.batch_wait_ms, max_ongoing_requests=args.max_ongoing_requests,
-                     max_queued_requests=args.max_queued_requests, num_gpus=args.num_gpus, num_cpus=args.num_cpus)
+                     max_queued_requests=args.max_queued_requests, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+                     api_key=args.api_key)
 
 
 def deploy_failure(serve, exc: Exception, logs: str | None) -> FdError:
@@ -144,6 +153,9 @@ def main(argv=None) -> int:
         local = args.address is None
         if args.replicas < 1 or args.max_queued_requests < 1 or args.batch_wait_ms < 0:
             raise FdError("--replicas and --max-queued-requests must be at least 1, --batch-wait-ms 0 or more")
+        if args.api_key is not None and (not args.api_key.strip() or not args.api_key.isprintable()):
+            raise FdError("--api-key (or FD_SERVE_API_KEY) is empty or holds control characters: give a key of "
+                          "printable characters, such as one from `openssl rand -hex 32`")
         engine_dir = check_local_options(args) if local else args.engine_dir
         try:
             import ray
@@ -172,11 +184,38 @@ def main(argv=None) -> int:
                   "(POST /v1/images, GET /healthz, GET /v1/info); Ctrl-C stops"
                   + (f"; logs in {logs}" if logs else ""), flush=True)
             wait_for_stop_signal()
-            print("fd-serve: stopping", flush=True)
+            print(f"fd-serve: stopping (answering the requests in flight, up to {DRAIN_SECONDS} s)", flush=True)
+            drain(serve)
         finally:
-            stop_serving(serve, ray, local, deployed)
+            with quiet_stdout(not args.verbose):
+                stop_serving(serve, ray, local, deployed)
 
     return run_cli(job)
+
+
+def drain(serve) -> None:
+    """Let the front answer the images in flight (new ones get 503 with Retry-After) before Serve shuts down,
+    so no client's connection is closed without a reply."""
+    try:
+        left = serve.get_app_handle(APP_NAME).drain.remote(DRAIN_SECONDS).result(timeout_s=DRAIN_SECONDS + 10)
+        time.sleep(0.5)  # the proxy sends the last replies
+    except Exception as exc:  # noqa: BLE001 - the front is gone already: nothing to wait for
+        print(f"fd-serve: could not drain the requests in flight ({type(exc).__name__})", file=sys.stderr)
+        return
+    if left:
+        print(f"fd-serve: {left} request(s) still running after {DRAIN_SECONDS} s are dropped", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def quiet_stdout(quiet: bool):
+    """While fd-serve shuts Serve down, Ray relays to this process's stdout the retries of the Serve controller's
+    tasks that the shutdown itself kills ("(raylet) Task ServeController.graceful_shutdown failed ..."): noise
+    after fd's own "stopping" line, so it is dropped (--verbose keeps it; Ray's log folder has it either way)."""
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
 
 
 def stop_serving(serve, ray, local: bool, deployed: bool) -> None:

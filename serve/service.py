@@ -79,12 +79,26 @@ class ImageService:
         self.max_batch_size = check_batch_size(max_batch_size, self.pipe.manifest)
         self._lock = threading.Lock()  # one generation at a time: runners keep per-graph buffers
 
-    def warm_up(self) -> None:
+    def warm_up(self):
         """One short generation at the largest batch, so the first request does not pay for first-run setup
         (allocations, CUDA contexts) and a replica that cannot run its engines fails before it takes traffic.
         Guided, as requests are by default (every family's default guidance is above 1)."""
         first_input = 0 if self.pipe.family.class_conditional else "warm-up"  # DiT: the first class id
-        self.pipe([first_input] * self.max_batch_size, steps=WARM_UP_STEPS, seed=0)
+        return self.pipe([first_input] * self.max_batch_size, steps=WARM_UP_STEPS, seed=0, **self.warm_up_images())
+
+    def warm_up_images(self) -> dict:
+        """Synthetic inputs for the folder's image graphs: a mid-gray control image per ControlNet (a ControlNet
+        folder refuses a generation without them) and, on an --img2img folder, a start image at strength 1, so
+        the VAE encoder and every step run too."""
+        from PIL import Image
+        m = self.pipe.manifest
+        gray = Image.new("RGB", (m["width"], m["height"]), (128, 128, 128))
+        images = {}
+        if controlnet_records(m):
+            images["control_images"] = [gray] * len(controlnet_records(m))
+        if "vae_encoder" in m["components"]:
+            images.update(init_image=gray, strength=1.0)
+        return images
 
     def prepare(self, request: Request) -> Job:
         """The request as a job, or FdError with the line fd-run prints for the same options (the pipeline's own

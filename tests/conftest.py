@@ -36,6 +36,16 @@ def tiny_engine(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_control_engine(tmp_path_factory) -> Path:
+    """tiny with tiny-controlnet and the VAE encoder (--img2img), at most 2 images per generation (fd-serve's
+    tests: test_serve.py, test_hostile.py)."""
+    from fd.builder.build import BuildOptions, build
+    out = tmp_path_factory.mktemp("engines") / "tiny-control"
+    return build(BuildOptions(model="tiny", controlnets=("tiny-controlnet",), img2img=True, max_batch_size=2,
+                              max_window=6, out=str(out)), log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny_components) -> Path:
     """The tiny model saved as a diffusers pipeline folder (what `fd-build --model DIR` loads)."""
     from fd.builder.families import save_pipeline_folder

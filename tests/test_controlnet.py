@@ -178,7 +178,7 @@ def test_manifest_records_each_controlnet(folder, controlnets):
     ({"control_images": ["a.png", "b.png"], "controlnet_scales": [1.0, 1.0, 1.0]}, "3 --controlnet-scale values"),
     ({"control_images": ["a.png", "b.png"], "controlnet_scales": [float("nan")]}, "--controlnet-scale nan"),
     ({"control_images": ["missing.png", "b.png"]}, "--control-image missing.png: no such file"),
-    ({"control_images": ["not-an-image.png", "b.png"]}, "is not an image PIL can read"),
+    ({"control_images": ["not-an-image.png", "b.png"]}, "is not a PNG, JPEG or WEBP image"),
 ])
 def test_bad_control_inputs_are_one_line(pipe, tmp_path, monkeypatch, kwargs, fragment):
     monkeypatch.chdir(tmp_path)

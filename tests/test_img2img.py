@@ -173,7 +173,7 @@ def test_cli_image_to_image_and_its_bad_inputs(folders, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "vae encoder 1" in done.stdout and "denoiser encoder 5" in done.stdout  # 5 of 10 steps run, all key steps
     assert_one_line_error(run_fd("fd.runtime.cli", *common, "--init-image", str(tmp_path / "text.png")),
-                          "--init-image", "is not an image PIL can read")
+                          "--init-image", "is not a PNG, JPEG or WEBP image")
     assert_one_line_error(run_fd("fd.runtime.cli", *common, "--strength", "0.5"), "--strength is for image to image")
     assert_one_line_error(run_fd("fd.runtime.cli", *common, "--init-image", str(tmp_path / "start.png"), "--strength",
                                  "2"), "--strength 2.0 is out of range")

@@ -204,14 +204,10 @@ def test_an_internal_failure_is_a_500_line_logged_and_the_service_goes_on(servic
 # --- image inputs: ControlNet conditioning and image to image ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def image_service(tmp_path_factory):
+def image_service(tiny_control_engine):
     """tiny with tiny-controlnet and the VAE encoder (--img2img), at most 2 images per generation."""
-    from fd.builder.build import BuildOptions, build
     from fd.serve.service import ImageService
-    out = tmp_path_factory.mktemp("serve-images") / "tiny-control"
-    folder = build(BuildOptions(model="tiny", controlnets=("tiny-controlnet",), img2img=True, max_batch_size=2,
-                                max_window=6, out=str(out)), log=lambda *_: None)
-    return ImageService(str(folder))
+    return ImageService(str(tiny_control_engine))
 
 
 def smooth_image(seed: int) -> Image.Image:

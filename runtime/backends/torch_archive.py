@@ -41,6 +41,8 @@ SYM_SIZE_TARGETS = frozenset({
 # the tokens of such text: numbers, quoted symbol names, these sympy names, and punctuation (no dots, no
 # brackets, no other names), so that the eval can only build sympy expressions.
 SYMPY_TOKEN = re.compile(r"\s+|\d+|'[a-z]+\d+'|[A-Za-z]\w*|[-+*/(),=]")
+MAX_SIZE_EXPRESSION = 2000  # characters; fd's graphs' size expressions are a few dozen
+SMALL_POWER = re.compile(r"Pow\((?:Symbol\('[a-z]+\d+'(?:, \w+=\w+)*\)|Integer\(-?\d+\)), Integer\(-?\d{1,2}\)\)")
 SYMPY_NAMES = {"Symbol", "Integer", "Rational", "Add", "Mul", "Pow", "Max", "Min", "FloorDiv", "CleanDiv",
                "Mod", "PythonMod", "CeilToInt", "FloorToInt", "positive", "integer", "nonnegative",
                "True", "False"}
@@ -110,8 +112,17 @@ def _check_fields(value, key: str | None = None) -> None:
 
 
 def _plain_sympy(text: str) -> bool:
+    """Only the tokens above, and nothing whose evaluation could take long: a short text, no `**` (sympify
+    computes 10**10**8 before any check), integers of at most 12 digits and powers only of a symbol or an
+    integer to a small whole exponent (a reshape's size needs no more)."""
+    if len(text) > MAX_SIZE_EXPRESSION or "**" in text:
+        return False
     tokens = SYMPY_TOKEN.findall(text)
-    return "".join(tokens) == text and all(t in SYMPY_NAMES for t in tokens if t[0].isalpha())
+    if "".join(tokens) != text or not all(t in SYMPY_NAMES for t in tokens if t[0].isalpha()):
+        return False
+    if any(len(t) > 12 for t in tokens if t.isdigit()):
+        return False
+    return text.count("Pow(") == len(SMALL_POWER.findall(text))
 
 
 def _first_sentence(exc: Exception) -> str:
