@@ -30,13 +30,12 @@ NO_STEP = (1e6, 1e6)  # (x, x] is empty
 
 
 
-
-@pytest.fixture(scope="module")
 def default_policy(pipe, steps: int):
     """The paper's plan for `steps` on this folder, as a request with no policy options gets it."""
     return pipe.prepare(Request(prompts=[PROMPT], steps=steps)).policy
 
 
+@pytest.fixture(scope="module")
 def pipe(tiny_engine):
     return FasterDiffusionPipeline(tiny_engine, threads=1)
 
