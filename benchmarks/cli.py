@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fd.benchmarks import report
 from fd.benchmarks.bench import DEFAULT_CLASS_LABEL, DEFAULT_PROMPT, Settings, run_benchmark
+from fd.benchmarks.lora_swap import check_lora_bench, measure_swaps
 from fd.benchmarks.quality_report import add_quality_arguments, main_quality
 from fd.runtime.atomic import check_writable
 from fd.runtime.cli import add_image_input_arguments, check_engine_dir
@@ -28,6 +29,7 @@ EXAMPLES = """examples:
   fd-bench --engine-dir engines/dit-xl-random-fp32-onnxruntime --class-label 207 --runs 2 --warmup 1
   fd-bench --engine-dir engines/tiny-pixart-fp32-onnxruntime --steps 20 --compare diffusers
   fd-bench --engine-dir engines/digits-fp32-onnxruntime --quality --json quality.json --grid quality.png
+  fd-bench --engine-dir engines/tiny-refit --lora style.safetensors:0.8 --steps 20   # + LoRA apply/remove times
 """
 
 
@@ -57,6 +59,9 @@ def parse_args(argv) -> argparse.Namespace:
                    "in (LOW, HIGH], conditional rows alone elsewhere; 'paper' = 0.28,5.42 (default: every step)")
     add_image_input_arguments(p, "every arm takes them as fd-run does; the baseline runs the ControlNets at every "
                                  "step, FD at key steps only")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="run-time LoRA (a folder built with fd-build --refittable): report the time to apply and to "
+                        "remove it (--runs times each), then run the arms with it applied; repeat for several")
     p.add_argument("--runs", type=int, default=5, help="measured runs per arm (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured runs per arm first (default 2)")
     p.add_argument("--compare", choices=["diffusers"], help="add diffusers' own pipeline of the folder's family "
@@ -95,11 +100,13 @@ def main(argv=None) -> int:
         request = request_from_args(args, **default_inputs(folder.manifest, args.prompt, args.class_label,
                                                            args.batch_size))
         settings = Settings(request, runs=args.runs, warmup=args.warmup, compare_diffusers=args.compare == "diffusers")
+        check_lora_bench(request.loras, settings.compare_diffusers)
         plan = check_settings(folder, settings)
         settings = resolved(settings, plan)  # the JSON records the size and guidance scale the arms ran with
         started = time.perf_counter()
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
         load_seconds = time.perf_counter() - started  # the folder's cold start: manifest, every graph, tokenizers
+        swaps = measure_swaps(pipe, request.loras, args.runs) if request.loras else None  # ends applied
         measured = run_benchmark(pipe, settings,
                                  progress=lambda total: tqdm(total=total, unit="run", desc="fd-bench", leave=False))
         result = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -109,7 +116,7 @@ def main(argv=None) -> int:
                   "engine": engine_info(pipe), "settings": settings_info(settings, plan.policy, argv_images(args)),
                   "load": {"engine_seconds": load_seconds,
                            "what": "FasterDiffusionPipeline(engine_dir): manifest, runner with every graph, tokenizers"},
-                  **measured}
+                  **measured, **({"lora": swaps} if swaps else {})}
         pipe.close()
         print(report.format_table(result), end="")
         for path, write in ((args.json, report.write_json), (args.markdown, write_markdown),

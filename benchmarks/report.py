@@ -167,6 +167,8 @@ def summary_lines(r: dict) -> list[str]:
         lines.append(f"load: engine folder {_s(load['engine_seconds'])} s (FasterDiffusionPipeline)"
                      + (f", diffusers {_s(diffusers)} s" if diffusers is not None else "")
                      + (f"; first generation: {first}" if first else ""))
+    from fd.benchmarks.lora_swap import lora_lines
+    lines += lora_lines(r)  # fd-bench --lora: swap times
     if not r["complete"]:
         lines.append("INTERRUPTED: figures cover the runs finished before Ctrl-C")
     return lines

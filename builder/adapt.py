@@ -111,18 +111,10 @@ def adapt(comps, adaptations: Adaptations | None, log=print) -> Adapted:
 
 
 def parse_lora(text: str, allow_pickle: bool) -> LoraSpec:
-    """FILE[:SCALE]: the part after the last colon is the scale when it is a number."""
-    path, scale = text, 1.0
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            scale = float(tail)
-        except ValueError:
-            pass  # a colon inside the path
-        else:
-            path = head
-    if not scale == scale or abs(scale) == float("inf"):  # NaN / inf
-        raise FdError(f"--lora {text}: the scale must be a finite number, e.g. {path}:0.8")
+    """FILE[:SCALE]: the part after the last colon is the scale when it is a number (fd.runtime.lora's reading,
+    which fd-run and fd-serve requests share)."""
+    from fd.runtime.lora import split_lora_text
+    path, scale = split_lora_text(text)
     return LoraSpec(check_file(path, "--lora", allow_pickle), scale)
 
 

@@ -141,7 +141,7 @@ def build(opts: BuildOptions, log=print) -> Path:
         flops = unet_flops(modules, specs)
         if opts.refittable:  # before the backend's finish, which stores optimized copies of these graphs
             from fd.builder.refit import make_refittable
-            refit = make_refittable(stage, specs, comps, log)
+            refit = make_refittable(stage, specs, comps, log, modules)
         engines = backend_module.finish(stage, specs, modules, precision, opts, geometry, log) if backend_module else {}
         tokenizers = save_tokenizers(comps, stage)
         manifest = make_manifest(opts, comps, geometry, specs, limits, precision, engines, tokenizers)

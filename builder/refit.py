@@ -28,13 +28,18 @@ LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def check_refittable(backend: str) -> None:
-    if backend not in ("onnxruntime", "tensorrt"):
-        raise FdError(f"--refittable is implemented for ONNX Runtime and TensorRT folders, not {backend}: build "
-                      "with --backend onnxruntime, or fuse the LoRA at build with --lora")
+    if backend not in ("onnxruntime", "tensorrt", "torch"):
+        raise FdError(f"--refittable is implemented for ONNX Runtime, TensorRT and torch folders, not {backend}: "
+                      "build with --backend onnxruntime, or fuse the LoRA at build with --lora")
 
 
-def make_refittable(stage: Path, specs: dict, comps, log=print) -> dict:
-    """Re-save every graph with external weights and return the manifest's `refit` record."""
+def make_refittable(stage: Path, specs: dict, comps, log=print, modules: dict | None = None) -> dict:
+    """Re-save every graph with external weights (torch programs: as they are) and return the manifest's `refit`
+    record."""
+    if all(spec["file"].endswith(".pt2") for spec in specs.values()):
+        from fd.builder.torch_refit import torch_refit_record
+        graphs, shapes = torch_refit_record(stage, specs, comps, modules)
+        return _record(graphs, shapes, comps, log)
     import onnx
     from onnx import numpy_helper
 
@@ -67,6 +72,10 @@ def make_refittable(stage: Path, specs: dict, comps, log=print) -> dict:
             # "initializers": every weight's place, for TensorRT's refitter, which asks again for the weights it
             # combined with a changed one at build (runtime/backends/trt_refit.py)
             graphs[name] = {"data": data, "weights": weights, "initializers": everything}
+    return _record(graphs, shapes, comps, log)
+
+
+def _record(graphs: dict, shapes: dict, comps, log) -> dict:
     mapped = {(w["component"], w["parameter"]) for g in graphs.values() for w in g["weights"]}
     log(f"  refittable: {len(mapped)} of {sum(len(t) for t in shapes.values())} LoRA-able weights swappable at "
         f"run time, in {', '.join(graphs)}")
@@ -75,20 +84,25 @@ def make_refittable(stage: Path, specs: dict, comps, log=print) -> dict:
             "unet_config": _jsonable(dict(comps.unet.config)) if comps.unet is not None else None}
 
 
+def lora_weights(comps) -> dict:
+    """{component: {parameter name: its module's weight}} for every LoRA-able weight (a Linear's or Conv's)."""
+    out = {}
+    for component in LORA_COMPONENTS:
+        module = getattr(comps, component, None)
+        if module is not None:
+            out[component] = {f"{name}.weight": layer.weight for name, layer in module.named_modules()
+                              if isinstance(layer, (nn.Linear, nn.Conv2d))}
+    return out
+
+
 def _parameter_index(comps) -> tuple[dict, dict]:
     """(digest of a weight's bytes as the export may store it → (component, parameter, transposed), and per
     component every LoRA-able weight's shape). Both float32 and float16 forms are indexed."""
     index, shapes = {}, {}
-    for component in LORA_COMPONENTS:
-        module = getattr(comps, component, None)
-        if module is None:
-            continue
+    for component, weights in lora_weights(comps).items():
         table = shapes.setdefault(component, {})
-        for layer_name, layer in module.named_modules():
-            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-                continue
-            parameter = f"{layer_name}.weight"
-            weight = layer.weight.detach()
+        for parameter, weight in weights.items():
+            weight = weight.detach()
             table[parameter] = tuple(weight.shape)
             for dtype in (torch.float32, torch.float16):
                 forms = [(weight.to(dtype), False)] + ([(weight.to(dtype).T, True)] if weight.ndim == 2 else [])

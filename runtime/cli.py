@@ -179,7 +179,7 @@ def request_from_args(args, **fields) -> Request:
              "control_images": [load_image(path, "--control-image") for path in args.control_image or []],
              "controlnet_scales": args.controlnet_scale,
              "init_image": None if args.init_image is None else load_image(args.init_image, "--init-image"),
-             "strength": args.strength}
+             "strength": args.strength, "loras": getattr(args, "lora", None) or None}
     return Request(**{**given, **fields})
 
 
@@ -196,9 +196,9 @@ def main(argv=None) -> int:
             check_lora_options(args.lora)  # a missing file is refused before the engines load
         EngineFolder(args.engine_dir).prepare(request)  # the request against the folder, before the engines load
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
-        if args.lora:
-            swapped = pipe.set_loras(args.lora)  # runtime/lora.py
-            print(f"LoRA applied in {swapped['seconds']:.2f} s ({', '.join(swapped['graphs']) or 'no graph'} reloaded)")
+        if request.loras:  # applied here rather than inside the generation, to say what it cost
+            swapped = pipe.set_loras(request.loras)  # runtime/lora.py
+            print(f"LoRA applied in {swapped['seconds']:.2f} s ({', '.join(swapped['graphs']) or 'no graph'} swapped)")
         result = pipe(request)
         policy = request.policy
         if (policy.key_steps, policy.uniform, policy.baseline) == (None, None, False) and \

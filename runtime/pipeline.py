@@ -22,6 +22,7 @@ from fd.runtime.control import ControlInputs, prepare_control
 from fd.runtime.errors import FdError
 from fd.runtime.families import PromptRequest, family_of
 from fd.runtime.img2img import InitImage, prepare_init
+from fd.runtime.lora import apply_request_loras, check_folder_takes_loras
 from fd.runtime.manifest import load_manifest
 from fd.runtime.policy import FasterDiffusionPolicy
 from fd.runtime.request import Request, check_seed
@@ -141,6 +142,7 @@ class EngineFolder:
             init.check_policy(policy)
         if make_scheduler(request.scheduler, m["scheduler_config"]).stochastic:  # refuses unsupported options
             check_seed(request.seed)
+        check_folder_takes_loras(m, self.engine_dir, request.loras)
         return Plan(request, inputs, height, width, guidance, policy, control, init)
 
     def inputs_of(self, request: Request) -> list:
@@ -180,6 +182,7 @@ class FasterDiffusionPipeline(EngineFolder):
         `callback(i, t, latents)` is called after each scheduler step."""
         plan = self.prepare(self.as_request(request, **fields))  # 1. check inputs, all before any heavy work
         request, policy, control_inputs, init = plan.request, plan.policy, plan.control, plan.init
+        swapped = apply_request_loras(self, request.loras)  # between generations; None: the set is current
         steps, seed, guidance_scale = request.steps, request.seed, plan.guidance_scale
         sampler = make_scheduler(request.scheduler, self.manifest["scheduler_config"])
         sampler.set_timesteps(steps, **self.family.timestep_options(self.manifest, steps, plan.height, plan.width))
@@ -252,6 +255,8 @@ class FasterDiffusionPipeline(EngineFolder):
         with timer("vae_decoder"):
             pixels = stages.decode_vae(self.runner, z / np.float32(self.manifest["vae_scaling_factor"]))
         timings = dict(timer.seconds, total=time.perf_counter() - started)
+        if swapped is not None:  # before the generation, so not in its total
+            timings["lora_swap"] = swapped["seconds"]
         calls = dict(Counter(self.runner.calls) - calls_before)
         rows = dict(Counter(self.runner.rows) - rows_before)
         return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist(), rows)

@@ -107,6 +107,9 @@ class Request:
     controlnet_scales: float | Sequence[float] | None = None  # one for all ControlNets or one each; None: 1.0
     init_image: Any = None  # image to image: the start image (path or PIL image), on a folder built with --img2img
     strength: float | None = None  # image to image: the share of the schedule that runs; None: 0.8
+    # run-time LoRAs ("FILE[:SCALE]" texts or (file, scale) pairs) on a folder built with fd-build --refittable;
+    # None: the pipeline's current set (pipe.set_loras), (): none. The pipeline swaps only when the set differs.
+    loras: Sequence[str | tuple] | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise once
@@ -167,6 +170,9 @@ class Request:
             set_("controlnet_scales", [float(s) for s in scales])
         if self.init_image is None and self.strength is not None:
             raise FdError("--strength is for image to image: give --init-image PATH too, or drop --strength")
+        if self.loras is not None:
+            from fd.runtime.lora import lora_choices
+            set_("loras", lora_choices(self.loras))
         if self.init_image is not None:
             self.steps_run  # noqa: B018 - refuses a strength out of range, or one that runs no step
 

@@ -17,6 +17,8 @@ from typing import Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from fd.serve.loras import MAX_LORAS, check_lora_name
+
 MAX_BODY_BYTES = 32 * 1024 * 1024  # text fields and a few base64 images; anything bigger is refused unparsed
 MAX_CONTROL_IMAGES = 8  # more than any folder's ControlNets: refused before any is decoded
 
@@ -27,6 +29,16 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+class LoraBody(BaseModel):
+    """One run-time LoRA of a request: a file name from the server's LoRA folder (fd-serve --lora-dir) and its
+    scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: StrictStr
+    scale: Union[StrictInt, StrictFloat] = 1.0
 
 
 class ImageRequest(BaseModel):
@@ -54,6 +66,7 @@ class ImageRequest(BaseModel):
     controlnet_scale: list[Union[StrictInt, StrictFloat]] | StrictInt | StrictFloat | None = None  # one, or one each
     init_image: StrictStr | None = None  # base64 image: image to image (a folder built with --img2img)
     strength: Union[StrictInt, StrictFloat] | None = None  # image to image: the share of the schedule that runs
+    loras: list[LoraBody] | None = None  # run-time LoRAs by name (fd-serve --lora-dir); none: the folder's weights
 
     def to_request(self):
         """The body as fd's Request (fd.runtime.request: the checks every front end shares; FdError for a bad value),
@@ -83,7 +96,9 @@ class ImageRequest(BaseModel):
                                        for i, data in enumerate(self.control_images or [])],
                        controlnet_scales=self.controlnet_scale,
                        init_image=None if self.init_image is None else decode_image(self.init_image, "init_image"),
-                       strength=self.strength)
+                       strength=self.strength,
+                       # every served request names its set (none: ()), so no request inherits another's LoRAs
+                       loras=tuple((lora.name, lora.scale) for lora in self.loras or ()))
 
 
 FIELDS = ", ".join(ImageRequest.model_fields)
@@ -145,6 +160,12 @@ def parse_image_request(body: bytes, inputs: ImageInputs | None = None):
     if len(request.control_images or []) > MAX_CONTROL_IMAGES:
         raise BadRequest(422, f'"control_images" holds {len(request.control_images)} images; at most '
                               f"{MAX_CONTROL_IMAGES} are accepted: send one per ControlNet of the folder")
+    if len(request.loras or []) > MAX_LORAS:
+        raise BadRequest(422, f'"loras" holds {len(request.loras)} LoRAs; at most {MAX_LORAS} are accepted')
+    for i, lora in enumerate(request.loras or []):
+        problem = check_lora_name(lora.name)
+        if problem is not None:  # never a path: names are looked up in the server's --lora-dir only
+            raise BadRequest(422, f'"loras[{i}].name" {json.dumps(lora.name)} {problem}')
     if inputs is not None:
         inputs.refuse(request)
     from fd.runtime.errors import FdError
@@ -178,6 +199,8 @@ def describe(error: dict) -> str:
     loc = error["loc"]
     field = (str(loc[0]) + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))) if loc else "body"
     top = str(loc[0]) if loc else field
+    if error["type"] == "extra_forbidden" and top == "loras":
+        return f'unknown field "{field}.{loc[-1]}": a LoRA has "name" and "scale"'
     if error["type"] == "extra_forbidden":
         return f'unknown field "{field}": the fields are {FIELDS}'
     expected = {"prompt": "a string", "class_label": "a class id (a whole number) or a class name (a string)",
@@ -190,5 +213,6 @@ def describe(error: dict) -> str:
                 "crops_coords_top_left": 'two whole numbers such as [0, 0] or "0,0"',
                 "control_images": "a list of base64-encoded PNG, JPEG or WEBP images, one per ControlNet",
                 "controlnet_scale": "a number, or a list of numbers (one per ControlNet)",
-                "init_image": "a base64-encoded PNG, JPEG or WEBP image", "strength": "a number"}.get(top, "a whole number")
+                "init_image": "a base64-encoded PNG, JPEG or WEBP image", "strength": "a number",
+                "loras": 'a list such as [{"name": "style.safetensors", "scale": 0.8}]'}.get(top, "a whole number")
     return f'"{field}" is {json.dumps(error.get("input"))}: give {expected}'

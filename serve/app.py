@@ -44,8 +44,8 @@ def error_response(status: int, message: str) -> JSONResponse:
 
 @serve.deployment(name=ENGINE, graceful_shutdown_timeout_s=5, max_constructor_retry_count=2)
 class FdEngine:
-    def __init__(self, engine_dir: str, max_batch_size: int | None, batch_wait_ms: float):
-        self.service = ImageService(engine_dir, max_batch_size)
+    def __init__(self, engine_dir: str, max_batch_size: int | None, batch_wait_ms: float, lora_dir: str | None = None):
+        self.service = ImageService(engine_dir, max_batch_size, lora_dir=lora_dir)
         self.service.warm_up()  # before the constructor returns, so Ray routes nothing to a cold replica
         self.generate_batch.set_max_batch_size(self.service.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
@@ -257,6 +257,7 @@ class ServeArgs(BaseModel):
     num_gpus: float | None = None  # per engine replica; default: 1 on a cluster with GPUs, else 0
     num_cpus: float = 1.0
     api_key: str | None = None  # POST /v1/images and GET /v1/info need "Authorization: Bearer KEY"; /healthz: open
+    lora_dir: str | None = None  # the folder whose .safetensors LoRAs requests may name ("loras"); None: no LoRAs
 
 
 def build_app(args: ServeArgs) -> serve.Application:
@@ -269,7 +270,7 @@ def build_app(args: ServeArgs) -> serve.Application:
     engine = FdEngine.options(
         num_replicas=args.replicas, max_ongoing_requests=ongoing, max_queued_requests=args.max_queued_requests,
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": gpus_per_replica(args)},
-    ).bind(args.engine_dir, args.max_batch_size, args.batch_wait_ms)
+    ).bind(args.engine_dir, args.max_batch_size, args.batch_wait_ms, args.lora_dir)
     return FdHttp.bind(engine, args.batch_wait_ms, args.engine_dir, key_digest(args.api_key))
 
 

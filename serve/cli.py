@@ -34,6 +34,7 @@ EXAMPLES = """examples:
   curl -s localhost:8000/v1/images -H 'content-type: application/json' -d '{"prompt": "a cat", "seed": 1}' -o cat.png
   curl -s localhost:8000/v1/images -H 'content-type: application/json' -d '{"class_label": 207}' -o dog.png  # DiT
   fd-serve --engine-dir /models/sd15-fp16-tensorrt --replicas 4 --address auto   # on a Ray cluster, 1 GPU each
+  fd-serve --engine-dir engines/sd15-refit --lora-dir /models/loras   # requests: "loras": [{"name": "x.safetensors"}]
 """
 
 
@@ -60,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="require 'Authorization: Bearer KEY' on POST /v1/images and GET /v1/info (/healthz stays "
                         "open); default: the FD_SERVE_API_KEY environment variable (which, unlike this flag, other "
                         "users' `ps` does not show), else no key")
+    p.add_argument("--lora-dir", metavar="FOLDER",
+                   help="requests may name LoRA .safetensors files in this folder (\"loras\": [{\"name\": ..., "
+                        "\"scale\": ...}]), applied at run time; the engine folder must be built with fd-build "
+                        "--refittable. Requests never name other paths")
     p.add_argument("--verbose", action="store_true",
                    help="also print Ray's and the replicas' logs here (they always go to Ray's log folder)")
     return p.parse_args(argv)
@@ -76,6 +81,9 @@ def check_local_options(args) -> str:
         from fd.runtime.backends.onnxruntime import check_file_sizes
         check_file_sizes(args.engine_dir, manifest)
     check_batch_size(args.max_batch_size, manifest)
+    if args.lora_dir is not None:
+        from fd.serve.service import check_lora_dir
+        args.lora_dir = str(check_lora_dir(args.lora_dir, manifest).folder)  # absolute, for the replicas
     if not 0 < args.port < 65536:
         raise FdError(f"--port {args.port} is not a port: use 1 to 65535")
     with socket.socket() as probe:  # Ray's proxy would otherwise fail later, deep in its own logs
@@ -103,7 +111,7 @@ def serve_args(args, engine_dir: str):
     return ServeArgs(engine_dir=engine_dir, replicas=args.replicas, max_batch_size=args.max_batch_size,
                      batch_wait_ms=args.batch_wait_ms, max_ongoing_requests=args.max_ongoing_requests,
                      max_queued_requests=args.max_queued_requests, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
-                     api_key=args.api_key)
+                     api_key=args.api_key, lora_dir=args.lora_dir)
 
 
 def deploy_failure(serve, exc: Exception, logs: str | None) -> FdError:

@@ -3,8 +3,9 @@
 
 Requests share a generation when everything but the prompt (or class label), negative prompt and seed is equal
 (size, steps, scheduler, guidance, policy, SDXL's size conditioning, the control images and their scales, the
-init image and strength). Each row keeps its own text or label and its own initial noise (drawn from its seed
-exactly as a lone generation draws it), so a batched request gets the image it would get alone. Image to image
+init image and strength, the run-time LoRA set). Each row keeps its own text or label and its own initial noise
+(drawn from its seed exactly as a lone generation draws it), so a batched request gets the image it would get
+alone. Image to image
 also samples the encoded image with the generation's seed, so its requests share a generation only with the
 same seed. Defaults that depend on the model (guidance scale, noise injection's tau) are the folder's family's,
 as in fd-run.
@@ -25,6 +26,7 @@ from fd.runtime.pipeline import FasterDiffusionPipeline, initial_noise
 from fd.runtime.policy import FasterDiffusionPolicy
 from fd.runtime.request import MAX_STEPS, Request
 from fd.runtime.schedulers import SCHEDULERS, make_scheduler
+from fd.serve.loras import resolve_request_loras
 
 log = logging.getLogger("ray.serve")
 WARM_UP_STEPS = 2  # a key step and a non-key step: every graph runs once, at the largest batch
@@ -44,6 +46,7 @@ class GroupKey:
     size_conditioning: tuple = ()  # SDXL's original_size / crops_coords_top_left, as given
     images: str = ""  # digest of the control images, their scales, the init image and strength ("": none)
     img2img_seed: int | None = None  # image to image: the seed that samples the encoded image
+    loras: tuple = ()  # the run-time LoRA set, (path, scale) pairs: a generation runs with one set
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,11 @@ class Outcome:
 
 
 class ImageService:
-    def __init__(self, engine_dir: str, max_batch_size: int | None = None, pipeline=None):
+    def __init__(self, engine_dir: str, max_batch_size: int | None = None, pipeline=None, lora_dir: str | None = None):
         self.pipe = pipeline or FasterDiffusionPipeline(engine_dir)
         self.max_batch_size = check_batch_size(max_batch_size, self.pipe.manifest)
+        self.lora_folder = None if lora_dir is None else check_lora_dir(lora_dir, self.pipe.manifest)
+        self.current_loras: tuple = ()  # the set the pipeline has now: groups with it run first (no swap)
         self._lock = threading.Lock()  # one generation at a time: runners keep per-graph buffers
 
     def warm_up(self):
@@ -103,11 +108,12 @@ class ImageService:
     def prepare(self, request: Request) -> Job:
         """The request as a job, or FdError with the line fd-run prints for the same options (the pipeline's own
         check against the folder)."""
+        request = resolve_request_loras(request, self.lora_folder)  # names → files of --lora-dir, or FdError
         plan = self.pipe.prepare(request)
         sizes = (request.original_size, request.crops_coords_top_left)
         key = GroupKey(plan.height, plan.width, request.steps, request.scheduler, plan.guidance_scale, plan.policy,
                        request.negative_prompt is not None, sizes if any(sizes) else (), images_digest(request),
-                       request.seed if plan.init is not None else None)
+                       request.seed if plan.init is not None else None, request.loras or ())
         return Job(request, key)
 
     def run(self, jobs: list[Job]) -> list[Outcome]:
@@ -117,7 +123,14 @@ class ImageService:
         groups: dict[GroupKey, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(index)
-        for key, indices in groups.items():
+        # One LoRA set per generation: the groups that run with the pipeline's current set first, then each other
+        # set's groups one after another, so each set is swapped in once per batch.
+        first_seen = {}
+        for key in groups:
+            first_seen.setdefault(key.loras, len(first_seen))
+        order = sorted(groups, key=lambda k: (k.loras != self.current_loras, first_seen[k.loras]))
+        for key in order:
+            indices = groups[key]
             # A stochastic sampler's per-step noise comes from the generation's one seed: such requests run
             # alone, so each gets the image fd-run gives for its seed.
             stochastic = make_scheduler(key.scheduler, self.pipe.manifest["scheduler_config"]).stochastic
@@ -148,7 +161,8 @@ class ImageService:
             negative_prompt=[job.request.negative_prompt for job in jobs] if key.negative else None,
             latents=np.concatenate([initial_noise(job.seed, shape) for job in jobs]), guidance_scale=key.guidance_scale,
             height=key.height, width=key.width, policy=key.policy)
-        result = self.pipe(together)
+        result = self.pipe(together)  # swaps to the key's LoRA set first where it is not the current one
+        self.current_loras = key.loras
         return [Outcome(200, png=png_bytes(image), seed=job.seed, timings=result.timings, calls=result.calls,
                         policy=result.policy, batch_size=len(jobs), guidance_scale=key.guidance_scale)
                 for image, job in zip(result.images, jobs)]
@@ -171,7 +185,8 @@ class ImageService:
                 "schedulers": list(SCHEDULERS), "serve": {"max_batch_size": self.max_batch_size},
                 "image_inputs": {"controlnets": [r.get("source", {}).get("model", r["graph"])
                                                  for r in controlnet_records(m)],
-                                 "img2img": "vae_encoder" in m["components"]}}
+                                 "img2img": "vae_encoder" in m["components"]},
+                "loras": None if self.lora_folder is None else self.lora_folder.names()}
 
 
 def check_batch_size(requested: int | None, manifest: dict) -> int:
@@ -182,6 +197,16 @@ def check_batch_size(requested: int | None, manifest: dict) -> int:
         raise FdError(f"--max-batch-size {requested} is not allowed: this engine folder runs 1 to {built} images per "
                       f"generation (rebuild with fd-build --max-batch-size {max(requested, 1)} for more)")
     return requested
+
+
+def check_lora_dir(lora_dir: str, manifest: dict):
+    """fd-serve --lora-dir: a folder, and an engine folder whose weights can be swapped."""
+    from fd.runtime.lora import REFIT_HINT, SWAPPING_BACKENDS
+    from fd.serve.loras import LoraFolder
+    if not manifest.get("refit") or manifest["backend"] not in SWAPPING_BACKENDS:
+        raise FdError(f"--lora-dir: this engine folder was built without --refittable, so requests cannot swap "
+                      f"LoRAs: {REFIT_HINT}")
+    return LoraFolder(lora_dir)
 
 
 def images_digest(request: Request) -> str:

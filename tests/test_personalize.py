@@ -310,10 +310,11 @@ def test_personal_folder_baseline_equals_diffusers_and_fd_equals_reference(perso
 
 @pytest.fixture(scope="module")
 def refittable_engine(files, tmp_path_factory):
-    """The personal folder's twin without its LoRA, built --refittable: the LoRA comes at run time."""
+    """The personal folder's twin without its LoRA, built --refittable: the LoRA comes at run time (and up to two
+    images per generation, for fd-serve's batches)."""
     paths, _, _ = files
     out = tmp_path_factory.mktemp("engines") / "tiny-refittable"
-    build(BuildOptions(model="tiny", out=str(out), refittable=True,
+    build(BuildOptions(model="tiny", out=str(out), refittable=True, max_batch_size=2,  # fd-serve batches two
                        adaptations=Adaptations(textual_inversions=(str(paths["embedding"]),))), log=lambda *_: None)
     return out
 
@@ -559,3 +560,173 @@ def test_single_file_refusals(single_file, tiny_folder, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and words in err, (model, err)
         assert not target.exists()
+
+
+# --- run-time LoRA as part of the request: the API, fd-run, fd-serve, fd-bench; the torch backend ---------------
+
+def fd_latents(pipe, **fields):
+    from fd.runtime.policy import FasterDiffusionPolicy, NoiseInjection
+    steps = 10
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    policy = FasterDiffusionPolicy(paper_keys(steps), 15, NoiseInjection(*PAPER_INJECTION))
+    return pipe([PROMPT], steps=steps, latents=latents, policy=policy, **fields)
+
+
+def test_a_requests_loras_are_swapped_in_only_when_the_set_changes(refittable_engine, personal_engine, files):
+    from fd.runtime.pipeline import EngineFolder, FasterDiffusionPipeline
+    from fd.runtime.request import Request
+    paths, _, _ = files
+    lora = f"{paths['kohya']}:0.8"
+    fused = fd_latents(FasterDiffusionPipeline(personal_engine)).latents
+    pipe = FasterDiffusionPipeline(refittable_engine)
+    base = fd_latents(pipe, loras=[])
+    assert "lora_swap" not in base.timings  # no LoRA set yet: nothing to swap
+    with_lora = fd_latents(pipe, loras=[lora])
+    assert with_lora.timings["lora_swap"] > 0 and relative_error(with_lora.latents, fused) <= 1e-5
+    assert relative_error(base.latents, fused) > 1e-2
+    again = fd_latents(pipe, loras=[(paths["kohya"], 0.8)])  # the same set, as a pair: no swap
+    assert "lora_swap" not in again.timings and np.array_equal(again.latents, with_lora.latents)
+    assert "lora_swap" not in fd_latents(pipe).timings  # loras=None: the pipeline's current set
+    weaker = fd_latents(pipe, loras=[f"{paths['kohya']}:0.4"])  # another scale is another set
+    assert "lora_swap" in weaker.timings and relative_error(weaker.latents, fused) > 1e-3
+    assert np.array_equal(fd_latents(pipe, loras=[]).latents, base.latents)
+
+    with pytest.raises(FdError, match="without --refittable"):  # checked against the folder, no engine loaded
+        EngineFolder(personal_engine).prepare(Request(prompts=["a cat"], loras=[lora]))
+    for bad, words in [("style.safetensors", "must be a list"), ([("x.safetensors", "big")], "is not a number"),
+                       ([("x.safetensors", float("nan"))], "finite number"), (["x.safetensors:inf"], "finite number"),
+                       ([""], "file name is empty"), ([3], "neither")]:
+        with pytest.raises(FdError, match=words):
+            Request(prompts=["a cat"], loras=bad)
+    assert Request(prompts=["a"], loras=["a:b.safetensors", "c.safetensors:-0.5"]).loras == (
+        ("a:b.safetensors", 1.0), ("c.safetensors", -0.5))
+
+
+def test_fd_run_and_fd_bench_take_lora(refittable_engine, personal_engine, files, tmp_path, capsys):
+    from fd.benchmarks.cli import main as fd_bench
+    from fd.runtime.cli import main as fd_run
+    paths, _, _ = files
+    lora = f"{paths['kohya']}:0.8"
+    assert fd_run(["--engine-dir", str(refittable_engine), "--prompt", "a cat", "--steps", "2", "--lora", lora,
+                   "--out", str(tmp_path / "cat.png")]) == 0
+    assert "LoRA applied in" in capsys.readouterr().out
+    record = tmp_path / "bench.json"
+    assert fd_bench(["--engine-dir", str(refittable_engine), "--steps", "2", "--runs", "2", "--warmup", "0",
+                     "--lora", lora, "--json", str(record)]) == 0
+    out = capsys.readouterr().out
+    swap = json.loads(record.read_text())["lora"]
+    assert swap["graphs"] == ["text_encoder", "denoiser_encoder", "denoiser_decoder"] and swap["rounds"] == 2
+    assert swap["apply_seconds"]["n"] == swap["remove_seconds"]["n"] == 2
+    assert 0 < swap["apply_seconds"]["min"] <= swap["apply_seconds"]["max"] and swap["remove_seconds"]["min"] > 0
+    assert "LoRA swap (kohya.safetensors:0.8; text_encoder, denoiser_encoder, denoiser_decoder): apply" in out
+    for args, words in [(["--engine-dir", str(personal_engine), "--lora", lora], "without --refittable"),
+                        (["--engine-dir", str(refittable_engine), "--lora", lora, "--compare", "diffusers"],
+                         "--compare diffusers"),
+                        (["--engine-dir", str(refittable_engine), "--lora", str(tmp_path / "no.safetensors")],
+                         "no such file")]:
+        assert fd_bench([*args, "--runs", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and words in err, err
+
+
+def png_pixels(png: bytes) -> np.ndarray:
+    import io
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def image_pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0], dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(files, tmp_path_factory):
+    """fd-serve --lora-dir: the kohya LoRA, a UNet-only one, and a file beside the folder that must stay out."""
+    paths, factors, _ = files
+    folder = tmp_path_factory.mktemp("loras")
+    (folder / "style.safetensors").write_bytes(paths["kohya"].read_bytes())
+    save_file(peft_file([f for f in factors if f[0] == "unet"], True), folder / "unet-only.safetensors")
+    (folder.parent / "outside.safetensors").write_bytes(paths["kohya"].read_bytes())
+    return folder
+
+
+def test_served_requests_name_loras_from_the_lora_dir_and_batch_by_lora_set(refittable_engine, personal_engine,
+                                                                            lora_dir):
+    from fd.runtime.pipeline import FasterDiffusionPipeline
+    from fd.serve.api import BadRequest, ImageRequest, parse_image_request
+    from fd.serve.service import ImageService
+    service = ImageService(str(refittable_engine), lora_dir=str(lora_dir))
+    assert service.info()["loras"] == ["style.safetensors", "unet-only.safetensors"]
+    vae = service.pipe.runner.sessions["vae_decoder"]
+    style = [{"name": "style.safetensors", "scale": 0.8}]
+    bodies = [{"prompt": "a red cube", "seed": 1}, {"prompt": "a red cube", "seed": 2, "loras": style},
+              {"prompt": "a blue sphere", "seed": 3, "loras": style}, {"prompt": "a blue sphere", "seed": 4},
+              {"prompt": "a house", "seed": 5, "loras": [{"name": "unet-only.safetensors", "scale": 0.5}]}]
+    jobs = [service.prepare(ImageRequest.model_validate({**b, "steps": 4}).to_request()) for b in bodies]
+    outcomes = service.run(jobs)
+    assert [(o.status, o.batch_size) for o in outcomes] == [(200, 2), (200, 2), (200, 2), (200, 2), (200, 1)]
+    # the set the pipeline had (none) ran first, then each other set once: two swaps for three sets
+    assert ["lora_swap" in o.timings for o in outcomes] == [False, True, True, False, True]
+    assert service.pipe.runner.sessions["vae_decoder"] is vae  # a graph no LoRA changes is never reloaded
+    fused, plain = FasterDiffusionPipeline(personal_engine), FasterDiffusionPipeline(refittable_engine)
+    for body, outcome in zip(bodies[:4], outcomes):
+        lone = (fused if "loras" in body else plain)([body["prompt"]], steps=4, seed=body["seed"])
+        assert np.abs(png_pixels(outcome.png) - image_pixels(lone)).max() <= 2, body  # fd-serve's batched-row bound
+    assert np.abs(png_pixels(outcomes[1].png) - image_pixels(plain(["a red cube"], steps=4, seed=2))).max() > 2
+
+    def refused(body: dict) -> BadRequest:
+        with pytest.raises(BadRequest) as caught:
+            parse_image_request(json.dumps({"prompt": "a cat", **body}).encode())
+        return caught.value
+
+    for name, words in [("../outside.safetensors", "not a plain file name"), ("/etc/passwd", "not a plain file name"),
+                        (str(lora_dir / "style.safetensors"), "not a plain file name"), (".hidden.safetensors",
+                                                                                        "not a plain file name"),
+                        ("style.ckpt", "is not a .safetensors file"), ("", "is not a file name")]:
+        error = refused({"loras": [{"name": name}]})
+        assert error.status == 422 and words in error.message and "\n" not in error.message, error.message
+    assert 'unknown field "loras[0].path"' in refused({"loras": [{"name": "a.safetensors", "path": "/x"}]}).message
+    for body, words in [({"loras": [{"name": "missing.safetensors"}]}, "is not in the server's LoRA folder"),
+                        ({"loras": [{"name": "style.safetensors", "scale": 1e400}]}, "finite")]:
+        with pytest.raises((FdError, BadRequest), match=words):
+            service.prepare(parse_image_request(json.dumps({"prompt": "a cat", **body}).encode()))
+    with pytest.raises(FdError, match="has no LoRA folder: start fd-serve with --lora-dir"):
+        ImageService(str(refittable_engine), pipeline=service.pipe).prepare(
+            ImageRequest.model_validate({"prompt": "a cat", "loras": style}).to_request())
+    with pytest.raises(FdError, match="--lora-dir: this engine folder was built without --refittable"):
+        ImageService(str(personal_engine), lora_dir=str(lora_dir))
+
+
+def test_fd_serve_refuses_a_bad_lora_dir_before_ray_starts(personal_engine, refittable_engine, tmp_path, capsys):
+    pytest.importorskip("ray.serve", reason="fd-serve needs the serve extra: pip install -e '.[serve]'")
+    from fd.serve.cli import main as fd_serve
+    for engine, folder, words in [(refittable_engine, tmp_path / "none", "--lora-dir"),
+                                  (personal_engine, tmp_path, "built without --refittable")]:
+        assert fd_serve(["--engine-dir", str(engine), "--lora-dir", str(folder), "--port", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
+def test_torch_run_time_lora_equals_the_same_lora_fused_at_build(personal_engine, files, tmp_path):
+    """The torch backend copies the merged tensors into the loaded programs' parameters: no program reloads, and the
+    image equals the folder with the LoRA fused at build (ONNX Runtime's: the two backends agree to float noise)."""
+    from fd.runtime.pipeline import FasterDiffusionPipeline
+    paths, _, _ = files
+    folder = build(BuildOptions(model="tiny", backend="torch", precision="fp32", out=str(tmp_path / "torch-refit"),
+                                refittable=True,
+                                adaptations=Adaptations(textual_inversions=(str(paths["embedding"]),))),
+                   log=lambda *_: None)
+    refit = json.loads((folder / "manifest.json").read_text())["refit"]
+    assert set(refit["graphs"]) == {"text_encoder", "denoiser_encoder", "denoiser_decoder"}
+    fused = fd_latents(FasterDiffusionPipeline(personal_engine)).latents
+    pipe = FasterDiffusionPipeline(folder)
+    programs = dict(pipe.runner.modules)
+    base = fd_latents(pipe).latents
+    assert relative_error(base, fused) > 1e-2
+    swapped = pipe.set_loras([f"{paths['kohya']}:0.8"])
+    assert swapped["graphs"] == ["text_encoder", "denoiser_encoder", "denoiser_decoder"]
+    assert relative_error(fd_latents(pipe).latents, fused) <= 1e-5
+    assert relative_error(fd_latents(pipe, loras=[f"{paths['kohya']}:0.4"]).latents, fused) > 1e-3  # scale counts
+    assert all(pipe.runner.modules[g] is p for g, p in programs.items())  # updated in place, never reloaded
+    pipe.set_loras([])
+    assert np.array_equal(fd_latents(pipe).latents, base)  # the base values restored exactly
