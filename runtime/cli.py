@@ -179,7 +179,7 @@ def request_from_args(args, **fields) -> Request:
              "control_images": [load_image(path, "--control-image") for path in args.control_image or []],
              "controlnet_scales": args.controlnet_scale,
              "init_image": None if args.init_image is None else load_image(args.init_image, "--init-image"),
-             "strength": args.strength, "loras": getattr(args, "lora", None) or None}
+             "strength": args.strength, "loras": getattr(args, "lora", None) or ()}
     return Request(**{**given, **fields})
 
 

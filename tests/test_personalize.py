@@ -602,6 +602,27 @@ def test_a_requests_loras_are_swapped_in_only_when_the_set_changes(refittable_en
         ("a:b.safetensors", 1.0), ("c.safetensors", -0.5))
 
 
+def test_fd_run_fd_serve_and_the_api_declare_loras_alike():
+    from fd.runtime.cli import parse_args, request_from_args
+    from fd.runtime.request import Request
+    from fd.serve.api import BadRequest, parse_image_request
+    run = request_from_args(parse_args(["--engine-dir", "x", "--prompt", "a", "--lora", "x.safetensors:0.5",
+                                        "--lora", "y.safetensors"]))
+    served = parse_image_request(b'{"prompt": "a", "loras": [{"name": "x.safetensors", "scale": 0.5}, '
+                                 b'{"name": "y.safetensors"}]}')
+    api = Request(prompts=["a"], loras=[("x.safetensors", 0.5), "y.safetensors"])
+    assert run.loras == served.loras == api.loras == (("x.safetensors", 0.5), ("y.safetensors", 1.0))
+    assert request_from_args(parse_args(["--engine-dir", "x", "--prompt", "a"])).loras == ()  # none, as served
+    with pytest.raises(FdError) as from_run:
+        request_from_args(parse_args(["--engine-dir", "x", "--prompt", "a", "--lora", "x.safetensors:inf"]))
+    with pytest.raises(BadRequest) as from_serve:
+        parse_image_request(b'{"prompt": "a", "loras": [{"name": "x.safetensors", "scale": 1e999}]}')
+    with pytest.raises(FdError) as from_api:
+        Request(prompts=["a"], loras=[("x.safetensors", float("inf"))])
+    assert str(from_run.value) == from_serve.value.message == str(from_api.value)
+    assert "the scale must be a finite number" in str(from_api.value) and from_serve.value.status == 422
+
+
 def test_fd_run_and_fd_bench_take_lora(refittable_engine, personal_engine, files, tmp_path, capsys):
     from fd.benchmarks.cli import main as fd_bench
     from fd.runtime.cli import main as fd_run
