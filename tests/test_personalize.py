@@ -746,6 +746,13 @@ def test_torch_run_time_lora_equals_the_same_lora_fused_at_build(personal_engine
     assert relative_error(base, fused) > 1e-2
     swapped = pipe.set_loras([f"{paths['kohya']}:0.8"])
     assert swapped["graphs"] == ["text_encoder", "denoiser_encoder", "denoiser_decoder"]
+    # every swappable program weight is the weight fd-build fuses (the adapt step on the same components)
+    at_build = make_tiny_components()
+    adapt(at_build, Adaptations(loras=(f"{paths['kohya']}:0.8",)), log=lambda *_: None)
+    worst = max((pipe.runner.modules[graph].get_parameter(w["name"]).detach()
+                 - getattr(at_build, w["component"]).get_parameter(w["parameter"]).detach()).abs().max().item()
+                for graph, record in refit["graphs"].items() for w in record["weights"])
+    assert worst <= 1e-6
     assert relative_error(fd_latents(pipe).latents, fused) <= 1e-5
     assert relative_error(fd_latents(pipe, loras=[f"{paths['kohya']}:0.4"]).latents, fused) > 1e-3  # scale counts
     assert all(pipe.runner.modules[g] is p for g, p in programs.items())  # updated in place, never reloaded
