@@ -1,5 +1,5 @@
-"""fd-build --refittable (ONNX Runtime and TensorRT folders): keep the weights a LoRA changes swappable at run
-time.
+"""fd-build --refittable: keep the weights a LoRA changes swappable at run time (ONNX Runtime and TensorRT folders
+here; torch folders record their programs' parameters instead, builder/torch_refit.py).
 
 Each ONNX graph is saved with every weight in its data file `<graph>.onnx.data`, and the manifest's `refit`
 record lists, per graph, each initializer that holds a LoRA-able weight (a Linear or Conv weight of the UNet or
