@@ -44,7 +44,7 @@ class Settings:
     runs: int = 5
     warmup: int = 2
     compare_diffusers: bool = False
-    peers: tuple = ()  # benchmarks/peers.py Peer: diffusers' cache hooks on diffusers' pipeline (needs the diffusers arm)
+    peers: tuple = ()  # benchmarks/peers.py Peers: diffusers' cache hooks on its pipeline (need the diffusers arm)
 
     @property
     def batch_size(self) -> int:

@@ -27,7 +27,7 @@ EXAMPLES = """examples:
   fd-bench --engine-dir engines/sd15-control --control-image edges.png --controlnet-scale 0.8 --compare diffusers
   fd-bench --engine-dir engines/dit-xl-random-fp32-onnxruntime --class-label 207 --runs 2 --warmup 1
   fd-bench --engine-dir engines/tiny-pixart-fp32-onnxruntime --steps 20 --compare diffusers
-  fd-bench --engine-dir engines/tiny-flux-fp32-onnxruntime --steps 28 --peer first-block-cache --peer taylorseer --peer magcache
+  fd-bench --engine-dir engines/tiny-flux-fp32-onnxruntime --steps 28 --peer first-block-cache --peer magcache
   fd-bench --engine-dir engines/digits-fp32-onnxruntime --quality --json quality.json --grid quality.png
 """
 
