@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fd.benchmarks import peers
 from fd.benchmarks.fidelity import compare
 from fd.runtime.control import controlnet_records, is_controlnet_graph
 from fd.runtime.errors import FdError
@@ -43,6 +44,7 @@ class Settings:
     runs: int = 5
     warmup: int = 2
     compare_diffusers: bool = False
+    peers: tuple = ()  # benchmarks/peers.py Peers: diffusers' cache hooks on its pipeline (need the diffusers arm)
 
     @property
     def batch_size(self) -> int:
@@ -93,6 +95,10 @@ def check_settings(pipe: FasterDiffusionPipeline, s: Settings) -> Plan:
     if s.runs < 1 or s.warmup < 0:
         raise FdError(f"--runs {s.runs} / --warmup {s.warmup}: use at least 1 run and 0 or more warm-up runs")
     plan = pipe.prepare(s.request)
+    if s.peers and not s.compare_diffusers:
+        raise FdError("the peer arms run on diffusers' pipeline and are measured against it: add --compare diffusers")
+    for peer in s.peers:
+        peers.check_family(peer, pipe.manifest.get("family"))
     if plan.init is not None and s.compare_diffusers:
         raise FdError("--compare diffusers does not take --init-image: diffusers' image-to-image pipelines draw "
                       "their own noise, so their images could not be compared with fd's; drop one of them")
@@ -122,7 +128,8 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, progress=None) -> 
         (s.batch_size, *pipe.latent_shape_at(plan.height, plan.width)), dtype=np.float32)
     arms = {BASELINE: fd_arm(pipe, s.request.replace(latents=latents, policy=Policy(baseline=True))),
             FD: fd_arm(pipe, s.request.replace(latents=latents, policy=policy))}
-    measured = {name: [] for name in [*arms, *([DIFFUSERS] if s.compare_diffusers else [])]}
+    measured = {name: [] for name in [*arms, *([DIFFUSERS] if s.compare_diffusers else []),
+                                      *(peer.label for peer in s.peers)]}
     last: dict[str, Sample] = {}
     first_run: dict[str, float] = {}  # each arm's first generation, warm-up or not: what a cold start costs
     interrupted, rss_after_load, bar = False, None, None
@@ -131,6 +138,7 @@ def run_benchmark(pipe: FasterDiffusionPipeline, s: Settings, progress=None) -> 
             started = time.perf_counter()
             arms[DIFFUSERS] = diffusers_arm(pipe.manifest, s, prompts, latents, pipe.runner.capabilities.on_gpu)
             arms[DIFFUSERS].info["load_seconds"] = time.perf_counter() - started
+            arms.update(getattr(arms[DIFFUSERS], "peers", {}))
         rss_after_load = _proc_status("VmRSS")  # every model loaded, nothing run yet
         phases = ["warmup"] * s.warmup + ["measure"] * s.runs
         bar = progress(len(phases) * len(arms)) if progress else None
@@ -225,30 +233,55 @@ def diffusers_arm(manifest: dict, s: Settings, prompts, latents, on_gpu: bool):
         if len(controlnets) == 1:
             control = {k: v[0] for k, v in control.items()}
     start_latents = torch.from_numpy(latents).to(device, dtype)
+    denoiser = getattr(pipe, family.diffusers_denoiser)
+    linear_flops = peers.counting_linear_flops(denoiser) if s.peers else None  # the work each arm really did
 
-    def run() -> Sample:
-        reset = _reset_peaks(None)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        before = len(denoiser_calls)
-        control_before = {graph: len(calls) for graph, calls in controlnet_calls.items()}
-        started = time.perf_counter()
-        with torch.inference_mode():  # the same prompts, latents and settings as fd's arms, no negative prompt
-            images, final = family.diffusers_call(pipe, prompts, start_latents, steps=s.request.steps,
-                                                  guidance_scale=s.request.guidance_scale, height=s.request.height,
-                                                  width=s.request.width,
-                                                  **control)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - started
-        images = (np.asarray(images, dtype=np.float32) * 255).round().astype(np.uint8)
-        calls = {family.diffusers_denoiser: len(denoiser_calls) - before,
-                 **{graph: len(c) - control_before[graph] for graph, c in controlnet_calls.items()}}
-        return Sample(total, None, calls, host_peak_bytes(reset),
-                      torch.cuda.max_memory_allocated() if device == "cuda" else None, images,
-                      None if final is None else final.float().cpu().numpy())
+    def generate(starting, cache=None):
+        """One generation; `cache`: a diffusers cache config enabled for it (a peer arm)."""
+        with torch.inference_mode(), (peers.enabled(denoiser, cache, own_context) if cache is not None
+                                      else contextlib.nullcontext()):
+            # the same prompts, latents and settings as fd's arms, no negative prompt
+            return family.diffusers_call(pipe, prompts, starting, steps=s.request.steps,
+                                         guidance_scale=s.request.guidance_scale, height=s.request.height,
+                                         width=s.request.width, **control)
+
+    def make_run(cache=None):
+        def run() -> Sample:
+            reset = _reset_peaks(None)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            before = len(denoiser_calls)
+            control_before = {graph: len(calls) for graph, calls in controlnet_calls.items()}
+            flops_before = linear_flops[0] if linear_flops else 0
+            started = time.perf_counter()
+            images, final = generate(start_latents, cache)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            total = time.perf_counter() - started
+            images = (np.asarray(images, dtype=np.float32) * 255).round().astype(np.uint8)
+            calls = {family.diffusers_denoiser: len(denoiser_calls) - before,
+                     **{graph: len(c) - control_before[graph] for graph, c in controlnet_calls.items()}}
+            if linear_flops:
+                calls["block_linear_gflop"] = (linear_flops[0] - flops_before) / 1e9
+            return Sample(total, None, calls, host_peak_bytes(reset),
+                          torch.cuda.max_memory_allocated() if device == "cuda" else None, images,
+                          None if final is None else final.float().cpu().numpy())
+        return run
+
+    run = make_run()
     run.info = {"pipeline": type(pipe).__name__, "device": device, "dtype": str(dtype).removeprefix("torch."),
                 "scheduler": type(scheduler).__name__}
+    own_context = False
+    if s.peers:  # diffusers' cache hooks on the same pipeline: one arm each
+        own_context = not hasattr(type(denoiser), "cache_context")  # SD3 in diffusers 0.42.1
+        peers.with_cache_mixin(denoiser)
+        other = torch.from_numpy(np.random.default_rng(s.request.seed + 1).standard_normal(
+            latents.shape, dtype=np.float32)).to(device, dtype)  # MagCache calibrates on another sample
+        run.peers = {}
+        for peer in s.peers:
+            config = peers.make_config(peer, s.request.steps, calibrate=lambda c: generate(other, c))
+            run.peers[peer.label] = make_run(config)
+            run.peers[peer.label].info = {**run.info, "peer": peer.name, "config": repr(config)}
     return run
 
 
@@ -397,6 +430,8 @@ def summarize(manifest, s: Settings, plan: Plan, measured: dict, last: dict, int
     if s.compare_diffusers:
         speedup["fd_over_diffusers"] = pairwise(DIFFUSERS, FD)
         speedup["baseline_over_diffusers"] = pairwise(DIFFUSERS, BASELINE)
+    for peer in s.peers:  # each peer against the pipeline it runs on
+        speedup[f"{peer.label}_over_diffusers"] = pairwise(DIFFUSERS, peer.label)
 
     floor = floor_record(manifest, s, policy, last)
     if floor:
@@ -410,6 +445,11 @@ def summarize(manifest, s: Settings, plan: Plan, measured: dict, last: dict, int
         if BASELINE in last and name in last:
             a, b = last[name], last[BASELINE]
             fidelity[f"{name}_vs_baseline"] = compare(a.images, b.images, a.latents, b.latents)
+    if s.peers and DIFFUSERS in last:  # the peers' distance from their own baseline, beside FD's
+        for name in (FD, *(peer.label for peer in s.peers)):
+            if name in last:
+                a, b = last[name], last[DIFFUSERS]
+                fidelity[f"{name}_vs_diffusers"] = compare(a.images, b.images, a.latents, b.latents)
     return {"complete": not interrupted, "arms": arms, "speedup": speedup, "flop_floor": floor,
             "fidelity": fidelity, "memory": {"rss_after_load_bytes": rss_after_load, "host_peak": (
                 "per run (VmHWM reset before each run)" if os.access("/proc/self/clear_refs", os.W_OK)

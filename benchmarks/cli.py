@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   fd-bench --engine-dir engines/sd15-control --control-image edges.png --controlnet-scale 0.8 --compare diffusers
   fd-bench --engine-dir engines/dit-xl-random-fp32-onnxruntime --class-label 207 --runs 2 --warmup 1
   fd-bench --engine-dir engines/tiny-pixart-fp32-onnxruntime --steps 20 --compare diffusers
+  fd-bench --engine-dir engines/tiny-flux-fp32-onnxruntime --steps 28 --peer first-block-cache --peer magcache
   fd-bench --engine-dir engines/digits-fp32-onnxruntime --quality --json quality.json --grid quality.png
   fd-bench --engine-dir engines/tiny-refit --lora style.safetensors:0.8 --steps 20   # + LoRA apply/remove times
 """
@@ -67,6 +68,10 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--compare", choices=["diffusers"], help="add diffusers' own pipeline of the folder's family "
                    "(StableDiffusionPipeline, StableDiffusionXLPipeline, DiTPipeline, PixArtAlphaPipeline; the "
                    "ControlNet pipelines with --control-image) as a third arm")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME[:KEY=VALUE...]",
+                   help="SD3/FLUX folders: add a peer arm, diffusers' own cache hook on diffusers' pipeline "
+                        "(implies --compare diffusers; repeat for several): first-block-cache, taylorseer, magcache; "
+                        "KEY=VALUE sets a field of its diffusers config (docs/sd3-flux.md)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="fd's arms replay each (graph, input shapes) as a CUDA graph, as fd-run --cuda-graphs")
     p.add_argument("--json", metavar="FILE", help="write every figure, the machine and the settings as JSON")
@@ -84,6 +89,7 @@ def main(argv=None) -> int:
 
     def job():
         from fd.benchmarks.bench import check_settings, default_inputs, resolved
+        from fd.benchmarks.peers import parse_peer
         from fd.runtime.cli import request_from_args
         from fd.runtime.pipeline import EngineFolder, FasterDiffusionPipeline
         check_engine_dir(args.engine_dir)
@@ -99,7 +105,9 @@ def main(argv=None) -> int:
         folder = EngineFolder(args.engine_dir)
         request = request_from_args(args, **default_inputs(folder.manifest, args.prompt, args.class_label,
                                                            args.batch_size))
-        settings = Settings(request, runs=args.runs, warmup=args.warmup, compare_diffusers=args.compare == "diffusers")
+        peer_arms = tuple(parse_peer(text) for text in args.peer)
+        settings = Settings(request, runs=args.runs, warmup=args.warmup,
+                            compare_diffusers=args.compare == "diffusers" or bool(peer_arms), peers=peer_arms)
         check_lora_bench(request.loras, settings.compare_diffusers)
         plan = check_settings(folder, settings)
         settings = resolved(settings, plan)  # the JSON records the size and guidance scale the arms ran with
@@ -154,7 +162,8 @@ def argv_images(args) -> dict:
 
 
 def settings_info(s: Settings, policy, images: dict | None = None) -> dict:
-    order = ["baseline", "fasterdiffusion", *(["diffusers"] if s.compare_diffusers else [])]
+    order = ["baseline", "fasterdiffusion", *(["diffusers"] if s.compare_diffusers else []),
+             *(peer.label for peer in s.peers)]
     r = s.request
     return {"prompt": r.prompts[0] if r.prompts else None, "class_label": r.class_labels[0] if r.class_labels else None,
             "batch_size": s.batch_size, "height": r.height, "width": r.width, "steps": r.steps,

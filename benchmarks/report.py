@@ -134,6 +134,8 @@ def _rows(r: dict) -> list[tuple[str, list[str]]]:
               word.lower(): f"full {word}",
               **{graph: graph.replace("controlnet", "ControlNet").replace("_", " ") for graph in controlnets}}
     rows += [(f"{labels[c]} calls", per_arm(lambda a, c=c: str((a["calls"] or {}).get(c, "-")))) for c in counted]
+    if any("block_linear_gflop" in (a["calls"] or {}) for a in arms.values()):  # peer arms: the work they skipped
+        rows.append((f"{word} block linear GFLOP", per_arm(lambda a: _s((a["calls"] or {}).get("block_linear_gflop")))))
     rows.append(("peak RSS (MiB)", per_arm(lambda a: _mib(a["peak_rss_bytes"]))))
     rows.append(("device peak (MiB)", per_arm(lambda a: _mib(a["device_peak_bytes"]))))
     return rows
@@ -147,7 +149,10 @@ def summary_lines(r: dict) -> list[str]:
                  f"{_x(sp['fd_over_baseline_unet'])} {denoiser} only")
     if "fd_over_diffusers" in sp:
         lines.append(f"speedup over diffusers: FD {_x(sp['fd_over_diffusers'])}, "
-                     f"baseline {_x(sp['baseline_over_diffusers'])}")
+                     f"baseline {_x(sp['baseline_over_diffusers'])}"
+                     + "".join(f", {k.removesuffix('_over_diffusers')} {_x(v)}" for k, v in sp.items()
+                               if k.endswith("_over_diffusers") and k not in ("fd_over_diffusers",
+                                                                              "baseline_over_diffusers")))
     if floor:
         frac = [f"{floor[k]:.0%}" if floor[k] is not None else "-"
                 for k in ("fraction_of_floor", "fraction_of_floor_unet")]
@@ -157,11 +162,11 @@ def summary_lines(r: dict) -> list[str]:
         if floor.get("note"):
             lines.append(f"FLOP floor note: {floor['note']}")
     for name, f in r["fidelity"].items():
-        lines.append(f"fidelity {name.replace('_', ' ')}: PSNR {f['psnr_db']:.2f} dB, SSIM {f['ssim']:.4f} "
+        lines.append(f"fidelity {name.replace('_vs_', ' vs ')}: PSNR {f['psnr_db']:.2f} dB, SSIM {f['ssim']:.4f} "
                      f"({f['ssim_on']}), max |latent diff| {_s(f['max_abs_latent_diff'], 4)}")
     load = r.get("load")
     if load:
-        first = ", ".join(f"{ARM_LABELS[n]} {_s(a.get('first_run_seconds'))} s" for n, a in r["arms"].items()
+        first = ", ".join(f"{ARM_LABELS.get(n, n)} {_s(a.get('first_run_seconds'))} s" for n, a in r["arms"].items()
                           if a.get("first_run_seconds") is not None)
         diffusers = r["arms"].get("diffusers", {}).get("load_seconds")
         lines.append(f"load: engine folder {_s(load['engine_seconds'])} s (FasterDiffusionPipeline)"
@@ -175,10 +180,11 @@ def summary_lines(r: dict) -> list[str]:
 
 
 def format_table(r: dict) -> str:
-    rows = [("", [ARM_LABELS[n] for n in r["arms"]]), *_rows(r)]
+    rows = [("", [ARM_LABELS.get(n, n) for n in r["arms"]]), *_rows(r)]
     width = max(len(label) for label, _ in rows) + 2
     out = [headline(r), ""]
-    out += [label.ljust(width) + "".join(v.rjust(17) for v in values) for label, values in rows]
+    columns = [max(17, len(name) + 2) for name in rows[0][1]]  # a peer arm's name can be long
+    out += [label.ljust(width) + "".join(v.rjust(c) for v, c in zip(values, columns)) for label, values in rows]
     return "\n".join([*out, "", *summary_lines(r)]) + "\n"
 
 
@@ -194,10 +200,14 @@ def format_markdown(r: dict) -> str:
     vs_baseline = {"baseline": "1.00x", "fasterdiffusion": _x(r["speedup"]["fd_over_baseline"])}
     if "baseline_over_diffusers" in r["speedup"] and r["speedup"]["baseline_over_diffusers"]:
         vs_baseline["diffusers"] = f"{1 / r['speedup']['baseline_over_diffusers']['median']:.2f}x"
+        for name in r["arms"]:  # a peer: its speedup over diffusers times diffusers' over the baseline
+            got = r["speedup"].get(f"{name}_over_diffusers")
+            if got:
+                vs_baseline[name] = f"{got['median'] / r['speedup']['baseline_over_diffusers']['median']:.2f}x"
     for name, a in r["arms"].items():
         spi, medians, calls = a["seconds_per_image"] or {}, a["stage_seconds_median"] or {}, a["calls"] or {}
         whole = calls.get(denoiser_name(r).lower(), "-")  # diffusers: whole-denoiser calls, encoder and decoder
-        cells = [ARM_LABELS[name], f"{_s(spi.get('median'))} ({_s(spi.get('min'))}-{_s(spi.get('max'))})",
+        cells = [ARM_LABELS.get(name, name), f"{_s(spi.get('median'))} ({_s(spi.get('min'))}-{_s(spi.get('max'))})",
                  *[_s(medians.get(n)) for n in stages],
                  f"{calls.get('denoiser_encoder', whole)}/{calls.get('denoiser_decoder', whole)}",
                  *(["/".join(str(calls.get(g, "-")) for g in controlnets)] if controlnets else []),
@@ -254,7 +264,7 @@ def write_plot(path: str, r: dict) -> None:
             split = "denoiser_encoder" in stages  # fd arms split their time; diffusers' is one block
             heights.append(stages.get(stage, 0.0) if split == (stage != "total") else 0.0)
         if any(heights):
-            ax.bar([ARM_LABELS[n] for n in names], heights, bottom=bottom, label=label)
+            ax.bar([ARM_LABELS.get(n, n) for n in names], heights, bottom=bottom, label=label)
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_ylabel("seconds per generation (median)")
     ax.set_title(textwrap.fill(headline(r), 110), fontsize=7)

@@ -195,10 +195,10 @@ def make_tiny_flux_schnell_components(seed: int = TINY_SEED) -> Components:
     return _tiny(seed, guidance=False)
 
 
-def _flux_dev_shaped(seed: int, double: int, single: int) -> Components:
+def _flux_dev_shaped(seed: int, double: int, single: int, length: int = MAX_SEQUENCE_LENGTH) -> Components:
     return _flux_components(
         seed, guidance=True, clip=dict(hidden=768, layers=2, projection=768, heads=12, vocab=49408),
-        length=MAX_SEQUENCE_LENGTH,
+        length=length,
         t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, relative_attention_num_buckets=32,
                 vocab=32128),
         transformer=dict(num_layers=double, num_single_layers=single, attention_head_dim=128, num_attention_heads=24,
@@ -220,6 +220,17 @@ def make_flux_dev_random_shallow_components(seed: int = TINY_SEED) -> Components
     return _flux_dev_shaped(seed, 2, 4)
 
 
+CPU_SEQUENCE_LENGTH = 16  # the default prompt's 12 T5 tokens and padding
+
+
+def make_flux_dev_random_cpu_components(seed: int = TINY_SEED) -> Components:
+    """FLUX.1-dev's widths at 1 double + 2 single blocks and a 16-token T5, for a timed CPU benchmark at 128²
+    (64 image tokens). FLUX.1-dev costs 74 TFLOP per step at 1024²; on this project's shared 2-core CPU one
+    block of these widths takes 1.7-2.9 s at 80 tokens, so six fd-bench arms of a deeper model, a larger image or
+    512 T5 tokens do not fit a 30-minute run (benchmarks/RESULTS.md, the SD3/FLUX section)."""
+    return _flux_dev_shaped(seed, 1, 2, CPU_SEQUENCE_LENGTH)
+
+
 # --- the family --------------------------------------------------------------------------------------
 
 class FluxFamily(FlowTransformerFamily):
@@ -228,7 +239,8 @@ class FluxFamily(FlowTransformerFamily):
     aliases = {"flux-dev": "black-forest-labs/FLUX.1-dev", "flux-schnell": "black-forest-labs/FLUX.1-schnell"}
     generated = {"tiny-flux": make_tiny_flux_components, "tiny-flux-schnell": make_tiny_flux_schnell_components,
                  "flux-dev-random": make_flux_dev_random_components,
-                 "flux-dev-random-shallow": make_flux_dev_random_shallow_components}
+                 "flux-dev-random-shallow": make_flux_dev_random_shallow_components,
+                 "flux-dev-random-cpu": make_flux_dev_random_cpu_components}
     subfolders = SUBFOLDERS
 
     decoder_conditions = ("guidance", "pooled_projections")  # guidance: only models with guidance_embeds have it

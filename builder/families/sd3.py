@@ -92,14 +92,15 @@ class SD3Decoder(nn.Module):
 
 # --- generated models --------------------------------------------------------------------------------
 
-def _sd3_components(seed: int, clip: tuple, t5: dict, transformer: dict, vae: dict) -> Components:
+def _sd3_components(seed: int, clip: tuple, t5: dict, transformer: dict, vae: dict,
+                    length: int = MAX_SEQUENCE_LENGTH) -> Components:
     """Components with SD3's structure: CLIP-L and CLIP-G (both with projections, CLIP-G padding with "!"),
     T5 v1.1 (gated GELU), an SD3 transformer, a 16-channel VAE with SD3's scaling and shift, shift-3 flow Euler."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     tokenizer, tokenizer_2 = make_tiny_tokenizer(), _open_clip_style(make_tiny_tokenizer())
     tokenizer_3 = make_tiny_t5_tokenizer()
-    tokenizer_3.model_max_length = MAX_SEQUENCE_LENGTH
+    tokenizer_3.model_max_length = length
     torch.manual_seed(seed)
     (l_width, l_layers, l_heads), (g_width, g_layers, g_heads), vocab = clip
     text_encoder = CLIPTextModelWithProjection(_clip_config(
@@ -134,7 +135,8 @@ def make_tiny_sd3_components(seed: int = TINY_SEED) -> Components:
         vae=dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=128))
 
 
-def make_sd35_medium_random_components(seed: int = TINY_SEED) -> Components:
+def make_sd35_medium_random_components(seed: int = TINY_SEED, blocks: int = 24, dual: int = 13,
+                                       length: int = MAX_SEQUENCE_LENGTH) -> Components:
     """stabilityai/stable-diffusion-3.5-medium's transformer and VAE configs with random weights (24 blocks 1536
     wide, dual attention in blocks 0-12, RMS qk-norm; 16-channel VAE), for benchmarks: its images are noise. The
     text encoders are cut to 2 layers (their widths kept: CLIP-L 768, CLIP-G 1280, T5 4096) to fit 24 GiB,
@@ -143,10 +145,18 @@ def make_sd35_medium_random_components(seed: int = TINY_SEED) -> Components:
         seed, clip=((768, 2, 12), (1280, 2, 20), 49408),
         t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, relative_attention_num_buckets=32,
                 vocab=32128),
-        transformer=dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        transformer=dict(sample_size=128, num_layers=blocks, attention_head_dim=64, num_attention_heads=24,
                          caption_projection_dim=1536, pos_embed_max_size=384, qk_norm="rms_norm",
-                         dual_attention_layers=tuple(range(13))),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024))
+                         dual_attention_layers=tuple(range(dual))),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=1024),
+        length=length)
+
+
+def make_sd35_medium_random_cpu_components(seed: int = TINY_SEED) -> Components:
+    """sd3.5-medium-random cut to 4 blocks (dual attention in blocks 0-1, about SD3.5-medium's 13 of 24) and a
+    16-token T5, for a timed CPU benchmark at 128²: at full depth a 128² step with guidance costs ~0.5 TFLOP, which
+    a shared 2-core CPU cannot repeat for five fd-bench arms (benchmarks/RESULTS.md, the SD3/FLUX section)."""
+    return make_sd35_medium_random_components(seed, blocks=4, dual=2, length=16)
 
 
 # --- the family --------------------------------------------------------------------------------------
@@ -156,7 +166,8 @@ class StableDiffusion3Family(FlowTransformerFamily):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     aliases = {"sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
                "sd3.5-large": "stabilityai/stable-diffusion-3.5-large"}
-    generated = {"tiny-sd3": make_tiny_sd3_components, "sd3.5-medium-random": make_sd35_medium_random_components}
+    generated = {"tiny-sd3": make_tiny_sd3_components, "sd3.5-medium-random": make_sd35_medium_random_components,
+                 "sd3.5-medium-random-cpu": make_sd35_medium_random_cpu_components}
     subfolders = SUBFOLDERS
     decoder_conditions = ("pooled_projections",)
 
