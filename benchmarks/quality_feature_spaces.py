@@ -10,7 +10,8 @@ paired difference from the baseline arm (benchmarks/paired.py). A space is sharp
 are narrow relative to the differences between arms; it is only a fair yardstick if it still sees what matters
 (the floor, real against real, stays far below the generated arms).
 
-    python -m fd.benchmarks.quality_feature_spaces --features run.npz --baseline ddim50 --spaces penultimate-64,logits-10,pca-16
+    python -m fd.benchmarks.quality_feature_spaces --features run.npz --baseline ddim50 \
+        --spaces penultimate-64,logits-10,pca-16
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
     arms = [key.split("/", 1)[1] for key in saved.files if key.startswith("features/")]
     prompted, real, real_labels = saved["prompted"], saved["real_features"], saved["real_labels"]
     spaces, train = projections(args.spaces.split(","))
-    print(f"| space | floor | arm | FD | per-arm interval | − {args.baseline} (paired 95%) |\n|---|---|---|---|---|---|")
+    print(f"| space | floor | arm | FD | per-arm interval | − {args.baseline} (paired 95%) |")
+    print("|---|---|---|---|---|---|")
     for space, project in spaces.items():
         ref, floor_ref = project(real), project(train)
         floor = frechet_distance(ref, floor_ref)
