@@ -10,7 +10,7 @@ paired difference from the baseline arm (benchmarks/paired.py). A space is sharp
 are narrow relative to the differences between arms; it is only a fair yardstick if it still sees what matters
 (the floor, real against real, stays far below the generated arms).
 
-    python -m fd.benchmarks.quality_feature_spaces --features run.npz --baseline ddim50 \
+    python -m fd.benchmarks.quality_feature_spaces --features run.npz --baseline ddim50 \\
         --spaces penultimate-64,logits-10,pca-16
 """
 from __future__ import annotations
