@@ -99,7 +99,7 @@ def draw(path: str, result: dict) -> None:
     import matplotlib.pyplot as plt
 
     from fd.runtime.atomic import write_atomic
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    figure, (by_k, left, right) = plt.subplots(1, 3, figsize=(17, 5))
     for kind, colour in zip(KINDS, ("tab:orange", "tab:green", "tab:blue")):
         names = [n for n, (k, _) in result["kinds"].items() if k == kind]
         if not names:
@@ -109,13 +109,20 @@ def draw(path: str, result: dict) -> None:
         d = [a["versus_baseline"]["fd_digits_difference"] for a in arms]
         y = np.array([m["value"] for m in d])
         error = np.array([[m["value"] - m["low"] for m in d], [m["high"] - m["value"] for m in d]])
+        budgets = [result["kinds"][n][1] for n in names]
+        offset = {"paper": -0.15, "uniform": 0.0, "calibrated": 0.15}[kind]  # side by side, not on top
+        by_k.errorbar(np.asarray(budgets) + offset, y, yerr=error, marker="o", capsize=3, color=colour, label=kind)
         left.errorbar(x, y, yerr=error, marker="o", capsize=3, color=colour, label=kind, alpha=0.85)
         for xi, yi, n in zip(x, y, names):
             left.annotate(str(result["kinds"][n][1]), (xi, yi), textcoords="offset points", xytext=(4, 4),
                           fontsize=8, color=colour)
-        budgets = [result["kinds"][n][1] for n in names]
         right.plot(budgets, [result["mean_drift"][n] for n in names], marker="o", color=colour, label=kind)
     base = result["arms"]["ddim50"]["seconds_per_image"]["value"]
+    by_k.axhline(0, color="black", linewidth=0.8)
+    by_k.set_xlabel("K (key steps of 50)")
+    by_k.set_ylabel("FD-digits − DDIM-50 (paired 95% interval)")
+    by_k.set_title("quality per encoder budget")
+    by_k.legend()
     left.axhline(0, color="black", linewidth=0.8)
     left.axvline(base, color="black", linestyle=":", linewidth=0.8, label="ddim50 s/image")
     left.set_xlabel("s/image (one CPU thread)")
