@@ -13,13 +13,7 @@ import argparse
 
 import numpy as np
 
-
-def paper_shaped(steps: int, count: int) -> tuple[int, ...]:
-    """The paper's nine keys' spacing stretched to `count` members (count = 9 at 50 steps: the paper's set)."""
-    from fd.runtime.policy import PAPER_KEY_STEPS_50
-    positions = np.interp(np.arange(count) * (len(PAPER_KEY_STEPS_50) - 1) / max(count - 1, 1),
-                          np.arange(len(PAPER_KEY_STEPS_50)), PAPER_KEY_STEPS_50) * steps / 50
-    return tuple(sorted({int(round(p)) for p in positions}))
+from fd.benchmarks.quality_arms import paper_shaped
 
 
 def main(argv=None) -> None:

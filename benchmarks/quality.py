@@ -35,7 +35,9 @@ class Arm:
     what: str
     steps: int
     scheduler: str = "ddim"
-    keys: str = "all"  # "all" (every step a key step: the plain sampler), "paper" or "uniform"
+    # "all" (every step a key step: the plain sampler), "paper", "uniform" (every 6th at 50 steps), "calibrated"
+    # (the folder's fd-calibrate entry, made explicit by resolve_calibrated before a run) or explicit key steps
+    keys: str | tuple[int, ...] = "all"
     injection: bool = True  # prior noise injection (FD arms only)
     guidance_interval: bool = False
     deepcache: int | None = None  # DeepCache interval: runs on diffusers' pipeline, not fd's engines
@@ -44,8 +46,13 @@ class Arm:
         interval = PAPER_GUIDANCE_INTERVAL if self.guidance_interval else None
         if self.keys == "all":
             return FasterDiffusionPolicy.baseline(self.steps, interval)
-        keys = default_key_steps(self.steps) if self.keys == "paper" else \
-            uniform_key_steps(self.steps, self.steps // len(default_key_steps(self.steps)) + 1)
+        if self.keys == "calibrated":
+            raise ValueError(f"arm {self.name}: resolve_calibrated() first")  # a bug, not the user's
+        if isinstance(self.keys, tuple):
+            keys = self.keys
+        else:
+            keys = default_key_steps(self.steps) if self.keys == "paper" else \
+                uniform_key_steps(self.steps, self.steps // len(default_key_steps(self.steps)) + 1)
         return FasterDiffusionPolicy(keys, max_window, NoiseInjection(tau=tau) if self.injection else None, interval)
 
 
@@ -67,14 +74,21 @@ DEFAULT_ARMS = tuple(name for name in ARMS if name != "diffusers-ddim50")
 
 
 def parse_arms(text: str | None) -> list[Arm]:
+    """The arms named in --arms (comma-separated): ARMS' names, plus the key-step arms of quality_arms.py
+    (fd-paper:K, fd-uniform:K, fd-calibrated)."""
+    from fd.benchmarks.quality_arms import KEY_STEP_ARMS_HELP, key_step_arm
     if text is None:
         return [ARMS[name] for name in DEFAULT_ARMS]
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ARMS]
-    if unknown or not names:
-        raise FdError(f"--arms {text!r}: {'unknown arm ' + unknown[0] if unknown else 'names no arm'}; "
-                      f"choose from {', '.join(ARMS)}")
-    return [ARMS[name] for name in dict.fromkeys(names)]
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise FdError(f"--arms {text!r} names no arm; choose from {', '.join(ARMS)}, {KEY_STEP_ARMS_HELP}")
+    arms = []
+    for name in names:
+        arm = ARMS.get(name) or key_step_arm(name)
+        if arm is None:
+            raise FdError(f"--arms {text!r}: unknown arm {name}; choose from {', '.join(ARMS)}, {KEY_STEP_ARMS_HELP}")
+        arms.append(arm)
+    return arms
 
 
 # --- the measures ---------------------------------------------------------------------------------------
@@ -194,14 +208,30 @@ def _diffusers_pipeline(manifest: dict):
     return pipe, family
 
 
+def choose_baseline(arms: list[Arm], baseline: str | None) -> str:
+    """The arm every other is compared with (paired): `baseline` if given, else ddim50 if run, else the first."""
+    names = [arm.name for arm in arms]
+    if baseline is None:
+        return "ddim50" if "ddim50" in names else names[0]
+    if baseline not in names:
+        raise FdError(f"--baseline {baseline} is not among the arms run ({', '.join(names)}): add it to --arms")
+    return baseline
+
+
 def run_quality(engine_dir: str, arms: list[Arm], per_digit: int = DEFAULT_PER_DIGIT,
-                guidance: float = DEFAULT_GUIDANCE, seed: int = 0, threads: int = 1, progress=None) -> dict:
+                guidance: float = DEFAULT_GUIDANCE, seed: int = 0, threads: int = 1, progress=None,
+                baseline: str | None = None) -> dict:
     """Generate per_digit images of each digit in every arm (chunks of the folder's max batch, arms alternating
-    chunk by chunk so drifts of the machine spread over all), then measure them. Returns the result dict."""
+    chunk by chunk so drifts of the machine spread over all), then measure them. Returns the result dict; its
+    "per_image" part (features, predictions, seconds per batch) is for --features and is not JSON."""
     from fd.benchmarks.digit_classifier import load_classifier, to_grey
     from fd.benchmarks.digits import PROMPTS, load_split
+    from fd.benchmarks.quality_arms import resolve_calibrated
     if per_digit < 1:
         raise FdError(f"--samples-per-digit {per_digit}: give 1 or more")
+    from fd.runtime.manifest import load_manifest
+    arms = resolve_calibrated(arms, load_manifest(engine_dir), engine_dir)  # before the heavy work
+    baseline = choose_baseline(arms, baseline)
     classifier, split = load_classifier(), load_split()  # before the engines: a missing scikit-learn is one line
     real, held_predicted = classifier.features_and_labels(split.held_out_images)
     train_features, _ = classifier.features_and_labels(split.train_images)
@@ -239,14 +269,18 @@ def run_quality(engine_dir: str, arms: list[Arm], per_digit: int = DEFAULT_PER_D
     finally:
         engine.close()
     sizes = [len(index) for index in chunks]
-    results = {}
+    results, features, predicted = {}, {}, {}
     for arm in arms:
-        features, predicted = classifier.features_and_labels(grey[arm.name])
+        features[arm.name], predicted[arm.name] = classifier.features_and_labels(grey[arm.name])
         results[arm.name] = {"what": arm.what, "steps": arm.steps, "scheduler": arm.scheduler,
                              "runs_on": "diffusers" if arm.deepcache else f"fd ({backend})",
                              **({"deepcache_interval": arm.deepcache} if arm.deepcache else
                                 {"policy": policies[arm.name]}),
-                             **summarize(features, predicted, prompted, real, seconds[arm.name], sizes)}
+                             **summarize(features[arm.name], predicted[arm.name], prompted, real, seconds[arm.name],
+                                         sizes)}
+    compared = compare_with_baseline(features, predicted, seconds, baseline, prompted, real, split.held_out_labels)
+    for name, comparison in compared.items():
+        results[name]["versus_baseline"] = comparison
     held_correct = (held_predicted == split.held_out_labels).astype(np.float64)
     return {
         "classifier": {"held_out_accuracy": _measure(held_correct.mean(), bootstrap(np.mean, held_correct)),
@@ -256,6 +290,24 @@ def run_quality(engine_dir: str, arms: list[Arm], per_digit: int = DEFAULT_PER_D
                                                   bias_corrected=True)),
                   "what": "real held-out digits against the real training digits"},
         "settings": {"samples_per_digit": per_digit, "guidance_scale": guidance, "seed": seed, "threads": threads,
-                     "batch": batch, "image_size": list(size), "bootstrap_resamples": BOOTSTRAP},
+                     "batch": batch, "image_size": list(size), "bootstrap_resamples": BOOTSTRAP,
+                     "baseline": baseline},
         "arms": results, "grid": {name: np.stack(images) for name, images in grid.items()},
+        "per_image": {"prompted": prompted, "real_features": real, "real_labels": split.held_out_labels,
+                      **{f"features/{name}": f for name, f in features.items()},
+                      **{f"predicted/{name}": p for name, p in predicted.items()},
+                      **{f"seconds/{name}": np.asarray(s) for name, s in seconds.items()}},
     }
+
+
+def compare_with_baseline(features: dict, predicted: dict, seconds: dict, baseline: str, prompted: np.ndarray,
+                          real: np.ndarray, real_labels: np.ndarray) -> dict:
+    """Per arm, its paired differences from the baseline arm (benchmarks/paired.py): FD-digits and accuracy
+    (arm minus baseline) and the speed-up (baseline's seconds over the arm's), each {value, low, high}."""
+    from fd.benchmarks import paired
+    correct = {name: (p == prompted).astype(np.float64) for name, p in predicted.items()}
+    fd = paired.paired_fd_differences(features, baseline, prompted, real, real_labels, frechet_distance, BOOTSTRAP)
+    accuracy = paired.paired_mean_differences(correct, baseline, prompted, BOOTSTRAP)
+    speedup = paired.paired_speedups(seconds, baseline, BOOTSTRAP)
+    return {name: {"baseline": baseline, "fd_digits_difference": fd[name], "accuracy_difference": accuracy[name],
+                   "speedup": speedup[name]} for name in features}

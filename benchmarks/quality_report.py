@@ -8,6 +8,7 @@ import numpy as np
 
 from fd.benchmarks import report
 from fd.benchmarks.quality import ARMS, DEFAULT_ARMS, DEFAULT_GUIDANCE, DEFAULT_PER_DIGIT, parse_arms, run_quality
+from fd.benchmarks.quality_arms import KEY_STEP_ARMS_HELP
 from fd.runtime.atomic import check_writable, write_atomic
 from fd.runtime.errors import FdError
 
@@ -26,10 +27,14 @@ def add_quality_arguments(parser) -> None:
         f"(default {DEFAULT_GUIDANCE})")
     group.add_argument("--quality", action="store_true", help="measure image quality per arm instead of speed")
     group.add_argument("--arms", metavar="A,B,…", help=f"arms to run (default: {', '.join(DEFAULT_ARMS)}; "
-                                                         f"all: {', '.join(ARMS)})")
+                                                         f"all: {', '.join(ARMS)}; and {KEY_STEP_ARMS_HELP})")
     group.add_argument("--samples-per-digit", type=int, default=DEFAULT_PER_DIGIT,
                        help=f"images per digit and arm (default {DEFAULT_PER_DIGIT}: N = 1,000 per arm)")
     group.add_argument("--grid", metavar="FILE.png", help="write a PNG grid: a row per arm, digits 0-9")
+    group.add_argument("--baseline", metavar="ARM", help="the arm every other is compared with, paired (same "
+                       "images' latents and reference digits resampled in both): default ddim50 if run, else the first")
+    group.add_argument("--features", metavar="FILE.npz", help="also write every image's classifier features, "
+                       "predicted digit and each arm's seconds per batch (to analyse again without generating)")
     group.add_argument("--threads", type=int, default=1, help="CPU threads for the engines and torch (default 1: "
                        "on a shared machine two threads that wait on each other ran 10x slower)")
 
@@ -52,12 +57,16 @@ def main_quality(args, argv: list[str]) -> None:
         raise FdError(f"--threads {args.threads}: give 1 or more")
     if args.grid is not None and not args.grid.lower().endswith(".png"):
         raise FdError(f"--grid {args.grid} must end in .png")
-    for option, path in (("--json", args.json), ("--markdown", args.markdown), ("--grid", args.grid)):
+    if args.features is not None and not args.features.lower().endswith(".npz"):
+        raise FdError(f"--features {args.features} must end in .npz")
+    for option, path in (("--json", args.json), ("--markdown", args.markdown), ("--grid", args.grid),
+                         ("--features", args.features)):
         if path is not None:
             check_writable(path, option)
     measured = run_quality(args.engine_dir, arms, args.samples_per_digit, guidance, args.seed, args.threads,
-                           progress=lambda total: tqdm(total=total, unit="batch", desc="fd-bench --quality"))
-    grid = measured.pop("grid")
+                           progress=lambda total: tqdm(total=total, unit="batch", desc="fd-bench --quality"),
+                           baseline=args.baseline)
+    grid, per_image = measured.pop("grid"), measured.pop("per_image")
     result = {"schema": SCHEMA, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": shlex.join(["fd-bench", *argv]), "engine_dir": str(args.engine_dir),
               "machine": report.machine_info(), "versions": report.library_versions(),
@@ -71,8 +80,11 @@ def main_quality(args, argv: list[str]) -> None:
         report.write_text(args.markdown, text)
         print(f"wrote {args.markdown}")
     if args.grid:
-        write_grid(args.grid, grid, [ARMS[name].name for name in grid])
+        write_grid(args.grid, grid, list(grid))
         print(f"wrote {args.grid}")
+    if args.features:
+        write_atomic(args.features, lambda f: np.savez_compressed(f, **per_image))
+        print(f"wrote {args.features}")
 
 
 def _cell(m: dict, digits: int, scale: float = 1.0) -> str:
@@ -93,7 +105,24 @@ def format_markdown(r: dict) -> str:
     for name, a in r["arms"].items():
         lines.append(f"| {name} | {a['what']} | {a['runs_on']} | {_cell(a['accuracy'], 1, 100)} | "
                      f"{_cell(a['fd_digits'], 2)} | {_cell(a['seconds_per_image'], 4)} |")
+    baseline = s.get("baseline")
+    if baseline is None:  # a result written before the paired comparison existed
+        return "\n".join(lines) + "\n"
+    lines += ["", f"Paired against {baseline} (the same image indices and reference digits resampled in both arms, "
+                  "stratified by digit; a difference whose interval excludes 0 is told apart from the baseline):", "",
+              f"| arm | FD-digits − {baseline} | accuracy − {baseline} (points) | speed-up over {baseline} |",
+              "|---|---|---|---|"]
+    for name, a in r["arms"].items():
+        v = a["versus_baseline"]
+        lines.append(f"| {name} | {_signed(v['fd_digits_difference'], 2)} | "
+                     f"{_signed(v['accuracy_difference'], 1, 100)} | {_cell(v['speedup'], 2)}x |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(m: dict, digits: int, scale: float = 1.0) -> str:
+    mark = " *" if m["low"] > 0 or m["high"] < 0 else ""  # the interval excludes 0
+    return (f"{m['value'] * scale:+.{digits}f} [{m['low'] * scale:+.{digits}f}, {m['high'] * scale:+.{digits}f}]"
+            f"{mark}")
 
 
 def write_grid(path: str, grid: dict, names: list[str], cell: int = 64) -> None:
