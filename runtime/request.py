@@ -107,6 +107,9 @@ class Request:
     controlnet_scales: float | Sequence[float] | None = None  # one for all ControlNets or one each; None: 1.0
     init_image: Any = None  # image to image: the start image (path or PIL image), on a folder built with --img2img
     strength: float | None = None  # image to image: the share of the schedule that runs; None: 0.8
+    # Python API: a stochastic scheduler's noise, one (images, C, H, W) array per step that draws noise, in order,
+    # instead of the seed's stream (tests feed diffusers' own); None: drawn from the seed
+    step_noise: Sequence[np.ndarray] | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise once
@@ -167,6 +170,11 @@ class Request:
             set_("controlnet_scales", [float(s) for s in scales])
         if self.init_image is None and self.strength is not None:
             raise FdError("--strength is for image to image: give --init-image PATH too, or drop --strength")
+        if self.step_noise is not None:
+            arrays = [np.asarray(a) for a in self.step_noise]
+            if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in arrays):
+                raise FdError("step_noise must be finite float arrays, one per noisy step")
+            set_("step_noise", tuple(a.astype(np.float32, copy=False) for a in arrays))
         if self.init_image is not None:
             self.steps_run  # noqa: B018 - refuses a strength out of range, or one that runs no step
 

@@ -183,6 +183,10 @@ class BuildFamily:
         """Whether the decoder takes this condition (SD3/FLUX: not the text tokens, which the cache carries)."""
         return True
 
+    def vae_scale(self, comps: Components) -> int:
+        """Pixels per latent side (1 for pixel-space families, which have no VAE)."""
+        return 2 ** (len(comps.vae.config.block_out_channels) - 1)
+
     def size_rule(self, comps: Components) -> tuple[int, int, int]:
         """(latent channels, the latent side's required multiple, the native latent side)."""
         return comps.unet.config.in_channels, unet_levels(comps.unet), comps.unet.config.sample_size
