@@ -1,0 +1,373 @@
+"""DeepFloyd IF stage I end to end on ONNX Runtime: the split, diffusers' IFPipeline, an independent reference.
+
+`tiny-if` (generated: IF's UNet at toy width with encoder_hid_proj, the pooled-text term, added-KV attention,
+scale-shift ResNets, GELU time activation and 6 output channels; a 2-layer T5; IF's DDPM config with learned_range
+variance and dynamic thresholding; 16x16 pixels).
+
+- the split (fp32): prompt terms → encoder → decoder equals the UNet's forward (stage I, and stage II's UNet with
+  its noise-level embedding) within 1e-5, all six channels; one decoder call over k timesteps equals k calls;
+- --no-fd equals IFPipeline (same components, guidance 7, two prompts, the same noise: IFPipeline takes no
+  latents, so its seeded generator's draws are handed to fd as the initial noise and, for the DDPM, as each
+  step's noise through Request.step_noise): DDIM (variance_type fixed_small), IF's own DDPM with the learned
+  variance and DPM++ 2M, every one with dynamic thresholding;
+- FasterDiffusion equals `reference_fd`, written here on diffusers' own UNet forward (its cache read and replaced
+  through hooks; the prompt terms recomputed by diffusers at every call) and diffusers' schedulers; wrong variants
+  miss it by far more than the tolerance;
+- one-line refusals.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fd.builder.families import FAMILIES, family_generating
+from fd.runtime.errors import FdError
+from fd.runtime.pipeline import FasterDiffusionPipeline
+from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
+from tests.compare import relative_error
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
+# Capitals and outer spaces: IFPipeline lower-cases and strips (the tiny tokenizer has no capitals).
+PROMPTS = ["A photo of an astronaut riding a horse on the moon ", "a painting of a cat"]
+GUIDANCE = 7.0  # IFPipeline's default, and fd's for this family
+INJECTION = (0.003, 500)  # fd's default for IF
+STEPS = {"ddim": 12, "ddpm": 12, "dpmpp-2m": 10}
+# fd (ONNX Runtime, fp32) against the torch reference, max |Δ| relative to the largest value, per scheduler.
+# Measured: DDPM-50 1.0e-6, DPM++-20 1.2e-6, DDIM-50 5.8e-5 (DDIM's x0 estimate divides by sqrt(ᾱ), 0.03 at
+# t = 980 on cosine betas, and IF's thresholding keeps the eps term as it was, so rounding grows; the wrong
+# variants move DDIM-50 by 0.07 or more). The wrong variants (on DDPM-50) miss by 4.3e-4 to 0.17.
+TOLERANCE = {"ddim": 2e-4, "dpmpp-2m": 1e-5, "ddpm": 1e-5}
+
+
+def diffusers_scheduler(name: str, config: dict):
+    """diffusers' scheduler as IFPipeline runs it: DDIM must drop the variance channels (variance_type
+    fixed_small, so the pipeline slices them off); DDPM and DPM++ keep IF's learned_range."""
+    import diffusers
+    classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
+               "dpmpp-2m": diffusers.DPMSolverMultistepScheduler}
+    return classes[name].from_config({**config, "variance_type": "fixed_small"} if name == "ddim" else config)
+
+
+@pytest.fixture(scope="module")
+def comps():
+    return family_generating("tiny-if")()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from fd.builder.build import BuildOptions, build
+    out = tmp_path_factory.mktemp("if") / "tiny-if"
+    return build(BuildOptions(model="tiny-if", max_batch_size=2, max_window=6, out=str(out)), log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return FasterDiffusionPipeline(folder, threads=1)
+
+
+def if_pipeline(comps, scheduler):
+    pipe = FAMILIES["if"].diffusers_pipeline(comps, scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded_noise(seed: int, batch: int, side: int, steps: int):
+    """What IFPipeline's generator(seed) draws: the initial image noise, then one draw per DDPM step with t > 0."""
+    generator = torch.Generator().manual_seed(seed)
+    initial = torch.randn((batch, 3, side, side), generator=generator)
+    return initial.numpy(), [torch.randn((batch, 3, side, side), generator=generator).numpy() for _ in range(steps)]
+
+
+# --- the split ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage_two", [False, True])
+def test_split_equals_the_unet_forward(comps, stage_two):
+    from fd.builder.families.deepfloyd_if import tiny_if_unet
+    from fd.builder.if_split import IFDecoder, IFEncoder, IFPromptTerms
+    torch.manual_seed(1)
+    unet = tiny_if_unet(stage_two) if stage_two else comps.unet
+    generator = torch.Generator().manual_seed(2)
+    side = unet.config.sample_size
+    sample = torch.randn(3, unet.config.in_channels, side, side, generator=generator)
+    timesteps = torch.tensor([999.0, 500.0, 3.0])
+    text = torch.randn(3, 77, unet.config.encoder_hid_dim, generator=generator)
+    level = torch.tensor([250.0, 100.0, 0.0]) if stage_two else None
+    with torch.no_grad():
+        terms = IFPromptTerms(unet)(text, *(() if level is None else (level,)))
+        cache = IFEncoder(unet)(sample, timesteps, *terms)
+        split = IFDecoder(unet)(timesteps, *terms, *cache)
+        full = unet(sample, timesteps, encoder_hidden_states=text, class_labels=level).sample
+    assert split.shape == full.shape == (3, 6, side, side)  # noise and learned variance
+    assert relative_error(split.numpy(), full.numpy()) <= 1e-5
+    # the noise level is really an input (a split that ignored it would pass the comparison at one level only)
+    if stage_two:
+        with torch.no_grad():
+            other = IFPromptTerms(unet)(text, level + 300)[1]
+        assert (other - terms[1]).abs().max() > 1e-3
+
+
+def test_one_decoder_call_over_k_timesteps_equals_k_calls(pipe):
+    from fd.runtime import stages
+    from fd.runtime.families import PromptRequest
+    conds = pipe.family.encode_prompt(pipe.runner, pipe.tokenizers, PromptRequest(PROMPTS[:1], None, True, 16, 16), {})
+    sample = np.concatenate([seeded_noise(0, 1, 16, 0)[0]] * 2)
+    cache = stages.encode_denoiser(pipe.runner, sample, 999.0, conds)
+    timesteps = np.float32([951, 901, 851, 801])
+    together = stages.decode_denoiser(pipe.runner, cache, timesteps, conds)
+    for t, batched in zip(timesteps, together):
+        (alone,) = stages.decode_denoiser(pipe.runner, cache, np.float32([t]), conds)
+        assert batched.shape == (2, 6, 16, 16)
+        np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+    assert np.abs(together[0] - together[-1]).max() > 1e-3  # each row really used its own timestep
+
+
+def test_manifest_has_no_vae_and_the_prompt_terms_graph(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    specs = manifest["components"]
+    assert manifest["family"] == "if" and "vae_decoder" not in specs
+    assert sorted(specs) == ["denoiser_conditions", "denoiser_decoder", "denoiser_encoder", "text_encoder"]
+    assert manifest["vae_scale_factor"] == 1 and manifest["latent_channels"] == 3
+    assert [t["name"] for t in specs["denoiser_decoder"]["inputs"]][:3] == [
+        "timestep", "encoder_hidden_states", "added_embedding"]
+    assert specs["denoiser_decoder"]["outputs"][0]["shape"] == ["batch", 6, 16, 16]
+    assert [t["name"] for t in specs["text_encoder"]["inputs"]] == ["input_ids", "attention_mask"]
+
+
+# --- against diffusers' IFPipeline -------------------------------------------------------------------------
+
+def diffusers_generate(comps, scheduler: str, steps: int, seed: int, prompts=PROMPTS, negative=None,
+                       guidance=GUIDANCE) -> np.ndarray:
+    """IFPipeline's final sample (output_type "pt": the image in [-1, 1] before post-processing)."""
+    pipe = if_pipeline(comps, diffusers_scheduler(scheduler, comps.scheduler_config))
+    with torch.no_grad():
+        out = pipe(list(prompts), negative_prompt=None if negative is None else [negative] * len(prompts), num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(seed), output_type="pt", clean_caption=False)
+    return out.images.numpy()
+
+
+def fd_generate(pipe, scheduler, steps, seed, prompts=PROMPTS, negative=None, guidance=None, policy=None):
+    latents, step_noise = seeded_noise(seed, len(prompts), 16, steps)
+    return pipe(list(prompts), negative_prompt=negative, steps=steps, scheduler=scheduler, latents=latents,
+                step_noise=step_noise if scheduler == "ddpm" else None, guidance_scale=guidance,
+                policy=policy or FasterDiffusionPolicy.baseline(steps))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmpp-2m"])
+def test_baseline_equals_the_diffusers_pipeline(pipe, comps, scheduler):
+    steps = STEPS[scheduler]
+    ours = fd_generate(pipe, scheduler, steps, seed=3)
+    want = diffusers_generate(comps, scheduler, steps, seed=3)
+    assert relative_error(ours.latents, want) <= 1e-4
+    pixels = np.stack([np.asarray(image) for image in ours.images]).astype(np.int16)
+    want_pixels = (np.clip(want / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round()
+    assert np.abs(pixels - want_pixels).max() <= 1 and want_pixels.std() > 20
+    assert not np.allclose(ours.latents[0], ours.latents[1])  # two prompts, two images
+    # thresholding bites here: a sampler with it off lands elsewhere (so the comparison above covers it)
+    if scheduler == "ddim":
+        plain = dict(comps.scheduler_config, thresholding=False)
+        pipe.manifest["scheduler_config"], saved = plain, pipe.manifest["scheduler_config"]
+        try:
+            unthresholded = fd_generate(pipe, scheduler, steps, seed=3)
+        finally:
+            pipe.manifest["scheduler_config"] = saved
+        assert relative_error(unthresholded.latents, want) > 100 * 1e-4
+
+
+def test_ddpm_steps_with_the_conditional_variance(pipe, comps):
+    """The learned variance the DDPM steps with is the conditional rows', as IFPipeline takes it: the same run
+    with the unconditional rows' variance misses diffusers."""
+    from fd.runtime.families.deepfloyd_if import DeepFloydIF
+    want = diffusers_generate(comps, "ddpm", STEPS["ddpm"], seed=3)
+
+    class UnconditionalVariance(DeepFloydIF):
+        def guide(self, prediction, images, guidance_scale, sampler):
+            guided = super().guide(prediction, images, guidance_scale, sampler)
+            return np.concatenate([guided[:, :3], prediction[:images, 3:]], axis=1)
+
+    family, pipe.family = pipe.family, UnconditionalVariance()
+    try:
+        wrong = fd_generate(pipe, "ddpm", STEPS["ddpm"], seed=3)
+    finally:
+        pipe.family = family
+    assert relative_error(wrong.latents, want) > 10 * 1e-4
+
+
+def test_negative_prompt_and_unguided_equal_the_diffusers_pipeline(pipe, comps):
+    ours = fd_generate(pipe, "ddim", 8, seed=4, negative="blurry")
+    assert relative_error(ours.latents, diffusers_generate(comps, "ddim", 8, seed=4, negative="blurry")) <= 1e-4
+    ours = fd_generate(pipe, "ddim", 8, seed=4, guidance=1.0)
+    assert ours.rows["text_encoder"] == 2  # one row per prompt: no negative rows
+    assert relative_error(ours.latents, diffusers_generate(comps, "ddim", 8, seed=4, guidance=1.0)) <= 1e-4
+
+
+def test_the_t5_mask_matters(pipe):
+    """T5 reads the attention mask: the same ids with the mask all ones give other embeddings (so a runtime that
+    dropped the mask would fail the diffusers comparison)."""
+    (tokenizer,) = pipe.tokenizers
+    ids, mask = tokenizer.with_mask(["a cat"])
+    masked = pipe.runner.run("text_encoder", {"input_ids": ids, "attention_mask": mask})["text_embeddings"]
+    ones = pipe.runner.run("text_encoder", {"input_ids": ids, "attention_mask": np.ones_like(mask)})["text_embeddings"]
+    assert np.abs(pipe.runner.download(masked) - pipe.runner.download(ones)).max() > 1e-3
+
+
+# --- FasterDiffusion against an independent reference ------------------------------------------------------
+
+CACHED = ("conv_in", "down", "mid")
+
+
+def forward_capturing(unet, sample, timesteps, text):
+    """diffusers' own UNet forward, keeping conv_in's, every down block's and the mid block's outputs."""
+    cache, hooks = {}, []
+    hooks.append(unet.conv_in.register_forward_hook(lambda m, a, out: cache.update(conv_in=out)))
+    for k, block in enumerate(unet.down_blocks):
+        hooks.append(block.register_forward_hook(lambda m, a, out, k=k: cache.update({("down", k): out})))
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, a, out: cache.update(mid=out)))
+    try:
+        unet(sample, timesteps, encoder_hidden_states=text)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return cache
+
+
+def forward_from_cache(unet, cache, shape, timesteps, text):
+    """diffusers' own UNet forward with those outputs replaced by the cached ones (the encoder half runs on zeros
+    and is discarded: nothing of the current sample is read); the up blocks see this call's timesteps."""
+    hooks = [unet.conv_in.register_forward_hook(lambda m, a, out: cache["conv_in"])]
+    for k, block in enumerate(unet.down_blocks):
+        hooks.append(block.register_forward_hook(lambda m, a, out, k=k: cache[("down", k)]))
+    hooks.append(unet.mid_block.register_forward_hook(lambda m, a, out: cache["mid"]))
+    try:
+        return unet(torch.zeros(shape), timesteps, encoder_hidden_states=text).sample
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def reference_fd(comps, prompts, scheduler_name, steps, seed, key_steps, noise_injection=INJECTION,
+                 decode_with_key_timestep=False, variance_rows="cond"):
+    """FasterDiffusion in its plainest form on diffusers' IF UNet and scheduler: the encoder half at key steps,
+    every step decoded from the latest cache with its own timestep (one call per step), guidance on the noise
+    channels with the conditional rows' variance (as IFPipeline), z ← z + α·ε before each step with t < τ, then
+    the scheduler's step with the generator IFPipeline would use. The last two arguments are wrong variants."""
+    scheduler = diffusers_scheduler(scheduler_name, comps.scheduler_config)
+    pipe = if_pipeline(comps, scheduler)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        embeds, negative = pipe.encode_prompt(list(prompts), True, device="cpu", clean_caption=False)
+        text = torch.cat([negative, embeds])
+        noise = torch.randn((len(prompts), 3, 16, 16), generator=generator)
+        z = noise.clone()
+        scheduler.set_timesteps(steps)
+        keys = set(key_steps) | {0}
+        learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
+        for i, t in enumerate(scheduler.timesteps):
+            rows = torch.cat([z, z])
+            if i in keys:
+                t_key = t
+                cache = forward_capturing(comps.unet, scheduler.scale_model_input(rows, t), t.repeat(len(rows)), text)
+            t_decode = t_key if decode_with_key_timestep else t
+            prediction = forward_from_cache(comps.unet, cache, rows.shape, t_decode.repeat(len(rows)), text)
+            uncond, cond = prediction.chunk(2)
+            eps = uncond[:, :3] + GUIDANCE * (cond[:, :3] - uncond[:, :3])
+            if learned:
+                eps = torch.cat([eps, (cond if variance_rows == "cond" else uncond)[:, 3:]], dim=1)
+            if noise_injection is not None and t < noise_injection[1]:
+                z = z + noise_injection[0] * noise
+            z = scheduler.step(eps, t, z, generator=generator, return_dict=False)[0]
+    return z.numpy()
+
+
+def test_reference_with_every_step_a_key_step_equals_diffusers(comps):
+    """The reference itself: every step a key step and no injection is plain sampling, i.e. the pipeline."""
+    ref = reference_fd(comps, PROMPTS, "ddpm", 10, 5, key_steps=range(10), noise_injection=None)
+    assert relative_error(ref, diffusers_generate(comps, "ddpm", 10, seed=5)) <= 1e-5
+
+
+FD_CASES = [("ddim", 50), ("dpmpp-2m", 20), ("ddpm", 50)]
+
+
+@pytest.mark.parametrize("scheduler,steps", FD_CASES)
+def test_fasterdiffusion_equals_the_reference(pipe, comps, scheduler, steps):
+    latents, step_noise = seeded_noise(6, 2, 16, steps)
+    ours = pipe(PROMPTS, steps=steps, scheduler=scheduler, latents=latents,
+                step_noise=step_noise if scheduler == "ddpm" else None)
+    assert ours.policy["key_steps"] == list(default_key_steps(steps))
+    assert ours.policy["noise_injection"] == {"alpha": INJECTION[0], "tau": INJECTION[1]}
+    assert ours.calls["denoiser_encoder"] == len(default_key_steps(steps))
+    assert ours.calls["denoiser_conditions"] == 1  # the prompt-only terms: once per generation
+    ref = reference_fd(comps, PROMPTS, scheduler, steps, 6, default_key_steps(steps))
+    error = relative_error(ours.latents, ref)
+    assert error <= TOLERANCE[scheduler], error
+
+
+WRONG_VARIANTS = {
+    "decoder given the key step's timestep": dict(decode_with_key_timestep=True),
+    "no noise injection": dict(noise_injection=None),
+    "key steps shifted by one": dict(key_steps=tuple(k + 1 for k in default_key_steps(50))),
+    "the unconditional rows' variance": dict(variance_rows="uncond"),
+    "tau 300 (DiT's)": dict(noise_injection=(0.003, 300)),
+}
+
+
+@pytest.mark.parametrize("variant", WRONG_VARIANTS)
+def test_wrong_variants_miss_the_tolerance(pipe, comps, variant):
+    latents, step_noise = seeded_noise(6, 2, 16, 50)
+    ours = pipe(PROMPTS, steps=50, scheduler="ddpm", latents=latents, step_noise=step_noise)
+    options = {"key_steps": default_key_steps(50), **WRONG_VARIANTS[variant]}
+    assert relative_error(ours.latents, reference_fd(comps, PROMPTS, "ddpm", 50, 6, **options)) > 10 * TOLERANCE["ddpm"]
+
+
+# --- refusals -----------------------------------------------------------------------------------------------
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("options,needle", [
+    (dict(img2img=True), "--img2img"),
+    (dict(controlnets=("tiny-controlnet",)), "--controlnet"),
+    (dict(backend_options={"dynamic_shape": "16:32"}), "--dynamic-shape"),
+])
+def test_build_refuses_what_if_has_not_in_one_line(tmp_path, options, needle):
+    from fd.builder.build import BuildOptions, build
+    out = tmp_path / "refused"
+    with pytest.raises(FdError) as caught:
+        build(BuildOptions(model="tiny-if", out=str(out), **options), log=lambda *_: None)
+    assert needle in one_line(caught) and not out.exists()
+
+
+def test_alias_absent_from_the_cache_is_one_line(monkeypatch, tmp_path):
+    from fd.builder.models import load_components
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for alias, repo in (("if", "DeepFloyd/IF-I-XL-v1.0"), ("if-sr", "DeepFloyd/IF-II-L-v1.0")):
+        with pytest.raises(FdError) as caught:
+            load_components(alias)
+        assert repo in one_line(caught) and "local Hugging Face cache" in str(caught.value)
+
+
+def test_run_refusals_are_one_line(pipe):
+    latents = seeded_noise(0, 1, 16, 0)[0]
+    with pytest.raises(FdError) as caught:
+        pipe(["a cat"], latents=latents[:, :2])
+    assert "(1, 3, 16, 16)" in one_line(caught)
+    with pytest.raises(FdError) as caught:
+        pipe(["a cat"], steps=4, scheduler="ddpm", step_noise=[latents])  # too few
+    assert "step_noise" in one_line(caught)
+
+
+def test_ddpm_with_learned_variance_is_refused_where_the_decoder_drops_it():
+    """DiT's decoder returns the noise alone, so a learned-variance DDPM is refused there, in one line."""
+    from fd.runtime.families import FAMILIES as RUNTIME
+    from fd.runtime.schedulers import make_scheduler
+    from fd.builder.families.deepfloyd_if import IF_SCHEDULER_CONFIG
+    sampler = make_scheduler("ddpm", IF_SCHEDULER_CONFIG)
+    RUNTIME["if"].check_scheduler(sampler)  # IF returns it
+    with pytest.raises(FdError) as caught:
+        RUNTIME["dit"].check_scheduler(sampler)
+    assert "predicted variance" in one_line(caught)
