@@ -80,6 +80,49 @@ def seeded_noise(seed: int, batch: int, side: int, steps: int):
     return initial.numpy(), [torch.randn((batch, 3, side, side), generator=generator).numpy() for _ in range(steps)]
 
 
+# --- the schedulers, step by step ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp-2m"])
+def test_schedulers_with_thresholding_equal_diffusers_step_by_step(name):
+    """IF's config (dynamic thresholding at the 0.95 quantile, sample_max_value 1.5; DDPM with the learned
+    variance in channels 3-5) on samples large enough that the threshold s lands inside (1, 1.5) and at 1.5."""
+    from fd.builder.families.deepfloyd_if import IF_SCHEDULER_CONFIG
+    from fd.runtime.schedulers import make_scheduler
+    from fd.runtime.schedulers.common import GivenNoise
+    config = {**IF_SCHEDULER_CONFIG, "variance_type": "fixed_small"} if name == "ddim" else IF_SCHEDULER_CONFIG
+    ours, theirs = make_scheduler(name, config), diffusers_scheduler(name, IF_SCHEDULER_CONFIG)
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8), dtype=np.float32)
+    y = torch.from_numpy(x)
+    channels = 6 if name != "ddim" else 3
+    noises = [rng.standard_normal((2, 3, 8, 8), dtype=np.float32) for _ in range(10)]
+    generator = GivenNoise(noises)
+    for i, t in enumerate(ours.timesteps):
+        output = rng.standard_normal((2, channels, 8, 8), dtype=np.float32) * np.float32(1.5)
+        x = ours.step(output, t, x, generator=generator)
+        if name == "ddpm":  # diffusers draws its noise inside: hand it the same draw
+            import diffusers.schedulers.scheduling_ddpm as ddpm_module
+            original = ddpm_module.randn_tensor
+            ddpm_module.randn_tensor = lambda shape, **kw: torch.from_numpy(noises[i])
+            try:
+                y = theirs.step(torch.from_numpy(output), int(t), y, return_dict=False)[0]
+            finally:
+                ddpm_module.randn_tensor = original
+        else:
+            y = theirs.step(torch.from_numpy(output), int(t), y, return_dict=False)[0]
+        assert relative_error(x, y.numpy()) <= 2e-6, i
+
+
+def test_dynamic_thresholding_clips_and_rescales():
+    from fd.runtime.schedulers.thresholding import dynamic_threshold
+    x0 = np.stack([np.linspace(-3, 3, 100), np.linspace(-0.5, 0.5, 100)]).astype(np.float32).reshape(2, 1, 10, 10)
+    out = dynamic_threshold(x0, 0.95, 1.5)
+    assert np.isclose(np.abs(out[0]).max(), 1.0) and np.abs(out[0]).max() <= 1.0  # s = 1.5 (clamped): clip, divide
+    np.testing.assert_array_equal(out[1], x0[1])  # s = 1 (quantile below 1): plain clipping, nothing to clip
+
+
 # --- the split ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stage_two", [False, True])

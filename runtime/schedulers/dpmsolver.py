@@ -214,6 +214,8 @@ class DPMSolverMultistepScheduler:
         )
         out = common.as_f32(model_output, "model_output")
         x = common.as_f32(sample, "sample")
+        if cfg["variance_type"] in ("learned", "learned_range") and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, :x.shape[1]]  # noise and variance given (as diffusers takes IF's): the noise alone
 
         alpha_s0, sigma_s0 = _alpha_sigma(self.sigmas[i])
         alpha_t, sigma_t = _alpha_sigma(self.sigmas[i + 1])
