@@ -8,7 +8,8 @@ act, conv_out) and what is new is computed once per prompt, outside the loop:
                   encoder_hid_proj (T5 width → cross-attention width), the pooled-text term of
                   addition_embed_type "text" (TextTimeEmbedding over the raw T5 states) and, on stage II,
                   class_embed_type "timestep" (the noise level of the upscaled image through the time sinusoid)
-  IFEncoder       (sample, timestep, encoder_hidden_states, added_embedding) → (mid, skip_00, …)
+  IFEncoder       (sample, timestep, encoder_hidden_states, added_embedding[, upscaled]) → (mid, skip_00, …);
+                  stage II's UNet input is the sample and the noised upscaled stage-I image side by side
   IFDecoder       (timestep, encoder_hidden_states, added_embedding, mid, skip_00, …) → all output channels
                   (IF-I and IF-II: 3 noise + 3 learned-variance channels; the pipeline needs both)
 
@@ -89,10 +90,12 @@ class _IFHalf(nn.Module):
 
 
 class IFEncoder(_IFHalf):
-    """(sample, timestep[B], encoder_hidden_states, added_embedding) → (mid, skip_00, …, skip_NN)."""
+    """(sample, timestep[B], encoder_hidden_states, added_embedding[, upscaled]) → (mid, skip_00, …, skip_NN)."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, added_embedding):
+    def forward(self, sample, timestep, encoder_hidden_states, added_embedding, *upscaled):
         unet = self.unet
+        if upscaled:  # stage II: IFSuperResolutionPipeline's cat([sample, upscaled], dim=1)
+            sample = torch.cat([sample, upscaled[0].to(sample.dtype)], dim=1)
         emb = self.embedding(timestep, added_embedding)
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
@@ -123,7 +126,9 @@ class IFDecoder(_IFHalf):
 
 
 def run_split(unet, sample, timestep, text_embeddings, noise_level=None) -> torch.Tensor:
-    """prompt terms → encoder → decoder in torch (tests compare it with the UNet's own forward)."""
+    """prompt terms → encoder → decoder in torch on the UNet's own input (stage II: 6 channels)."""
     terms = IFPromptTerms(unet)(text_embeddings, *(() if noise_level is None else (noise_level,)))
-    cache = IFEncoder(unet)(sample, timestep, *terms)
+    images = sample.shape[1] // 2 if noise_level is not None else sample.shape[1]
+    cache = IFEncoder(unet)(sample[:, :images], timestep, *terms, *((sample[:, images:],) if noise_level is not None
+                                                                     else ()))
     return IFDecoder(unet)(timestep, *terms, *cache)

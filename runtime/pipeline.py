@@ -142,6 +142,8 @@ class EngineFolder:
             init.check_policy(policy)
         sampler = make_scheduler(request.scheduler, m["scheduler_config"])  # refuses unsupported options
         family.check_scheduler(sampler)
+        family.check_image_condition(request.super_resolution, len(inputs), family.classifier_free_guidance(guidance),
+                                     height, width, m["components"])
         if sampler.stochastic:
             check_seed(request.seed)
         return Plan(request, inputs, height, width, guidance, policy, control, init)
@@ -196,7 +198,8 @@ class FasterDiffusionPipeline(EngineFolder):
         # 2. encode the prompt: the family's conditioning, rows [negative…, positive…] when guided
         with timer("text_encoder"):
             prompt = PromptRequest(plan.inputs, request.negative_prompt, guided, plan.height, plan.width,
-                                   request.original_size, request.crops_coords_top_left or (0, 0), guidance_scale)
+                                   request.original_size, request.crops_coords_top_left or (0, 0), guidance_scale,
+                                   request.super_resolution)
             conditions = self.family.encode_prompt(self.runner, self.tokenizers, prompt,
                                                    self.manifest.get("family_options", {}))
 

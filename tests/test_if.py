@@ -139,7 +139,8 @@ def test_split_equals_the_unet_forward(comps, stage_two):
     level = torch.tensor([250.0, 100.0, 0.0]) if stage_two else None
     with torch.no_grad():
         terms = IFPromptTerms(unet)(text, *(() if level is None else (level,)))
-        cache = IFEncoder(unet)(sample, timesteps, *terms)
+        upscaled = (sample[:, 3:],) if stage_two else ()  # stage II: the UNet's input is sample and image
+        cache = IFEncoder(unet)(sample[:, :3], timesteps, *terms, *upscaled)
         split = IFDecoder(unet)(timesteps, *terms, *cache)
         full = unet(sample, timesteps, encoder_hidden_states=text, class_labels=level).sample
     assert split.shape == full.shape == (3, 6, side, side)  # noise and learned variance
@@ -414,3 +415,82 @@ def test_ddpm_with_learned_variance_is_refused_where_the_decoder_drops_it():
     with pytest.raises(FdError) as caught:
         RUNTIME["dit"].check_scheduler(sampler)
     assert "predicted variance" in one_line(caught)
+
+
+# --- stage II: IFSuperResolutionPipeline -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sr_comps():
+    return family_generating("tiny-if-sr")()
+
+
+@pytest.fixture(scope="module")
+def sr_pipe(tmp_path_factory):
+    from fd.builder.build import BuildOptions, build
+    out = tmp_path_factory.mktemp("if") / "tiny-if-sr"
+    return FasterDiffusionPipeline(build(BuildOptions(model="tiny-if-sr", max_batch_size=2, max_window=6,
+                                                      out=str(out)), log=lambda *_: None), threads=1)
+
+
+def sr_diffusers(sr_comps, comps, scheduler, steps, seed, image, noise_level=250, guidance=4.0):
+    """IFSuperResolutionPipeline on stage I's T5 embeddings (prompt_embeds, as diffusers' cascade passes them)."""
+    from fd.builder.families.deepfloyd_if import IFSuperResolutionFamily
+    with torch.no_grad():
+        embeds, negative = if_pipeline(comps, diffusers_scheduler("ddim", comps.scheduler_config)).encode_prompt(
+            PROMPTS, True, device="cpu", clean_caption=False)
+        pipe = IFSuperResolutionFamily().diffusers_pipeline(sr_comps, diffusers_scheduler(scheduler,
+                                                                                          sr_comps.scheduler_config))
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(image=torch.from_numpy(image), prompt_embeds=embeds, negative_prompt_embeds=negative,
+                   num_inference_steps=steps, guidance_scale=guidance, noise_level=noise_level, output_type="pt",
+                   generator=torch.Generator().manual_seed(seed))
+    return out.images.numpy(), torch.cat([negative, embeds]).numpy()
+
+
+def sr_noise(seed, steps):
+    """IFSuperResolutionPipeline's draws from generator(seed): the initial noise, the upscaling noise, then one
+    per DDPM step."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda: torch.randn((2, 3, 32, 32), generator=generator).numpy()  # noqa: E731
+    return draw(), draw(), [draw() for _ in range(steps)]
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_stage_two_baseline_equals_the_diffusers_pipeline(pipe, sr_pipe, comps, sr_comps, scheduler):
+    from fd.runtime.if_cascade import SuperResolutionInput
+    stage_one = fd_generate(pipe, "dpmpp-2m", 8, seed=3).latents
+    steps = 8
+    want, text = sr_diffusers(sr_comps, comps, scheduler, steps, 9, stage_one)
+    initial, upscale_noise, step_noise = sr_noise(9, steps)
+    condition = SuperResolutionInput(stage_one, text, upscale_noise)
+    ours = sr_pipe(PROMPTS, steps=steps, scheduler=scheduler, latents=initial, super_resolution=condition,
+                   step_noise=step_noise if scheduler == "ddpm" else None, policy=FasterDiffusionPolicy.baseline(steps))
+    assert ours.latents.shape == (2, 3, 32, 32)
+    assert relative_error(ours.latents, want) <= 1e-4
+    # the image and its noise level matter: another level lands elsewhere
+    other = sr_pipe(PROMPTS, steps=steps, scheduler=scheduler, latents=initial, policy=FasterDiffusionPolicy.baseline(
+        steps), step_noise=step_noise if scheduler == "ddpm" else None,
+        super_resolution=SuperResolutionInput(stage_one, text, upscale_noise, noise_level=50))
+    assert relative_error(other.latents, want) > 1e-2
+
+
+def test_upscale_equals_torch_bilinear_with_aligned_corners():
+    from fd.runtime.if_cascade import upscale
+    image = np.random.default_rng(0).standard_normal((2, 3, 16, 12), dtype=np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(image), (32, 40), mode="bilinear", align_corners=True)
+    np.testing.assert_allclose(upscale(image, 32, 40), want.numpy(), rtol=0, atol=1e-6)
+
+
+def test_cascade_runs_stage_two_with_its_own_key_steps(pipe, sr_pipe):
+    from fd.runtime.if_cascade import stage_two_request, super_resolution_input
+    from fd.runtime.request import Request
+    request = Request(PROMPTS, steps=20, scheduler="dpmpp-2m", seed=1)
+    first = pipe(request)
+    condition = super_resolution_input(pipe, sr_pipe, request, first.latents)
+    second = sr_pipe(stage_two_request(request, condition, steps=30))
+    assert second.policy["key_steps"] == list(default_key_steps(30)) != first.policy["key_steps"]
+    assert second.calls["denoiser_encoder"] == len(default_key_steps(30)) and "text_encoder" not in second.calls
+    assert second.images[0].size == (32, 32)
+    with pytest.raises(FdError) as caught:
+        sr_pipe(PROMPTS)  # a stage-II folder alone
+    assert "--super-resolution" in one_line(caught)

@@ -6,8 +6,8 @@ IFSuperResolutionPipeline (stage II, upscaling stage I's image), their generated
   denoiser_conditions  (text_embeddings[, noise_level]) → what the UNet computes from the prompt alone, once
                        per prompt (builder/if_split.py: encoder_hid_proj, the pooled-text term, stage II's
                        noise-level term)
-  denoiser_encoder     (sample, timestep, encoder_hidden_states, added_embedding) → the cache
-                       (stage II's sample is the noisy image and the noised upscaled image side by side: 6 channels)
+  denoiser_encoder     (sample, timestep, encoder_hidden_states, added_embedding[, upscaled]) → the cache
+                       (stage II: the noised upscaled stage-I image beside the sample, as the UNet's 6 channels)
   denoiser_decoder     (timestep, encoder_hidden_states, added_embedding, cache) → all 6 output channels (noise
                        and learned variance: IF's DDPM steps with the variance of the conditional rows)
 
@@ -167,13 +167,15 @@ class IFFamily(BuildFamily):
         conditions = [tensor("encoder_hidden_states", dtype, [Axis("sequence", length),
                                                               comps.unet.config.cross_attention_dim]),
                       tensor("added_embedding", dtype, [comps.unet.time_embedding.linear_2.out_features])]
-        sample = tensor("sample", dtype, [comps.unet.config.in_channels, height, width])
-        shapes = _cache_shapes(modules["denoiser_encoder"], tuple(sample["shape"][1:]), conditions, dtype)
+        sample = tensor("sample", dtype, [IMAGE_CHANNELS, height, width])
+        # stage II: the noised upscaled stage-I image, one per row as the sample; the encoder alone reads it
+        image = [tensor("upscaled", dtype, [IMAGE_CHANNELS, height, width])] if self.stage_two else []
+        shapes = _cache_shapes(modules["denoiser_encoder"], tuple(sample["shape"][1:]), conditions + image, dtype)
         cache = self.cache_tensors(shapes, dtype)
         timestep = tensor("timestep", "float32", [])
         specs = {
             "denoiser_conditions": {"inputs": terms_in, "outputs": conditions},
-            "denoiser_encoder": {"inputs": [sample, timestep, *conditions], "outputs": cache},
+            "denoiser_encoder": {"inputs": [sample, timestep, *conditions, *image], "outputs": cache},
             "denoiser_decoder": {"inputs": [timestep, *conditions, *cache],
                                  "outputs": [tensor("noise_pred", dtype, [comps.unet.config.out_channels, height,
                                                                           width])]},

@@ -22,6 +22,7 @@ class PromptRequest:
     original_size: tuple[int, int] | None = None  # SDXL size conditioning; None: (height, width)
     crops_coords_top_left: tuple[int, int] = (0, 0)
     guidance_scale: float | None = None  # FLUX.1-dev's embedded guidance reads it
+    image_condition: object = None  # DeepFloyd IF stage II: the stage-I image it upscales (runtime/if_cascade.py)
 
 
 class Family:
@@ -50,6 +51,13 @@ class Family:
         texts = self.prompt_texts(list(prompts) + negatives)
         for tokenizer in tokenizers:
             tokenizer(texts)
+
+    def check_image_condition(self, condition, images: int, guided: bool, height: int, width: int,
+                              specs: dict) -> None:
+        """Request.super_resolution against the folder: only DeepFloyd IF stage-II folders take one."""
+        if condition is not None:
+            raise FdError(f"--super-resolution input is for DeepFloyd IF stage-II folders; this one is a {self.name} "
+                          "folder: give it as --super-resolution STAGE2 after an IF stage-I --engine-dir")
 
     def check_scheduler(self, sampler) -> None:
         """Refuse, in one line, a scheduler that needs what this family's decoder does not return."""

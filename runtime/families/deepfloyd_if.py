@@ -76,6 +76,21 @@ class DeepFloydIFSuperResolution(DeepFloydIF):
     # the noise level IFSuperResolutionPipeline noises the upscaled stage-I image to by default
     default_noise_level = 250
 
+    def check_image_condition(self, condition, images, guided, height, width, specs) -> None:
+        if condition is None:
+            raise FdError("this engine folder is a DeepFloyd IF stage-II (super-resolution) model: it upscales a "
+                          "stage-I image; run fd-run --engine-dir STAGE1 --super-resolution THIS_FOLDER")
+        text = next(t for t in specs["denoiser_conditions"]["inputs"] if t["name"] == "text_embeddings")
+        condition.check(images, guided, height, width, text)
+
     def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
-        raise FdError("this engine folder is a DeepFloyd IF stage-II (super-resolution) model: it upscales a stage-I "
-                      "image; run fd-run --engine-dir STAGE1 --super-resolution THIS_FOLDER")
+        """Stage I's T5 embeddings and the noise level through this UNet's prompt terms, and the noised upscaled
+        stage-I image the encoder reads beside the sample (the same image for both guidance halves)."""
+        from fd.runtime.if_cascade import noised_upscale
+        condition = request.image_condition
+        text = runner.upload_input("denoiser_conditions", "text_embeddings", condition.text_embeddings)
+        terms = self.prompt_terms(runner, text, float(condition.noise_level))
+        image = noised_upscale(condition, request.height, request.width, options["image_noising_scheduler"])
+        rows = np.concatenate([image, image]) if request.guided else image
+        terms["upscaled"] = runner.upload_input("denoiser_encoder", "upscaled", rows)
+        return terms
