@@ -105,6 +105,31 @@ def stage_two_request(request, condition: SuperResolutionInput, steps: int):
                            step_noise=None, super_resolution=condition)
 
 
+def stage_two_folder(engine_dir: str, steps: int, noise_level: int):
+    """--super-resolution's folder and options, checked (an IF stage-II folder) before anything runs."""
+    from fd.runtime.pipeline import EngineFolder
+    from fd.runtime.request import MAX_STEPS
+    if isinstance(noise_level, bool) or not isinstance(noise_level, int) or not 0 <= noise_level < 1000:
+        raise FdError(f"--noise-level {noise_level} is out of range: give a whole number from 0 to 999 "
+                      f"(IFSuperResolutionPipeline's default is {DEFAULT_NOISE_LEVEL})")
+    if not 1 <= steps <= MAX_STEPS:
+        raise FdError(f"--sr-steps {steps} is out of range: use 1 to {MAX_STEPS}")
+    folder = EngineFolder(engine_dir)
+    if folder.family.name != "if-sr":
+        raise FdError(f"--super-resolution needs an IF stage-II folder (fd-build --model if-sr, tiny-if-sr or an "
+                      f"IFSuperResolutionPipeline folder); {engine_dir} is a {folder.family.name} folder")
+    return folder
+
+
+def run_stage_two(stage_one, folder, request, first, steps: int, noise_level: int):
+    """fd-run --super-resolution: stage II's request checked against its folder before its engines load, then run."""
+    from fd.runtime.pipeline import FasterDiffusionPipeline
+    second = stage_two_request(request, super_resolution_input(stage_one, folder, request, first.latents,
+                                                               noise_level), steps)
+    folder.prepare(second)
+    return FasterDiffusionPipeline(folder.engine_dir)(second)
+
+
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("DeepFloyd IF cascade (docs/if.md)")
     group.add_argument("--super-resolution", metavar="STAGE2",

@@ -494,3 +494,23 @@ def test_cascade_runs_stage_two_with_its_own_key_steps(pipe, sr_pipe):
     with pytest.raises(FdError) as caught:
         sr_pipe(PROMPTS)  # a stage-II folder alone
     assert "--super-resolution" in one_line(caught)
+
+
+def test_fd_run_cascade_writes_the_stage_two_image(pipe, sr_pipe, tmp_path, capsys):
+    from fd.runtime.cli import main
+    out, latents = tmp_path / "sr.png", tmp_path / "sr.npy"
+    assert main(["--engine-dir", str(pipe.engine_dir), "--prompt", "a cat", "--steps", "8", "--scheduler", "dpmpp-2m",
+                 "--super-resolution", str(sr_pipe.engine_dir), "--sr-steps", "8", "--out", str(out),
+                 "--save-latents", str(latents)]) == 0
+    from PIL import Image
+    assert Image.open(out).size == (32, 32) and np.load(latents).shape == (1, 3, 32, 32)
+    assert np.abs(np.load(latents)).max() <= 1.0  # the final sample in [-1, 1] (thresholded)
+    capsys.readouterr()
+    for extra, needle in ((["--noise-level", "1000"], "--noise-level"), (["--sr-steps", "0"], "--sr-steps")):
+        assert main(["--engine-dir", str(pipe.engine_dir), "--prompt", "a cat", "--super-resolution",
+                     str(sr_pipe.engine_dir), "--out", str(tmp_path / "x.png"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1 and not (tmp_path / "x.png").exists()
+    assert main(["--engine-dir", str(pipe.engine_dir), "--prompt", "a cat", "--super-resolution",
+                 str(pipe.engine_dir), "--out", str(tmp_path / "x.png")]) == 2
+    assert "stage-II folder" in capsys.readouterr().err
