@@ -514,3 +514,18 @@ def test_fd_run_cascade_writes_the_stage_two_image(pipe, sr_pipe, tmp_path, caps
     assert main(["--engine-dir", str(pipe.engine_dir), "--prompt", "a cat", "--super-resolution",
                  str(pipe.engine_dir), "--out", str(tmp_path / "x.png")]) == 2
     assert "stage-II folder" in capsys.readouterr().err
+
+
+def test_bench_diffusers_arm_is_ifpipeline_on_fds_noise(pipe, comps):
+    """fd-bench --compare diffusers runs the build family's diffusers_call: IFPipeline on fd's initial noise, DDIM
+    made from IF's config with its variance dropped (as fd's --scheduler ddim)."""
+    from fd.runtime.schedulers import diffusers_scheduler as registry_scheduler
+    family = FAMILIES["if"]
+    latents = seeded_noise(2, 2, 16, 0)[0]
+    pipeline = family.diffusers_pipeline(comps, registry_scheduler("ddim", comps.scheduler_config))
+    pipeline.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        images, sample = family.diffusers_call(pipeline, PROMPTS, torch.from_numpy(latents), steps=8,
+                                               guidance_scale=GUIDANCE, height=16, width=16)
+    ours = pipe(PROMPTS, steps=8, latents=latents, policy=FasterDiffusionPolicy.baseline(8))
+    assert images.shape == (2, 16, 16, 3) and relative_error(ours.latents, sample.numpy()) <= 1e-4

@@ -140,8 +140,28 @@ class IFFamily(BuildFamily):
     def size_rule(self, comps: Components) -> tuple[int, int, int]:
         return IMAGE_CHANNELS, unet_levels(comps.unet), comps.unet.config.sample_size
 
+    @staticmethod
+    def pipeline_scheduler(scheduler):
+        """IFPipeline keeps the variance channels when the scheduler's config says learned_range, which only DDPM
+        steps with (DPM++ slices them itself): any other scheduler made from IF's config gets variance_type
+        fixed_small, so the pipeline drops them (what fd's `--scheduler ddim` means)."""
+        learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
+        if learned and type(scheduler).__name__ not in ("DDPMScheduler", "DPMSolverMultistepScheduler"):
+            return type(scheduler).from_config({**scheduler.config, "variance_type": "fixed_small"})
+        return scheduler
+
+    def diffusers_call(self, pipe, prompts, latents, *, steps, guidance_scale, height, width, **extra):
+        """IFPipeline as fd runs IF: it takes no latents=, so this instance's prepare_intermediate_images hands it
+        fd's initial noise; no caption cleaning (fd lower-cases and strips, as IFPipeline without bs4/ftfy); the
+        final sample is its output_type "pt" image, in [-1, 1]."""
+        pipe.prepare_intermediate_images = lambda *args, **kwargs: latents.clone()
+        sample = pipe(prompts, negative_prompt=None, height=height, width=width, num_inference_steps=steps,
+                      guidance_scale=guidance_scale, output_type="pt", clean_caption=False, **extra).images
+        return (sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy(), sample
+
     def diffusers_pipeline(self, comps, scheduler):
         from diffusers import IFPipeline
+        scheduler = self.pipeline_scheduler(scheduler)
         return IFPipeline(tokenizer=comps.tokenizer, text_encoder=comps.text_encoder, unet=comps.unet,
                           scheduler=scheduler, safety_checker=None, feature_extractor=None, watermarker=None,
                           requires_safety_checker=False)
@@ -217,7 +237,7 @@ class IFSuperResolutionFamily(IFFamily):
         from diffusers import DDPMScheduler, IFSuperResolutionPipeline
         # no T5: call it with prompt_embeds / negative_prompt_embeds (stage I's), as fd runs stage II
         return IFSuperResolutionPipeline(
-            tokenizer=None, text_encoder=None, unet=comps.unet, scheduler=scheduler,
+            tokenizer=None, text_encoder=None, unet=comps.unet, scheduler=self.pipeline_scheduler(scheduler),
             image_noising_scheduler=DDPMScheduler.from_config(comps.options["image_noising_scheduler"]),
             safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
 
