@@ -529,3 +529,24 @@ def test_bench_diffusers_arm_is_ifpipeline_on_fds_noise(pipe, comps):
                                                guidance_scale=GUIDANCE, height=16, width=16)
     ours = pipe(PROMPTS, steps=8, latents=latents, policy=FasterDiffusionPolicy.baseline(8))
     assert images.shape == (2, 16, 16, 3) and relative_error(ours.latents, sample.numpy()) <= 1e-4
+
+
+def test_fd_serve_batches_if_requests_like_lone_runs(pipe, sr_pipe):
+    """fd-serve's engine service (no Ray) on an IF folder: two requests batched into one generation, each image
+    as the pipeline gives it alone; a stage-II folder refuses a request in fd-run's line (fd-serve: a 422)."""
+    from fd.serve.api import ImageRequest
+    from fd.serve.service import ImageService
+    service = ImageService(str(pipe.engine_dir), pipeline=pipe)
+    bodies = [{"prompt": "a cat", "seed": 1, "steps": 10}, {"prompt": "a dog on the moon", "seed": 2, "steps": 10}]
+    outcomes = service.run([service.prepare(ImageRequest.model_validate(b).to_request()) for b in bodies])
+    assert [o.status for o in outcomes] == [200, 200] and [o.batch_size for o in outcomes] == [2, 2]
+    import io
+    from PIL import Image
+    for body, outcome in zip(bodies, outcomes):
+        lone = pipe([body["prompt"]], seed=body["seed"], steps=10).images[0]
+        served = np.asarray(Image.open(io.BytesIO(outcome.png)).convert("RGB"), dtype=np.int16)
+        assert np.abs(served - np.asarray(lone, dtype=np.int16)).max() <= 2
+    with pytest.raises(FdError) as caught:
+        ImageService(str(sr_pipe.engine_dir), pipeline=sr_pipe).prepare(ImageRequest.model_validate(bodies[0])
+                                                                        .to_request())
+    assert "--super-resolution" in one_line(caught)
