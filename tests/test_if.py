@@ -261,7 +261,7 @@ def test_the_t5_mask_matters(pipe):
 CACHED = ("conv_in", "down", "mid")
 
 
-def forward_capturing(unet, sample, timesteps, text):
+def forward_capturing(unet, sample, timesteps, text, **kwargs):
     """diffusers' own UNet forward, keeping conv_in's, every down block's and the mid block's outputs."""
     cache, hooks = {}, []
     hooks.append(unet.conv_in.register_forward_hook(lambda m, a, out: cache.update(conv_in=out)))
@@ -269,14 +269,14 @@ def forward_capturing(unet, sample, timesteps, text):
         hooks.append(block.register_forward_hook(lambda m, a, out, k=k: cache.update({("down", k): out})))
     hooks.append(unet.mid_block.register_forward_hook(lambda m, a, out: cache.update(mid=out)))
     try:
-        unet(sample, timesteps, encoder_hidden_states=text)
+        unet(sample, timesteps, encoder_hidden_states=text, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
     return cache
 
 
-def forward_from_cache(unet, cache, shape, timesteps, text):
+def forward_from_cache(unet, cache, shape, timesteps, text, **kwargs):
     """diffusers' own UNet forward with those outputs replaced by the cached ones (the encoder half runs on zeros
     and is discarded: nothing of the current sample is read); the up blocks see this call's timesteps."""
     hooks = [unet.conv_in.register_forward_hook(lambda m, a, out: cache["conv_in"])]
@@ -284,7 +284,7 @@ def forward_from_cache(unet, cache, shape, timesteps, text):
         hooks.append(block.register_forward_hook(lambda m, a, out, k=k: cache[("down", k)]))
     hooks.append(unet.mid_block.register_forward_hook(lambda m, a, out: cache["mid"]))
     try:
-        return unet(torch.zeros(shape), timesteps, encoder_hidden_states=text).sample
+        return unet(torch.zeros(shape), timesteps, encoder_hidden_states=text, **kwargs).sample
     finally:
         for hook in hooks:
             hook.remove()
@@ -550,3 +550,40 @@ def test_fd_serve_batches_if_requests_like_lone_runs(pipe, sr_pipe):
         ImageService(str(sr_pipe.engine_dir), pipeline=sr_pipe).prepare(ImageRequest.model_validate(bodies[0])
                                                                         .to_request())
     assert "--super-resolution" in one_line(caught)
+
+
+def test_stage_two_fasterdiffusion_equals_the_reference(pipe, sr_pipe, comps, sr_comps):
+    """Stage II's FasterDiffusion (DDPM-20, the paper's key steps) against the hook-based reference on diffusers'
+    own stage-II UNet, the upscaled image made by torch (interpolate) and diffusers' image-noising DDPM."""
+    import diffusers
+    from fd.runtime.if_cascade import SuperResolutionInput
+    stage_one = fd_generate(pipe, "dpmpp-2m", 8, seed=3).latents
+    steps, keys = 20, default_key_steps(20)
+    initial, upscale_noise, step_noise = sr_noise(11, steps)
+    _, text = sr_diffusers(sr_comps, comps, "ddim", 1, 0, stage_one)  # stage I's embeddings, [negative, positive]
+    ours = sr_pipe(PROMPTS, steps=steps, scheduler="ddpm", latents=initial, step_noise=step_noise,
+                   super_resolution=SuperResolutionInput(stage_one, text, upscale_noise))
+    scheduler = diffusers_scheduler("ddpm", sr_comps.scheduler_config)
+    noising = diffusers.DDPMScheduler.from_config(sr_comps.options["image_noising_scheduler"])
+    level = torch.tensor([250, 250])
+    upscaled = torch.nn.functional.interpolate(torch.from_numpy(stage_one), (32, 32), mode="bilinear",
+                                               align_corners=True)
+    upscaled = noising.add_noise(upscaled, torch.from_numpy(upscale_noise), level)
+    unet, text = sr_comps.unet, torch.from_numpy(text)
+    generator = torch.Generator().manual_seed(11)
+    torch.randn((2, 3, 32, 32), generator=generator), torch.randn((2, 3, 32, 32), generator=generator)  # as sr_noise
+    z, noise = torch.from_numpy(initial), torch.from_numpy(initial)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            rows = torch.cat([torch.cat([z, upscaled], dim=1)] * 2)
+            labels = torch.cat([level, level])
+            if i in keys:
+                cache = forward_capturing(unet, rows, t.repeat(4), text, class_labels=labels)
+            prediction = forward_from_cache(unet, cache, rows.shape, t.repeat(4), text, class_labels=labels)
+            uncond, cond = prediction.chunk(2)
+            eps = torch.cat([uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
+            if t < INJECTION[1]:
+                z = z + INJECTION[0] * noise
+            z = scheduler.step(eps, t, z, generator=generator, return_dict=False)[0]
+    assert relative_error(ours.latents, z.numpy()) <= TOLERANCE["ddpm"]
