@@ -99,13 +99,44 @@ def make_tiny_if_sr_components(seed: int = TINY_SEED) -> Components:
     return comps
 
 
+# IF-I's UNet layout as diffusers' convert_if.py builds it (4 levels at 64 px: a ResNet level, then three levels
+# with added-KV cross-attention, 3 ResNets per level, 64-wide heads, scale-shift norm, GELU, the pooled-text
+# term, T5-XXL's 4096-wide states projected, 6 output channels). The widths are fd's (IF-I-XL's own config is
+# not in the local sources): 64 x (1, 2, 3, 4), small enough for a CPU benchmark.
+IF_RANDOM_UNET_CONFIG = dict(
+    sample_size=64, in_channels=3, out_channels=6, layers_per_block=3, block_out_channels=(64, 128, 192, 256),
+    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+    up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=256, encoder_hid_dim=4096,
+    attention_head_dim=64, addition_embed_type="text", addition_embed_type_num_heads=64,
+    cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu",
+    time_embedding_act_fn="gelu", resnet_skip_time_act=True, resnet_out_scale_factor=1.414,
+    mid_block_scale_factor=1.414)
+
+
+def make_if_random_components(seed: int = TINY_SEED) -> Components:
+    """IF-I-shaped random weights for benchmarks (IF_RANDOM_UNET_CONFIG) with a one-layer T5 of XXL's width
+    (4096) and the tiny tokenizer: the UNet's FLOPs split as IF-I's, images of noise."""
+    from diffusers import UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+    tokenizer = make_tiny_t5_tokenizer()
+    tokenizer.model_max_length = MAX_SEQUENCE_LENGTH
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=1024, num_layers=1, num_heads=8,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0)).eval()
+    unet = UNet2DConditionModel(**IF_RANDOM_UNET_CONFIG).eval()
+    return Components(tokenizer, text_encoder, unet, None, dict(IF_SCHEDULER_CONFIG), family="if")
+
+
 class IFFamily(BuildFamily):
     """Stage I (IFPipeline)."""
 
     name = "if"
     pipeline_classes = ("IFPipeline",)
     aliases = {"if": "DeepFloyd/IF-I-XL-v1.0"}
-    generated = {"tiny-if": make_tiny_if_components}
+    generated = {"tiny-if": make_tiny_if_components, "if-random": make_if_random_components}
     subfolders = ("tokenizer", "text_encoder", "unet", "scheduler")
     stage_two = False
     supports_dynamic_shape = False  # one size per folder (IF-I: 64², IF-II: 256²)
