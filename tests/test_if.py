@@ -588,3 +588,18 @@ def test_stage_two_fasterdiffusion_equals_the_reference(pipe, sr_pipe, comps, sr
             z = scheduler.step(eps, t, z, generator=generator, return_dict=False)[0]
     error = relative_error(ours.latents, z.numpy())
     assert error <= TOLERANCE["ddpm"], error
+
+
+def test_saved_pipeline_folders_load_as_the_generated_models(comps, sr_comps, tmp_path):
+    """IFPipeline and IFSuperResolutionPipeline folders (what save_pretrained writes, as the hub's) load with the
+    same weights, family and scheduler configs; the stage-II folder's T5 is never needed."""
+    from fd.builder.families import save_pipeline_folder
+    from fd.builder.models import load_components, weights_fingerprint
+    for generated, name in ((comps, "if"), (sr_comps, "if-sr")):
+        folder = tmp_path / name
+        save_pipeline_folder(generated, str(folder))
+        loaded = load_components(str(folder))
+        assert loaded.family == name and loaded.source["weights_sha256"] == weights_fingerprint(generated)
+        assert loaded.scheduler_config["variance_type"] == "learned_range" and loaded.scheduler_config["thresholding"]
+        assert (loaded.text_encoder is None) == (name == "if-sr")
+    assert loaded.options["image_noising_scheduler"]["beta_schedule"] == "squaredcos_cap_v2"
