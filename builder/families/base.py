@@ -136,6 +136,7 @@ class BuildFamily:
 
     # --- diffusers' pipeline as fd-bench's third arm runs it: each family's call quirks here, not in the bench --
     diffusers_denoiser = "unet"  # the pipeline's attribute holding the denoiser (whose calls the bench counts)
+    whole_unet_from_conditions = True  # the UNet's own forward takes the halves' conditions (flop_split counts it)
 
     def check_diffusers_call(self, pipe, height: int, width: int) -> None:
         """Refuse, in one line and before any run, a size the pipeline cannot generate at."""

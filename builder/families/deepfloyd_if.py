@@ -201,10 +201,28 @@ class IFFamily(BuildFamily):
         return comps.unet.config.encoder_hid_dim  # T5's d_model (4096 for T5 v1.1 XXL)
 
     # --- graphs -----------------------------------------------------------------------------------------
+    whole_unet_from_conditions = False  # its UNet takes the raw T5 states; its halves take the projected terms
+
+    def denoiser_halves(self, comps: Components, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+        unet = _cast(comps.unet, dtype)
+        return IFEncoder(unet), IFDecoder(unet)
+
+    def conditions(self, comps: Components, unet_dtype: str) -> list[dict]:
+        """The prompt terms both halves read, then (stage II) the upscaled image the encoder alone reads."""
+        config = comps.unet.config
+        terms = [tensor("encoder_hidden_states", unet_dtype, [Axis("sequence", MAX_SEQUENCE_LENGTH),
+                                                              config.cross_attention_dim]),
+                 tensor("added_embedding", unet_dtype, [comps.unet.time_embedding.linear_2.out_features])]
+        side = config.sample_size
+        return terms + ([tensor("upscaled", unet_dtype, [IMAGE_CHANNELS, side, side])] if self.stage_two else [])
+
+    def decoder_reads(self, condition: str) -> bool:
+        return condition != "upscaled"
+
     def graph_modules(self, comps: Components, precision: str) -> dict[str, nn.Module]:
-        unet = _cast(comps.unet, TORCH_DTYPES[precision])
-        modules = {"denoiser_conditions": IFPromptTerms(unet).eval(), "denoiser_encoder": IFEncoder(unet).eval(),
-                   "denoiser_decoder": IFDecoder(unet).eval()}
+        encoder, decoder = self.denoiser_halves(comps, TORCH_DTYPES[precision])
+        modules = {"denoiser_conditions": IFPromptTerms(encoder.unet).eval(), "denoiser_encoder": encoder.eval(),
+                   "denoiser_decoder": decoder.eval()}
         if not self.stage_two:  # T5 in float32 in every precision: it overflows in fp16
             modules["text_encoder"] = T5EncoderGraph(comps.text_encoder.float()).eval()
         return modules
@@ -215,12 +233,10 @@ class IFFamily(BuildFamily):
         length, text_width = MAX_SEQUENCE_LENGTH, self.text_width(comps)
         text = tensor("text_embeddings", "float32", [Axis("sequence", length), text_width])
         terms_in = [text, tensor("noise_level", "float32", [])] if self.stage_two else [text]
-        conditions = [tensor("encoder_hidden_states", dtype, [Axis("sequence", length),
-                                                              comps.unet.config.cross_attention_dim]),
-                      tensor("added_embedding", dtype, [comps.unet.time_embedding.linear_2.out_features])]
-        sample = tensor("sample", dtype, [IMAGE_CHANNELS, height, width])
-        # stage II: the noised upscaled stage-I image, one per row as the sample; the encoder alone reads it
+        conditions = [c for c in self.conditions(comps, dtype) if self.decoder_reads(c["name"])]
+        # stage II: the noised upscaled stage-I image, at the built size (the encoder alone reads it)
         image = [tensor("upscaled", dtype, [IMAGE_CHANNELS, height, width])] if self.stage_two else []
+        sample = tensor("sample", dtype, [IMAGE_CHANNELS, height, width])
         shapes = _cache_shapes(modules["denoiser_encoder"], tuple(sample["shape"][1:]), conditions + image, dtype)
         cache = self.cache_tensors(shapes, dtype)
         timestep = tensor("timestep", "float32", [])
