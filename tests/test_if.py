@@ -10,9 +10,11 @@ variance and dynamic thresholding; 16x16 pixels).
   latents, so its seeded generator's draws are handed to fd as the initial noise and, for the DDPM, as each
   step's noise through Request.step_noise): DDIM (variance_type fixed_small), IF's own DDPM with the learned
   variance and DPM++ 2M, every one with dynamic thresholding;
-- FasterDiffusion equals `reference_fd`, written here on diffusers' own UNet forward (its cache read and replaced
-  through hooks; the prompt terms recomputed by diffusers at every call) and diffusers' schedulers; wrong variants
-  miss it by far more than the tolerance;
+- FasterDiffusion equals `reference_fd` (tests/if_oracle.py, written for the tests, not fd's code), on diffusers'
+  own UNet forward (its cache read and replaced through hooks; the prompt terms recomputed by diffusers at every
+  call) and diffusers' schedulers; wrong variants miss it by far more than the tolerance; stage II likewise;
+- stage II equals IFSuperResolutionPipeline on stage I's embeddings; the cascade CLI, fd-bench's diffusers arm
+  and fd-serve's engine service on IF folders;
 - one-line refusals.
 """
 import json
@@ -26,28 +28,19 @@ from fd.runtime.errors import FdError
 from fd.runtime.pipeline import FasterDiffusionPipeline
 from fd.runtime.policy import FasterDiffusionPolicy, default_key_steps
 from tests.compare import relative_error
+from tests.if_oracle import (GUIDANCE, INJECTION, diffusers_scheduler, forward_capturing, forward_from_cache,
+                             if_pipeline, reference_fd, seeded_noise, sr_noise)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 # Capitals and outer spaces: IFPipeline lower-cases and strips (the tiny tokenizer has no capitals).
 PROMPTS = ["A photo of an astronaut riding a horse on the moon ", "a painting of a cat"]
-GUIDANCE = 7.0  # IFPipeline's default, and fd's for this family
-INJECTION = (0.003, 500)  # fd's default for IF
 STEPS = {"ddim": 12, "ddpm": 12, "dpmpp-2m": 10}
 # fd (ONNX Runtime, fp32) against the torch reference, max |Δ| relative to the largest value, per scheduler.
 # Measured: DDPM-50 1.0e-6, DPM++-20 1.2e-6, DDIM-50 5.8e-5 (DDIM's x0 estimate divides by sqrt(ᾱ), 0.03 at
 # t = 980 on cosine betas, and IF's thresholding keeps the eps term as it was, so rounding grows; the wrong
 # variants move DDIM-50 by 0.07 or more). The wrong variants (on DDPM-50) miss by 4.3e-4 to 0.17.
 TOLERANCE = {"ddim": 2e-4, "dpmpp-2m": 1e-5, "ddpm": 1e-5}
-
-
-def diffusers_scheduler(name: str, config: dict):
-    """diffusers' scheduler as IFPipeline runs it: DDIM must drop the variance channels (variance_type
-    fixed_small, so the pipeline slices them off); DDPM and DPM++ keep IF's learned_range."""
-    import diffusers
-    classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
-               "dpmpp-2m": diffusers.DPMSolverMultistepScheduler}
-    return classes[name].from_config({**config, "variance_type": "fixed_small"} if name == "ddim" else config)
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +58,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(folder):
     return FasterDiffusionPipeline(folder, threads=1)
-
-
-def if_pipeline(comps, scheduler):
-    pipe = FAMILIES["if"].diffusers_pipeline(comps, scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def seeded_noise(seed: int, batch: int, side: int, steps: int):
-    """What IFPipeline's generator(seed) draws: the initial image noise, then one draw per DDPM step with t > 0."""
-    generator = torch.Generator().manual_seed(seed)
-    initial = torch.randn((batch, 3, side, side), generator=generator)
-    return initial.numpy(), [torch.randn((batch, 3, side, side), generator=generator).numpy() for _ in range(steps)]
 
 
 # --- the schedulers, step by step ----------------------------------------------------------------------
@@ -256,73 +236,7 @@ def test_the_t5_mask_matters(pipe):
     assert np.abs(pipe.runner.download(masked) - pipe.runner.download(ones)).max() > 1e-3
 
 
-# --- FasterDiffusion against an independent reference ------------------------------------------------------
-
-CACHED = ("conv_in", "down", "mid")
-
-
-def forward_capturing(unet, sample, timesteps, text, **kwargs):
-    """diffusers' own UNet forward, keeping conv_in's, every down block's and the mid block's outputs."""
-    cache, hooks = {}, []
-    hooks.append(unet.conv_in.register_forward_hook(lambda m, a, out: cache.update(conv_in=out)))
-    for k, block in enumerate(unet.down_blocks):
-        hooks.append(block.register_forward_hook(lambda m, a, out, k=k: cache.update({("down", k): out})))
-    hooks.append(unet.mid_block.register_forward_hook(lambda m, a, out: cache.update(mid=out)))
-    try:
-        unet(sample, timesteps, encoder_hidden_states=text, **kwargs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return cache
-
-
-def forward_from_cache(unet, cache, shape, timesteps, text, **kwargs):
-    """diffusers' own UNet forward with those outputs replaced by the cached ones (the encoder half runs on zeros
-    and is discarded: nothing of the current sample is read); the up blocks see this call's timesteps."""
-    hooks = [unet.conv_in.register_forward_hook(lambda m, a, out: cache["conv_in"])]
-    for k, block in enumerate(unet.down_blocks):
-        hooks.append(block.register_forward_hook(lambda m, a, out, k=k: cache[("down", k)]))
-    hooks.append(unet.mid_block.register_forward_hook(lambda m, a, out: cache["mid"]))
-    try:
-        return unet(torch.zeros(shape), timesteps, encoder_hidden_states=text, **kwargs).sample
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def reference_fd(comps, prompts, scheduler_name, steps, seed, key_steps, noise_injection=INJECTION,
-                 decode_with_key_timestep=False, variance_rows="cond"):
-    """FasterDiffusion in its plainest form on diffusers' IF UNet and scheduler: the encoder half at key steps,
-    every step decoded from the latest cache with its own timestep (one call per step), guidance on the noise
-    channels with the conditional rows' variance (as IFPipeline), z ← z + α·ε before each step with t < τ, then
-    the scheduler's step with the generator IFPipeline would use. The last two arguments are wrong variants."""
-    scheduler = diffusers_scheduler(scheduler_name, comps.scheduler_config)
-    pipe = if_pipeline(comps, scheduler)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        embeds, negative = pipe.encode_prompt(list(prompts), True, device="cpu", clean_caption=False)
-        text = torch.cat([negative, embeds])
-        noise = torch.randn((len(prompts), 3, 16, 16), generator=generator)
-        z = noise.clone()
-        scheduler.set_timesteps(steps)
-        keys = set(key_steps) | {0}
-        learned = scheduler.config.get("variance_type") in ("learned", "learned_range")
-        for i, t in enumerate(scheduler.timesteps):
-            rows = torch.cat([z, z])
-            if i in keys:
-                t_key = t
-                cache = forward_capturing(comps.unet, scheduler.scale_model_input(rows, t), t.repeat(len(rows)), text)
-            t_decode = t_key if decode_with_key_timestep else t
-            prediction = forward_from_cache(comps.unet, cache, rows.shape, t_decode.repeat(len(rows)), text)
-            uncond, cond = prediction.chunk(2)
-            eps = uncond[:, :3] + GUIDANCE * (cond[:, :3] - uncond[:, :3])
-            if learned:
-                eps = torch.cat([eps, (cond if variance_rows == "cond" else uncond)[:, 3:]], dim=1)
-            if noise_injection is not None and t < noise_injection[1]:
-                z = z + noise_injection[0] * noise
-            z = scheduler.step(eps, t, z, generator=generator, return_dict=False)[0]
-    return z.numpy()
-
+# --- FasterDiffusion against an independent reference (tests/if_oracle.py) -----------------------------------
 
 def test_reference_with_every_step_a_key_step_equals_diffusers(comps):
     """The reference itself: every step a key step and no injection is plain sampling, i.e. the pipeline."""
@@ -445,14 +359,6 @@ def sr_diffusers(sr_comps, comps, scheduler, steps, seed, image, noise_level=250
                    num_inference_steps=steps, guidance_scale=guidance, noise_level=noise_level, output_type="pt",
                    generator=torch.Generator().manual_seed(seed))
     return out.images.numpy(), torch.cat([negative, embeds]).numpy()
-
-
-def sr_noise(seed, steps):
-    """IFSuperResolutionPipeline's draws from generator(seed): the initial noise, the upscaling noise, then one
-    per DDPM step."""
-    generator = torch.Generator().manual_seed(seed)
-    draw = lambda: torch.randn((2, 3, 32, 32), generator=generator).numpy()  # noqa: E731
-    return draw(), draw(), [draw() for _ in range(steps)]
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
