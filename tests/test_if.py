@@ -317,6 +317,9 @@ def test_run_refusals_are_one_line(pipe):
     with pytest.raises(FdError) as caught:
         pipe(["a cat"], steps=4, scheduler="ddpm", step_noise=[latents])  # too few
     assert "step_noise" in one_line(caught)
+    with pytest.raises(FdError) as caught:
+        pipe.prepare(pipe.as_request(["a cat"], scheduler="euler"))
+    assert "dynamic thresholding" in one_line(caught)
 
 
 def test_ddpm_with_learned_variance_is_refused_where_the_decoder_drops_it():

@@ -22,6 +22,10 @@ from fd.runtime.families.base import Family, PromptRequest
 IMAGE_CHANNELS = 3
 
 
+# The schedulers that apply IF's dynamic thresholding (its config needs it) and are checked against diffusers here
+THRESHOLDING_SCHEDULERS = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-2m-karras")
+
+
 def _uses_variance(sampler) -> bool:
     return getattr(sampler, "needs_predicted_variance", False)
 
@@ -59,6 +63,11 @@ class DeepFloydIF(Family):
 
     def encode_prompt(self, runner, tokenizers, request: PromptRequest, options: dict) -> dict:
         return self.prompt_terms(runner, self.text_embeddings(runner, tokenizers, request))
+
+    def check_scheduler(self, sampler) -> None:
+        if sampler.name not in THRESHOLDING_SCHEDULERS:
+            raise FdError(f"--scheduler {sampler.name} has no dynamic thresholding, which DeepFloyd IF's sampling needs: "
+                          f"choose {', '.join(THRESHOLDING_SCHEDULERS)} (or model: IF's DDPM)")
 
     def guide(self, prediction: np.ndarray, images: int, guidance_scale: float | None, sampler) -> np.ndarray:
         noise, variance = prediction[:, :IMAGE_CHANNELS], prediction[:, IMAGE_CHANNELS:]
