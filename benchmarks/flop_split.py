@@ -57,7 +57,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def vae_scale(comps) -> int:
-    return 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    from fd.builder.families import FAMILIES
+    return FAMILIES[comps.family].vae_scale(comps)  # 1 for pixel-space families (DeepFloyd IF)
 
 
 def native_size(comps) -> int:
@@ -102,7 +103,7 @@ def count_split(comps, height: int, width: int) -> dict:
     cache, encoder_flops = counted(lambda: encoder.eval()(sample, timestep, *conditions))
     _, decoder_flops = counted(lambda: decoder.eval()(timestep, *decoder_conditions, *cache))
     whole = None
-    if unet is not None:
+    if unet is not None and family.whole_unet_from_conditions:
         added = dict(zip(added_condition_names(unet), conditions[1:]))  # SDXL's text_embeds, time_ids
         _, whole = counted(lambda: unet(sample, timestep, conditions[0], added_cond_kwargs=added or None))
     return {"height": height, "width": width, "latent": list(latent[1:]), "denoiser_encoder": encoder_flops,

@@ -124,7 +124,7 @@ def build(opts: BuildOptions, log=print) -> Path:
         family = FAMILIES[comps.family]
         family.check_supported(comps)
         family.set_split_block(comps, opts.split_block)
-        if (opts.controlnets or opts.img2img) and comps.unet is None:  # both are proven on UNet pipelines only
+        if (opts.controlnets or opts.img2img) and (comps.unet is None or comps.vae is None):  # proven on latent UNets
             flag = "--controlnet" if opts.controlnets else "--img2img"
             raise FdError(f"{flag} is for UNet families (sd, sdxl); the {family.name} family has no diffusers "
                           f"{flag[2:]} pipeline fd is checked against: drop {flag}")
@@ -203,7 +203,7 @@ def model_geometry(comps, opts: BuildOptions) -> dict:
     from fd.builder.families import FAMILIES
     family = FAMILIES[comps.family]
     latent_channels, latent_multiple, native_latent = family.size_rule(comps)
-    vae_scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    vae_scale = family.vae_scale(comps)
     multiple, native = vae_scale * latent_multiple, native_latent * vae_scale
     height, width = opts.height or native, opts.width or native
     side_range = dynamic_range(opts)
@@ -237,7 +237,7 @@ def make_manifest(opts, comps, geometry, specs, limits, precision, engines: dict
         "backend": opts.backend,
         "precision": precision,
         **geometry,
-        "vae_scaling_factor": comps.vae.config.scaling_factor,
+        "vae_scaling_factor": comps.vae.config.scaling_factor if comps.vae is not None else 1.0,  # pixel space: none
         "limits": {"max_batch_size": limits.max_batch_size, "max_window": limits.max_window},
         "scheduler_config": comps.scheduler_config,
         "prediction_type": comps.scheduler_config.get("prediction_type", "epsilon"),

@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --control-image edges.png   # fd-build --controlnet …
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --init-image cat.png --strength 0.6  # fd-build --img2img
   fd-run --engine-dir engines/tiny-dit-fp32-onnxruntime --class-label 207 --class-label "tabby cat"  # DiT: classes
+  fd-run --engine-dir engines/tiny-if-fp32-onnxruntime --prompt "a cat" --super-resolution engines/tiny-if-sr-fp32-onnxruntime
 """
 
 
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(LOW, HIGH]; the other steps skip the unconditional rows. 'paper': 0.28,5.42, the SD-XL "
                         "interval of Kynkaanniemi et al. 2024 (default: guidance at every step)")
     add_image_input_arguments(p)
+    from fd.runtime.if_cascade import add_arguments as add_cascade_arguments
+    add_cascade_arguments(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply this LoRA at run time (folders built with fd-build --refittable; needs fd's build "
                         "extra); repeat for several")
@@ -195,11 +198,17 @@ def main(argv=None) -> int:
             from fd.runtime.lora import check_lora_options
             check_lora_options(args.lora)  # a missing file is refused before the engines load
         EngineFolder(args.engine_dir).prepare(request)  # the request against the folder, before the engines load
+        if args.super_resolution is not None:
+            from fd.runtime.if_cascade import stage_two_folder
+            stage_two = stage_two_folder(args.super_resolution, args.sr_steps, args.noise_level)
         pipe = FasterDiffusionPipeline(args.engine_dir, **({"cuda_graphs": True} if args.cuda_graphs else {}))
         if request.loras:  # applied here rather than inside the generation, to say what it cost
             swapped = pipe.set_loras(request.loras)  # runtime/lora.py
             print(f"LoRA applied in {swapped['seconds']:.2f} s ({', '.join(swapped['graphs']) or 'no graph'} swapped)")
         result = pipe(request)
+        if args.super_resolution is not None:  # DeepFloyd IF stage II on stage I's image (runtime/if_cascade.py)
+            from fd.runtime.if_cascade import run_stage_two
+            result = run_stage_two(pipe, stage_two, request, result, args.sr_steps, args.noise_level)
         policy = request.policy
         if (policy.key_steps, policy.uniform, policy.baseline) == (None, None, False) and \
                 request.steps_run <= FEW_STEPS and result.policy["key_steps"] == list(range(request.steps_run)):

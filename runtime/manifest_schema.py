@@ -20,7 +20,7 @@ from fd.runtime.backends.runner import NUMPY_DTYPES
 
 # The graphs every family's folder lists; the family's own (text encoders) are checked against it by
 # runtime/manifest.py, and every listed graph is checked like these.
-REQUIRED_COMPONENTS = ("denoiser_encoder", "denoiser_decoder", "vae_decoder")
+REQUIRED_COMPONENTS = ("denoiser_encoder", "denoiser_decoder")  # and vae_decoder, but pixel families have none
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list"}
 
 

@@ -27,6 +27,7 @@ from fd.runtime.manifest import load_manifest
 from fd.runtime.policy import FasterDiffusionPolicy
 from fd.runtime.request import Request, check_seed
 from fd.runtime.schedulers import make_scheduler
+from fd.runtime.schedulers.common import GivenNoise
 from fd.runtime.sizes import check_size
 from fd.runtime.tokenizer import PromptTokenizer
 
@@ -140,7 +141,11 @@ class EngineFolder:
         init = prepare_init(m, request, height, width, self.engine_dir)
         if init is not None:
             init.check_policy(policy)
-        if make_scheduler(request.scheduler, m["scheduler_config"]).stochastic:  # refuses unsupported options
+        sampler = make_scheduler(request.scheduler, m["scheduler_config"])  # refuses unsupported options
+        family.check_scheduler(sampler)
+        family.check_image_condition(request.super_resolution, len(inputs), family.classifier_free_guidance(guidance),
+                                     height, width, m["components"])
+        if sampler.stochastic:
             check_seed(request.seed)
         check_folder_takes_loras(m, self.engine_dir, request.loras)
         return Plan(request, inputs, height, width, guidance, policy, control, init)
@@ -196,7 +201,8 @@ class FasterDiffusionPipeline(EngineFolder):
         # 2. encode the prompt: the family's conditioning, rows [negative…, positive…] when guided
         with timer("text_encoder"):
             prompt = PromptRequest(plan.inputs, request.negative_prompt, guided, plan.height, plan.width,
-                                   request.original_size, request.crops_coords_top_left or (0, 0), guidance_scale)
+                                   request.original_size, request.crops_coords_top_left or (0, 0), guidance_scale,
+                                   request.super_resolution)
             conditions = self.family.encode_prompt(self.runner, self.tokenizers, prompt,
                                                    self.manifest.get("family_options", {}))
 
@@ -208,7 +214,8 @@ class FasterDiffusionPipeline(EngineFolder):
             latents = initial_noise(seed, (batch, *self.latent_shape_at(plan.height, plan.width)))
         # The unit initial noise ε (it is z_T only where init_noise_sigma is 1), reused by prior noise injection.
         noise = np.asarray(latents, dtype=np.float32)
-        step_options = {"generator": step_noise_generator(seed)} if sampler.stochastic else {}
+        step_options = {"generator": step_noise_generator(seed) if request.step_noise is None
+                        else GivenNoise(request.step_noise)} if sampler.stochastic else {}
         z = noise * np.float32(sampler.init_noise_sigma)
         if init is not None:  # image to image: the encoded image, noised to the first step that runs
             with timer("vae_encoder"):
@@ -238,9 +245,8 @@ class FasterDiffusionPipeline(EngineFolder):
                 with timer("scheduler"):
                     for prediction, i in zip(predictions, chunk):
                         t = timesteps[i]
-                        if guide[i]:
-                            uncond, cond = prediction[:batch], prediction[batch:]
-                            prediction = uncond + np.float32(guidance_scale) * (cond - uncond)
+                        prediction = self.family.guide(prediction, batch, guidance_scale if guide[i] else None,
+                                                       sampler)
                         if injection is not None and injection.applies(t):
                             # Prior noise injection in the variance-preserving frame, the same for every
                             # scheduler: z ← z + α·ε on the VP latent z. A sigma-space scheduler (Euler) holds
@@ -253,7 +259,8 @@ class FasterDiffusionPipeline(EngineFolder):
 
         # 5. decode
         with timer("vae_decoder"):
-            pixels = stages.decode_vae(self.runner, z / np.float32(self.manifest["vae_scaling_factor"]))
+            pixels = z if self.family.pixel_space else \
+                stages.decode_vae(self.runner, z / np.float32(self.manifest["vae_scaling_factor"]))
         timings = dict(timer.seconds, total=time.perf_counter() - started)
         if swapped is not None:  # before the generation, so not in its total
             timings["lora_swap"] = swapped["seconds"]

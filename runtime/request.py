@@ -110,6 +110,11 @@ class Request:
     # run-time LoRAs ("FILE[:SCALE]" texts or (file, scale) pairs) on a folder built with fd-build --refittable;
     # None: the pipeline's current set (pipe.set_loras), (): none. The pipeline swaps only when the set differs.
     loras: Sequence[str | tuple] | None = None
+    # Python API: a stochastic scheduler's noise, one (images, C, H, W) array per step that draws noise, in order,
+    # instead of the seed's stream (tests feed diffusers' own); None: drawn from the seed
+    step_noise: Sequence[np.ndarray] | None = None
+    # DeepFloyd IF stage II: the stage-I image and T5 embeddings it upscales (runtime/if_cascade.py makes it)
+    super_resolution: Any = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise once
@@ -173,6 +178,15 @@ class Request:
         if self.loras is not None:
             from fd.runtime.lora import lora_choices
             set_("loras", lora_choices(self.loras))
+        if self.step_noise is not None:
+            arrays = [np.asarray(a) for a in self.step_noise]
+            if not all(np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() for a in arrays):
+                raise FdError("step_noise must be finite float arrays, one per noisy step")
+            set_("step_noise", tuple(a.astype(np.float32, copy=False) for a in arrays))
+        if self.super_resolution is not None:
+            from fd.runtime.if_cascade import SuperResolutionInput
+            if not isinstance(self.super_resolution, SuperResolutionInput):
+                raise FdError("super_resolution must be an fd.runtime.if_cascade.SuperResolutionInput")
         if self.init_image is not None:
             self.steps_run  # noqa: B018 - refuses a strength out of range, or one that runs no step
 

@@ -278,10 +278,14 @@ def test_dpm_solver_steps_on_the_noise_of_a_learned_variance_config(comps):
 
 
 def test_ddpm_refuses_a_learned_variance_in_one_line(comps):
+    """DiT's decoder returns the noise alone, so the DiT family refuses a DDPM that steps with the predicted
+    variance (IF's decoder returns it, and its family accepts it: tests/test_if.py)."""
     from fd.runtime.errors import FdError
+    from fd.runtime.families import FAMILIES as RUNTIME_FAMILIES
     from fd.runtime.schedulers import make_scheduler
-    with pytest.raises(FdError, match="predicted variance, which fd's denoiser does not return") as caught:
-        make_scheduler("ddpm", {**comps.scheduler_config, "variance_type": "learned_range"})
+    sampler = make_scheduler("ddpm", {**comps.scheduler_config, "variance_type": "learned_range"})
+    with pytest.raises(FdError, match="predicted variance, which fd's denoiser") as caught:
+        RUNTIME_FAMILIES["dit"].check_scheduler(sampler)
     assert "\n" not in str(caught.value)
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from fd.runtime.errors import FdError
 from fd.builder.families.base import BuildFamily, Components
-from fd.builder.families import dit, flux, pixart, sd, sd3, sdxl
+from fd.builder.families import deepfloyd_if, dit, flux, pixart, sd, sd3, sdxl
 
 FAMILIES: dict[str, BuildFamily] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY, dit.FAMILY, pixart.FAMILY,
-                                                                       sd3.FAMILY, flux.FAMILY)}
+                                                                       sd3.FAMILY, flux.FAMILY, deepfloyd_if.FAMILY,
+                                                                       deepfloyd_if.SR_FAMILY)}
 
 
 def family_generating(model: str):

@@ -136,6 +136,7 @@ class BuildFamily:
 
     # --- diffusers' pipeline as fd-bench's third arm runs it: each family's call quirks here, not in the bench --
     diffusers_denoiser = "unet"  # the pipeline's attribute holding the denoiser (whose calls the bench counts)
+    whole_unet_from_conditions = True  # the UNet's own forward takes the halves' conditions (flop_split counts it)
 
     def check_diffusers_call(self, pipe, height: int, width: int) -> None:
         """Refuse, in one line and before any run, a size the pipeline cannot generate at."""
@@ -182,6 +183,10 @@ class BuildFamily:
     def decoder_reads(self, condition: str) -> bool:
         """Whether the decoder takes this condition (SD3/FLUX: not the text tokens, which the cache carries)."""
         return True
+
+    def vae_scale(self, comps: Components) -> int:
+        """Pixels per latent side (1 for pixel-space families, which have no VAE)."""
+        return 2 ** (len(comps.vae.config.block_out_channels) - 1)
 
     def size_rule(self, comps: Components) -> tuple[int, int, int]:
         """(latent channels, the latent side's required multiple, the native latent side)."""

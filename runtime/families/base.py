@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fd.runtime.errors import FdError
+
 DENOISER_GRAPHS = ("denoiser_encoder", "denoiser_decoder", "vae_decoder")
 
 
@@ -20,6 +22,7 @@ class PromptRequest:
     original_size: tuple[int, int] | None = None  # SDXL size conditioning; None: (height, width)
     crops_coords_top_left: tuple[int, int] = (0, 0)
     guidance_scale: float | None = None  # FLUX.1-dev's embedded guidance reads it
+    image_condition: object = None  # DeepFloyd IF stage II: the stage-I image it upscales (runtime/if_cascade.py)
 
 
 class Family:
@@ -29,6 +32,8 @@ class Family:
     class_conditional = False  # prompts are class labels (DiT), not text
     default_guidance_scale = 7.5  # when the caller gives none: the family's diffusers pipeline's default
     noise_injection_tau = 500  # prior noise injection's tau in the default policy (the paper's, per family)
+    pixel_space = False  # no VAE: the sample is the image (DeepFloyd IF)
+    returns_variance = False  # the decoder returns the model's learned variance too (IF), which DDPM can step with
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -46,6 +51,27 @@ class Family:
         texts = self.prompt_texts(list(prompts) + negatives)
         for tokenizer in tokenizers:
             tokenizer(texts)
+
+    def check_image_condition(self, condition, images: int, guided: bool, height: int, width: int,
+                              specs: dict) -> None:
+        """Request.super_resolution against the folder: only DeepFloyd IF stage-II folders take one."""
+        if condition is not None:
+            raise FdError(f"--super-resolution input is for DeepFloyd IF stage-II folders; this one is a {self.name} "
+                          "folder: give it as --super-resolution STAGE2 after an IF stage-I --engine-dir")
+
+    def check_scheduler(self, sampler) -> None:
+        """Refuse, in one line, a scheduler that needs what this family's decoder does not return."""
+        if getattr(sampler, "needs_predicted_variance", False) and not self.returns_variance:
+            raise FdError(f"variance_type 'learned_range' is not supported by fd's {sampler.name} scheduler on a "
+                          f"{self.name} folder: it steps with the model's predicted variance, which fd's denoiser "
+                          "does not return here: use ddim or dpmpp-2m")
+
+    def guide(self, prediction: np.ndarray, images: int, guidance_scale: float | None, sampler) -> np.ndarray:
+        """What the scheduler steps with: guided rows [uncond…, cond…] combined (guidance_scale None: unguided)."""
+        if guidance_scale is None:
+            return prediction
+        uncond, cond = prediction[:images], prediction[images:]
+        return uncond + np.float32(guidance_scale) * (cond - uncond)
 
     # --- the sampler: what a flow-matching family (runtime/families/flow.py) changes -------------------------
     def classifier_free_guidance(self, guidance_scale: float) -> bool:

@@ -144,8 +144,28 @@ def per_sample(coef: np.ndarray, ndim: int) -> np.ndarray:
     return coef.reshape(coef.shape + (1,) * max(ndim - 1, 0))
 
 
+class GivenNoise:
+    """Per-step noise the caller gives (Request.step_noise; tests feed diffusers' own): the arrays in order, one
+    per step that draws noise."""
+
+    def __init__(self, arrays):
+        self.arrays, self.used = [np.asarray(a, dtype=np.float32) for a in arrays], 0
+
+    def standard_normal(self, shape, dtype=np.float32) -> np.ndarray:
+        if self.used >= len(self.arrays):
+            raise FdError(f"step_noise holds {len(self.arrays)} arrays, but the scheduler draws noise more often: "
+                          "give one per step that adds noise")
+        noise = self.arrays[self.used]
+        if noise.shape != tuple(shape):
+            raise FdError(f"step_noise[{self.used}] has shape {noise.shape}, the step needs {tuple(shape)}")
+        self.used += 1
+        return noise.astype(dtype, copy=False)
+
+
 def per_step_noise(generator, shape: tuple, scheduler: str) -> np.ndarray:
-    """Unit Gaussian noise for one stochastic step, drawn from the caller's seeded numpy generator."""
+    """Unit Gaussian noise for one stochastic step, drawn from the caller's seeded numpy generator (or given)."""
+    if isinstance(generator, GivenNoise):
+        return generator.standard_normal(shape, dtype=np.float32)
     if not isinstance(generator, np.random.Generator):
         raise FdError(f"the {scheduler} scheduler adds fresh noise at each step: pass generator="
                       "np.random.default_rng(seed) to step()")

@@ -4,6 +4,7 @@ import numpy as np
 
 from fd.runtime.errors import FdError
 from fd.runtime.schedulers import common
+from fd.runtime.schedulers.thresholding import threshold_or_clip
 
 NAME = "ddim"
 
@@ -38,10 +39,6 @@ class DDIMScheduler:
 
     def __init__(self, config: dict):
         cfg = common.resolve_config(config, DEFAULTS)
-        if cfg["thresholding"]:
-            raise common.unsupported(
-                "thresholding=True", NAME, "set thresholding to false (it is meant for pixel-space models)"
-            )
         common.check_choice(cfg, "prediction_type", common.PREDICTION_TYPES, NAME)
         common.check_choice(cfg, "timestep_spacing", common.TIMESTEP_SPACINGS, NAME)
         self.config = cfg
@@ -90,7 +87,8 @@ class DDIMScheduler:
                 x0  = sqrt(a) * x - sqrt(1 - a) * v,
                 eps = sqrt(a) * v + sqrt(1 - a) * x                     [v_prediction]
                 eps = (x - sqrt(a) * x0) / sqrt(1 - a)                  [sample]
-            (2) x0  = clip(x0, -r, r)                                   [clip_sample]
+            (2) x0  = dynamic_threshold(x0)                              [thresholding: pixel models, IF]
+                x0  = clip(x0, -r, r)                                   [else clip_sample]
             (3) x_prev = sqrt(a') * x0 + sqrt(1 - a') * eps
 
         Like diffusers, "prev" is always t - num_train_timesteps // num_inference_steps, whatever the
@@ -116,9 +114,7 @@ class DDIMScheduler:
         else:
             x0 = out
             eps = (x - sqrt_a * x0) / sqrt_1ma
-        if self.config["clip_sample"]:  # (2)
-            r = np.float32(self.config["clip_sample_range"])
-            x0 = np.clip(x0, -r, r)
+        x0 = threshold_or_clip(x0, self.config)  # (2)
         # (3)
         prev = np.sqrt(a_prev) * x0 + np.sqrt(np.float32(1.0) - a_prev) * eps
         return prev.astype(np.float32, copy=False)

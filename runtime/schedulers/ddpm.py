@@ -1,13 +1,17 @@
 """DDPM ancestral sampling (Ho et al. 2020), equal to diffusers' `DDPMScheduler.from_config` given the same noise.
 
 The posterior q(x_prev | x_t, x0) at the predicted x0, plus fresh noise of the posterior's variance at
-every step with t > 0, drawn from the numpy generator passed to `step`.
+every step with t > 0, drawn from the numpy generator passed to `step`. With variance_type "learned_range"
+(DeepFloyd IF) the variance is the model's: its output has twice the sample's channels, noise then the
+predicted variance v, and the log variance is interpolated between the fixed small and large ones (Nichol &
+Dhariwal 2021, eq. 15).
 """
 
 import numpy as np
 
 from fd.runtime.errors import FdError
 from fd.runtime.schedulers import common
+from fd.runtime.schedulers.thresholding import threshold_or_clip
 
 NAME = "ddpm"
 
@@ -29,7 +33,7 @@ DEFAULTS = {
     "steps_offset": 0,
     "rescale_betas_zero_snr": False,
 }
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
 
 
 class DDPMScheduler:
@@ -41,15 +45,12 @@ class DDPMScheduler:
 
     def __init__(self, config: dict):
         cfg = common.resolve_config(config, DEFAULTS)
-        if cfg["thresholding"]:
-            raise common.unsupported("thresholding=True", NAME, "set thresholding to false")
-        if cfg["variance_type"] in ("learned", "learned_range"):  # a learned-sigma model's (DiT's) own DDPM
-            raise common.unsupported(f"variance_type={cfg['variance_type']!r}", NAME, "it steps with the model's "
-                                     "predicted variance, which fd's denoiser does not return: use ddim or dpmpp-2m")
         common.check_choice(cfg, "variance_type", VARIANCE_TYPES, NAME)
         common.check_choice(cfg, "prediction_type", self.prediction_types, NAME)
         common.check_choice(cfg, "timestep_spacing", common.TIMESTEP_SPACINGS, NAME)
         self.config = cfg
+        # the model output must carry the predicted variance (a family whose decoder drops it refuses this)
+        self.needs_predicted_variance = cfg["variance_type"] == "learned_range"
         self.alphas_cumprod = common.alphas_cumprod(cfg, NAME)
         self.num_inference_steps = None
         self.timesteps = np.arange(cfg["num_train_timesteps"], dtype=np.int64)[::-1].copy()
@@ -84,9 +85,10 @@ class DDPMScheduler:
 
         Legend: a = alpha_bar_t, a' = alpha_bar_prev (1 below t = 0), alpha = a / a', beta = 1 - alpha.
 
-            (1) x0 from the model output as in DDIM, clipped if configured
+            (1) x0 from the model output as in DDIM, dynamically thresholded or clipped if configured
             (2) mean = sqrt(a') beta / (1 - a') x0 + sqrt(alpha) (1 - a') / (1 - a) x_t      [/ (1 - a) both]
-            (3) var = max((1 - a') / (1 - a) beta, 1e-20)  [fixed_small]; beta [fixed_large]
+            (3) var = max((1 - a') / (1 - a) beta, 1e-20)  [fixed_small]; beta [fixed_large];
+                log var = f log beta + (1 - f) log max(...)  with f = (v + 1) / 2        [learned_range]
             (4) x_prev = mean + sqrt(var) noise   (no noise at t = 0)
         """
         if self.num_inference_steps is None:
@@ -95,6 +97,12 @@ class DDPMScheduler:
         prev_t = self._previous(t)
         out = common.as_f32(model_output, "model_output")
         x = common.as_f32(sample, "sample")
+        predicted_variance = None
+        if self.needs_predicted_variance:
+            if out.shape[1] != 2 * x.shape[1]:
+                raise FdError(f"the ddpm scheduler with variance_type 'learned_range' needs the model's noise and "
+                              f"variance ({2 * x.shape[1]} channels), got {out.shape[1]}: use ddim or dpmpp-2m")
+            out, predicted_variance = out[:, :x.shape[1]], out[:, x.shape[1]:]
         one = np.float32(1.0)
         a = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else one
@@ -108,15 +116,17 @@ class DDPMScheduler:
             x0 = np.sqrt(a) * x - np.sqrt(b) * out
         else:
             x0 = out
-        if self.config["clip_sample"]:
-            r = np.float32(self.config["clip_sample_range"])
-            x0 = np.clip(x0, -r, r)
+        x0 = threshold_or_clip(x0, self.config)
         prev = (np.sqrt(a_prev) * beta / b) * x0 + (np.sqrt(alpha) * b_prev / b) * x  # (2)
         if t > 0:  # (4)
             noise = common.per_step_noise(generator, out.shape, NAME)
             variance = np.maximum(b_prev / b * beta, np.float32(1e-20))  # (3)
             kind = self.config["variance_type"]
-            if kind == "fixed_small_log":
+            if kind == "learned_range":
+                frac = (predicted_variance + one) / np.float32(2.0)
+                log_variance = frac * np.log(beta) + (one - frac) * np.log(variance)
+                prev = prev + np.exp(np.float32(0.5) * log_variance) * noise
+            elif kind == "fixed_small_log":
                 prev = prev + np.exp(np.float32(0.5) * np.log(variance)) * noise
             elif kind == "fixed_large":
                 prev = prev + np.sqrt(beta) * noise

@@ -9,6 +9,7 @@ import numpy as np
 
 from fd.runtime.errors import FdError
 from fd.runtime.schedulers import common
+from fd.runtime.schedulers.thresholding import dynamic_threshold
 
 NAME = "dpmpp-2m"
 
@@ -64,8 +65,6 @@ def _validate(cfg: dict) -> None:
     common.check_choice(cfg, "prediction_type", common.PREDICTION_TYPES, name)
     common.check_choice(cfg, "timestep_spacing", common.TIMESTEP_SPACINGS, name)
     common.check_choice(cfg, "final_sigmas_type", ("zero", "sigma_min"), name)
-    if cfg["thresholding"]:
-        raise common.unsupported("thresholding=True", name, "set thresholding to false")
     for key in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                 "use_flow_sigmas", "use_dynamic_shifting"):
         if cfg[key]:
@@ -182,6 +181,7 @@ class DPMSolverMultistepScheduler:
             (1) m0 = (x - sigma_s0 * eps) / alpha_s0        [epsilon]
                 m0 = alpha_s0 * x - sigma_s0 * v            [v_prediction]
                 m0 = model output                           [sample]
+                m0 = dynamic_threshold(m0)                  [thresholding]
             (2) h = lambda_t - lambda_s0,  h0 = lambda_s0 - lambda_s1,  r0 = h0 / h
             (3) first order (DDIM):  x_t = (sigma_t / sigma_s0) x - alpha_t (e^-h - 1) m0
             (4) D0 = m0,  D1 = (m0 - m1) / r0
@@ -214,6 +214,8 @@ class DPMSolverMultistepScheduler:
         )
         out = common.as_f32(model_output, "model_output")
         x = common.as_f32(sample, "sample")
+        if cfg["variance_type"] in ("learned", "learned_range") and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, :x.shape[1]]  # noise and variance given (as diffusers takes IF's): the noise alone
 
         alpha_s0, sigma_s0 = _alpha_sigma(self.sigmas[i])
         alpha_t, sigma_t = _alpha_sigma(self.sigmas[i + 1])
@@ -223,6 +225,8 @@ class DPMSolverMultistepScheduler:
             m0 = alpha_s0 * x - sigma_s0 * out
         else:
             m0 = out
+        if cfg["thresholding"]:  # pixel-space models (DeepFloyd IF): diffusers thresholds the data prediction
+            m0 = dynamic_threshold(m0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
         self.model_outputs = [self.model_outputs[1], m0]
 
         lam_s0 = _lam(alpha_s0, sigma_s0)
