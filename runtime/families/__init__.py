@@ -10,9 +10,11 @@ from fd.runtime.families.dit import DiT
 from fd.runtime.families.pixart import PixArtAlpha
 from fd.runtime.families.sd3 import StableDiffusion3
 from fd.runtime.families.flux import Flux
+from fd.runtime.families.video import AnimateDiff, TextToVideo
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), DiT(),
-                                                                  PixArtAlpha(), StableDiffusion3(), Flux())}
+                                                                  PixArtAlpha(), StableDiffusion3(), Flux(),
+                                                                  AnimateDiff(), TextToVideo())}
 
 
 def family_of(manifest: dict) -> Family:
