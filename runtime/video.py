@@ -49,13 +49,20 @@ def write_clip(frames: list, path: Path, fps: int = DEFAULT_FPS) -> None:
     """Write one video's PIL frames as `path`'s kind says (.gif, .mp4, else a folder of PNGs)."""
     suffix = path.suffix.lower()
     if suffix == ".gif":
-        write_atomic(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                    duration=round(1000 / fps), loop=0))
+        write_atomic(path, lambda f: f.write(gif_bytes(frames, fps)))
     elif suffix == ".mp4":
         write_atomic(path, lambda f: f.write(mp4_bytes(frames, fps)))
     else:
         for index, frame in enumerate(frames):
             write_atomic(path / frame_name(index), lambda f, frame=frame: frame.save(f, format="PNG"))
+
+
+def gif_bytes(frames: list, fps: int = DEFAULT_FPS) -> bytes:
+    """An animated GIF that loops (Pillow); fd-serve returns a video folder's clips so."""
+    import io
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return buffer.getvalue()
 
 
 def mp4_bytes(frames: list, fps: int) -> bytes:

@@ -65,6 +65,7 @@ class Outcome:
     status: int
     error: str | None = None
     png: bytes | None = None
+    clip: bytes | None = None  # video folders: the video as an animated GIF (its first frame is `png`)
     seed: int | None = None
     timings: dict = field(default_factory=dict)  # seconds per stage of the batched generation it ran in
     calls: dict = field(default_factory=dict)
@@ -149,9 +150,11 @@ class ImageService:
             latents=np.concatenate([initial_noise(job.seed, shape) for job in jobs]), guidance_scale=key.guidance_scale,
             height=key.height, width=key.width, policy=key.policy)
         result = self.pipe(together)
-        return [Outcome(200, png=png_bytes(image), seed=job.seed, timings=result.timings, calls=result.calls,
-                        policy=result.policy, batch_size=len(jobs), guidance_scale=key.guidance_scale)
-                for image, job in zip(result.images, jobs)]
+        clips = [gif_bytes(frames) for frames in result.videos] or [None] * len(jobs)
+        return [Outcome(200, png=png_bytes(image), clip=clip, seed=job.seed, timings=result.timings,
+                        calls=result.calls, policy=result.policy, batch_size=len(jobs),
+                        guidance_scale=key.guidance_scale)
+                for image, clip, job in zip(result.images, clips, jobs)]
 
     def info(self) -> dict:
         """GET /v1/info: what the engine folder is and what requests it accepts."""
@@ -194,6 +197,11 @@ def images_digest(request: Request) -> str:
         digest.update(repr((image.mode, image.size)).encode())
         digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def gif_bytes(frames) -> bytes:
+    from fd.runtime.video import gif_bytes as clip_bytes
+    return clip_bytes(frames)
 
 
 def png_bytes(image) -> bytes:

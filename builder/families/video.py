@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fd.builder.families.base import Components, _cast
@@ -44,16 +45,45 @@ def _randomize_zero_init(module: torch.nn.Module, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
+def motion_unet(unet, adapter):
+    """UNetMotionModel.from_unet2d, as AnimateDiffPipeline combines SD's UNet and a motion adapter, without the
+    "modules ... kept in float32: []" notice its dtype cast prints (fd promises one line per error on stderr)."""
+    import logging
+
+    from diffusers import UNetMotionModel
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return UNetMotionModel.from_unet2d(unet, adapter).eval()
+    finally:
+        logger.setLevel(level)
+
+
 def make_tiny_animatediff(seed: int = TINY_SEED) -> Components:
     """`tiny` (SD1.5's structure at toy width) plus a MotionAdapter of the same widths, combined into a
     UNetMotionModel as AnimateDiffPipeline combines them; its videos are noise."""
-    from diffusers import MotionAdapter, UNetMotionModel
+    from diffusers import MotionAdapter
     comps = make_tiny_components(seed)
     torch.manual_seed(seed + 1)
     adapter = MotionAdapter(block_out_channels=tuple(comps.unet.config.block_out_channels), motion_layers_per_block=2,
                             motion_norm_num_groups=8, motion_num_attention_heads=2, motion_max_seq_length=32)
     _randomize_zero_init(adapter, seed + 2)
-    unet = UNetMotionModel.from_unet2d(comps.unet, adapter).eval()
+    unet = motion_unet(comps.unet, adapter)
+    return Components(comps.tokenizer, comps.text_encoder, unet, comps.vae, dict(ANIMATEDIFF_SCHEDULER_CONFIG),
+                      family="animatediff")
+
+
+def make_animatediff_random(seed: int = TINY_SEED) -> Components:
+    """For benchmarks: SD1.5's real UNet, VAE and CLIP configs (sd15-random) plus diffusers' MotionAdapter defaults
+    (AnimateDiff v2's layout: 2 motion layers per block, a motion mid block, 8 heads, 32 positions), random
+    weights: AnimateDiff's FLOPs and memory, videos of noise."""
+    from diffusers import MotionAdapter
+
+    from fd.builder.families.sd import make_sd15_random_components
+    comps = make_sd15_random_components(seed)
+    torch.manual_seed(seed + 1)
+    unet = motion_unet(comps.unet, MotionAdapter())
     return Components(comps.tokenizer, comps.text_encoder, unet, comps.vae, dict(ANIMATEDIFF_SCHEDULER_CONFIG),
                       family="animatediff")
 
@@ -110,14 +140,21 @@ class VideoFamily(StableDiffusionFamily):
         return [tensor(name, dtype, [frames, c, Axis("height", h), Axis("width", w)])
                 for name, (frames, c, h, w) in zip(cache_names(len(shapes)), shapes)]
 
-    def diffusers_call(self, pipe, prompts, latents, *, steps, guidance_scale, height, width, **extra):
+    def diffusers_video(self, pipe, prompts, latents, *, steps, guidance_scale, height, width) -> tuple:
         """The video pipeline as fd runs the folder: its frame count, these latents, no negative prompt. Returns
-        (videos as floats in [0, 1], N x F x H x W x 3; the final latents)."""
+        (videos as floats in [0, 1], N x F x H x W x 3; the final latents, N x C x F x h x w)."""
         final = {}
         out = pipe(prompts, negative_prompt=None, height=height, width=width, num_frames=latents.shape[2],
                    num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents, output_type="np",
-                   **self.latents_callback(final), **extra)
-        return out.frames, final.get("latents")
+                   **self.latents_callback(final))
+        return np.asarray(out.frames), final.get("latents")
+
+    def diffusers_call(self, pipe, prompts, latents, *, steps, guidance_scale, height, width, **extra):
+        """fd-bench's diffusers arm: the base contract's images are each video's first frame (what fd's
+        GenerationResult.images holds for a video folder, so the fidelity figures compare like with like)."""
+        frames, final = self.diffusers_video(pipe, prompts, latents, steps=steps, guidance_scale=guidance_scale,
+                                             height=height, width=width)
+        return frames[:, 0], final
 
 
 class AnimateDiffFamily(VideoFamily):
@@ -126,7 +163,7 @@ class AnimateDiffFamily(VideoFamily):
     # an alias of two hub models: SD1.5 and the motion adapter, combined (builder/models.py, composite_aliases)
     composite_aliases = {"animatediff": ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                                          "guoyww/animatediff-motion-adapter-v1-5-2")}
-    generated = {"tiny-animatediff": make_tiny_animatediff}
+    generated = {"tiny-animatediff": make_tiny_animatediff, "animatediff-random": make_animatediff_random}
     subfolders = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
     def load_folder(self, folder: str, what: str) -> Components:
@@ -148,19 +185,19 @@ class AnimateDiffFamily(VideoFamily):
         parts = load_weights(folder, what, classes)
         unet = parts["unet"]
         if "motion_adapter" in parts:
-            unet = UNetMotionModel.from_unet2d(unet, parts["motion_adapter"]).eval()
+            unet = motion_unet(unet, parts["motion_adapter"])
         return Components(parts["tokenizer"], parts["text_encoder"], unet, parts["vae"], {})
 
     def load_alias(self, sd_folder: str, adapter_folder: str) -> Components:
         """SD1.5 from the local cache with the AnimateDiff motion adapter, as AnimateDiffPipeline.from_pretrained(
         sd15, motion_adapter=…) builds them; the sampler is AnimateDiff's documented DDIM."""
-        from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+        from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
         what = f"hub model {self.composite_aliases['animatediff'][0]}"
         parts = load_weights(sd_folder, what, {"tokenizer": CLIPTokenizer, "text_encoder": CLIPTextModel,
                                                "unet": UNet2DConditionModel, "vae": AutoencoderKL})
         adapter = MotionAdapter.from_pretrained(adapter_folder, local_files_only=True)
-        unet = UNetMotionModel.from_unet2d(parts["unet"], adapter).eval()
+        unet = motion_unet(parts["unet"], adapter)
         return Components(parts["tokenizer"], parts["text_encoder"], unet, parts["vae"],
                           dict(ANIMATEDIFF_SCHEDULER_CONFIG), family=self.name)
 
