@@ -301,6 +301,29 @@ def test_a_saved_pipeline_folder_loads_as_the_generated_model(comps, tmp_path):
     assert loaded.source["weights_sha256"] == weights_fingerprint(comps)
 
 
+def test_the_animatediff_alias_combines_sd_and_the_motion_adapter(tiny_folder, tmp_path, monkeypatch, family):
+    """`--model animatediff` takes SD1.5 and the motion adapter from the local cache (here: tiny's SD folder and a
+    saved adapter standing in for the two snapshots) and combines them as AnimateDiffPipeline does."""
+    from diffusers import MotionAdapter
+
+    from fd.builder import models
+    from fd.builder.families.video import ANIMATEDIFF_SCHEDULER_CONFIG
+    if family != "animatediff":
+        pytest.skip("an AnimateDiff alias")
+    torch.manual_seed(0)
+    adapter = MotionAdapter(block_out_channels=(32, 32, 64, 64), motion_norm_num_groups=8, motion_num_attention_heads=2)
+    adapter.save_pretrained(tmp_path / "adapter")
+    snapshots = {"stable-diffusion-v1-5/stable-diffusion-v1-5": str(tiny_folder),
+                 "guoyww/animatediff-motion-adapter-v1-5-2": str(tmp_path / "adapter")}
+    monkeypatch.setattr(models, "_hub_snapshot", lambda repo_id, model: snapshots[repo_id])
+    comps = models.load_components("animatediff")
+    assert comps.family == "animatediff" and type(comps.unet).__name__ == "UNetMotionModel"
+    assert comps.scheduler_config == ANIMATEDIFF_SCHEDULER_CONFIG and comps.source["repo_ids"] == list(snapshots)
+    ours = dict(comps.unet.named_parameters())
+    for name, weight in adapter.down_blocks[1].motion_modules.named_parameters():  # the adapter's, in the UNet
+        assert torch.equal(ours[f"down_blocks.1.motion_modules.{name}"], weight)
+
+
 # --- bad input: one line each ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("out,fragment", [
