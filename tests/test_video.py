@@ -288,6 +288,20 @@ def test_fd_serve_returns_the_clip(pipe, family):
         assert answer["video_media_type"] == "image/gif" and answer["video"] and answer["image"]
 
 
+def test_fd_bench_reports_seconds_per_video_and_the_decoder_batch(folder, family, tmp_path):
+    from fd.benchmarks.cli import main as fd_bench
+    if family != "animatediff":
+        pytest.skip("the benchmark is the same for every video family")
+    assert fd_bench(["--engine-dir", str(folder), "--steps", "6", "--uniform", "3", "--runs", "1", "--warmup", "0",
+                     "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["engine"]["frames"] == FRAMES and r["flop_floor"]["unet_speedup"] > 1
+    # windows of 3 steps, guided: 3 steps x 2 halves x 1 video = 6 rows, each FRAMES frames, in one decoder call
+    assert r["decoder_batch"] == {"rows": 6, "frames_per_row": FRAMES, "frames": 6 * FRAMES}
+    assert r["arms"]["fasterdiffusion"]["calls"]["denoiser_decoder"] == 2 and r["arms"]["fasterdiffusion"]["peak_rss_bytes"]
+    assert f"s/video ({FRAMES} frames) median" in (tmp_path / "r.md").read_text()
+
+
 # --- local folders ---------------------------------------------------------------------------------
 
 def test_a_saved_pipeline_folder_loads_as_the_generated_model(comps, tmp_path):
