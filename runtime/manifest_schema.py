@@ -117,6 +117,7 @@ MANIFEST = {
     "source": Optional(dict),
     "height": SIDE, "width": SIDE,
     "vae_scale_factor": bounded(1, 64), "latent_channels": bounded(1, 1024),
+    "frames": Optional(bounded(1, 1024)),  # video folders: frames per video (fd-build --frames)
     "dynamic_shape": Optional(Nullable({"min": SIDE, "max": SIDE})),
     "vae_scaling_factor": SCALE,
     "limits": {"max_batch_size": bounded(1, 1024), "max_window": bounded(1, 1000)},
