@@ -302,6 +302,21 @@ def test_fd_bench_reports_seconds_per_video_and_the_decoder_batch(folder, family
     assert f"s/video ({FRAMES} frames) median" in (tmp_path / "r.md").read_text()
 
 
+@pytest.mark.parametrize("model", list(MODELS.values()))
+def test_flop_split_of_a_video_model_adds_up_to_the_whole_unet(model, family, tmp_path):
+    """Counted on the meta device: the halves' FLOPs per video add up to diffusers' whole forward (nothing is
+    counted twice or left out), and the floor follows."""
+    from fd.benchmarks.flop_split import main as flop_split
+    if family != "animatediff":
+        pytest.skip("counted once per model")
+    assert flop_split(["--model", model, "--frames", str(FRAMES), "--size", "128", "--steps", "20",
+                       "--json", str(tmp_path / "f.json")]) == 0
+    (row,) = json.loads((tmp_path / "f.json").read_text())["sizes"]
+    halves = row["denoiser_encoder"]["flops"] + row["denoiser_decoder"]["flops"]
+    assert row["latent"] == [4, FRAMES, 16, 16] and abs(halves - row["unet"]["flops"]) <= 1e-3 * halves
+    assert 1 < row["floor"] < 20 / 7
+
+
 # --- local folders ---------------------------------------------------------------------------------
 
 def test_a_saved_pipeline_folder_loads_as_the_generated_model(comps, tmp_path):

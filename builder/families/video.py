@@ -41,7 +41,7 @@ def _randomize_zero_init(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, parameter in module.named_parameters():
             temporal = any(part in name for part in ("motion_modules", "temp_", "transformer_in"))
-            if temporal and parameter.dim() > 0 and not parameter.any():
+            if temporal and parameter.dim() > 0 and not parameter.is_meta and not parameter.any():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
