@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --control-image edges.png   # fd-build --controlnet …
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --init-image cat.png --strength 0.6  # fd-build --img2img
   fd-run --engine-dir engines/tiny-dit-fp32-onnxruntime --class-label 207 --class-label "tabby cat"  # DiT: classes
+  fd-run --engine-dir engines/tiny-animatediff-fp32-onnxruntime --prompt "a cat" --out clip.gif   # video folders
 """
 
 
