@@ -9,7 +9,9 @@ Runtime, 3 frames per video:
 - FasterDiffusion equals the independent reference loop below, which runs diffusers' own video UNet forward (its
   encoder outputs caught and replayed through hooks; no fd split, no fd runtime), and wrong variants miss it;
 - fd-run writes .gif, .mp4 (imageio-ffmpeg, where installed) and PNG-frame folders, --latents / --save-latents in
-  diffusers' (1, C, F, h, w) layout; bad input is one line.
+  diffusers' (1, C, F, h, w) layout; fd-serve's service answers with the clip; fd-bench reports s/video and the
+  decoder's batch; the FLOP split adds up to the whole video UNet;
+- saved pipeline folders and the `animatediff` alias (SD + motion adapter) load; bad input is one line.
 """
 from __future__ import annotations
 
