@@ -111,6 +111,20 @@ def test_one_decoder_call_over_k_timesteps_equals_k_calls(comps):
     assert (single[0] - single[2]).abs().max() > 1e-2 * single[0].abs().max()  # each row's own timestep matters
 
 
+def test_a_manifest_with_weight_files_over_2_gib_loads(folder, family, tmp_path):
+    """An AnimateDiff-sized decoder keeps 3 GB of weights in its .onnx.data: the manifest's byte counts take it."""
+    import shutil
+
+    from fd.runtime.manifest import load_manifest
+    if family != "animatediff":
+        pytest.skip("a manifest rule")
+    shutil.copytree(folder, tmp_path / "f")
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    manifest["backend_info"]["file_bytes"]["denoiser_decoder.onnx.data"] = 3_052_139_520
+    (tmp_path / "f" / "manifest.json").write_text(json.dumps(manifest))
+    assert load_manifest(tmp_path / "f")["frames"] == FRAMES
+
+
 def test_folder_records_frames_and_the_video_layout(folder, family):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["family"] == family and manifest["frames"] == FRAMES
