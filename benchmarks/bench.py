@@ -376,6 +376,17 @@ def flop_floor_of_rows(flops: dict, baseline_rows: dict, fd_rows: dict) -> float
     return work(baseline_rows) / work(fd_rows)
 
 
+def decoder_batch(manifest: dict, s: Settings, policy) -> dict:
+    """The FD arm's largest decoder call: rows (guidance halves x outputs x steps of the longest window chunk) and,
+    on a video folder, the frames they fold into (rows x F), the batch whose memory the peak figures include."""
+    chunk = max(len(c) for window in policy.windows(s.request.steps_run) for c in window.chunks)
+    from fd.runtime.families import family_of
+    guided = family_of(manifest).classifier_free_guidance(s.request.guidance_scale)  # FLUX.1 embeds it instead
+    rows = chunk * s.batch_size * (2 if guided else 1)
+    frames = manifest.get("frames")
+    return {"rows": rows, "frames_per_row": frames, "frames": rows * frames if frames else None}
+
+
 def floor_record(manifest: dict, s: Settings, policy, last: dict) -> dict | None:
     """The FLOP floor and what it counted, or None when the folder has no FLOP counts."""
     flops = manifest.get("flops_per_sample")
@@ -451,6 +462,6 @@ def summarize(manifest, s: Settings, plan: Plan, measured: dict, last: dict, int
                 a, b = last[name], last[DIFFUSERS]
                 fidelity[f"{name}_vs_diffusers"] = compare(a.images, b.images, a.latents, b.latents)
     return {"complete": not interrupted, "arms": arms, "speedup": speedup, "flop_floor": floor,
-            "fidelity": fidelity, "memory": {"rss_after_load_bytes": rss_after_load, "host_peak": (
+            "fidelity": fidelity, "decoder_batch": decoder_batch(manifest, s, policy), "memory": {"rss_after_load_bytes": rss_after_load, "host_peak": (
                 "per run (VmHWM reset before each run)" if os.access("/proc/self/clear_refs", os.W_OK)
                 else "the process's peak since its start (not per arm)")}}

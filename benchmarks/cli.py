@@ -149,6 +149,7 @@ def engine_info(pipe) -> dict:
             "precision": m["precision"], "providers": getattr(pipe.runner, "providers", None),
             "model": m["source"].get("model"), "model_kind": m["source"].get("kind"),
             "height": m["height"], "width": m["width"], "dynamic_shape": m.get("dynamic_shape"),
+            "frames": m.get("frames"),  # video folders: frames per video (s/image is then s/video)
             "max_batch_size": m["limits"]["max_batch_size"], "max_window": m["limits"]["max_window"],
             "flops_per_sample": m.get("flops_per_sample"), "built": m.get("created"),
             "controlnets": [{"graph": r["graph"], "model": r["source"].get("model")} for r in m.get("controlnets") or []],

@@ -80,11 +80,12 @@ def count_split(comps, height: int, width: int) -> dict:
     multiple = scale * latent_multiple
     if height % multiple or width % multiple:
         raise FdError(f"--size {height}x{width}: this model needs sides that are multiples of {multiple} pixels")
-    if not family.supports_dynamic_shape and (height, width) != (native * scale,) * 2:
+    if unet is None and not family.supports_dynamic_shape and (height, width) != (native * scale,) * 2:
         # a transformer's halves are made for one token grid; fd-build makes them for the size it builds
         raise FdError(f"--size {height}x{width}: count a {comps.family} model at its native size, "
                       f"{native * scale}x{native * scale}")
-    latent = (1, channels, height // scale, width // scale)
+    frames = comps.options.get("frames")  # video families (--frames): one sample is one video of F frames
+    latent = (1, channels, *((frames,) if frames else ()), height // scale, width // scale)
     specs = family.conditions(comps, "float32")
     conditions = [torch.empty([1 if d == "batch" else d for d in spec["shape"]], device="meta",
                               dtype=getattr(torch, spec["dtype"]))  # float32, or int64 (class labels, token masks)
@@ -105,7 +106,11 @@ def count_split(comps, height: int, width: int) -> dict:
     whole = None
     if unet is not None and family.whole_unet_from_conditions:
         added = dict(zip(added_condition_names(unet), conditions[1:]))  # SDXL's text_embeds, time_ids
-        _, whole = counted(lambda: unet(sample, timestep, conditions[0], added_cond_kwargs=added or None))
+        text = conditions[0]
+        if comps.family == "animatediff":  # AnimateDiffPipeline hands its UNet the text repeated per frame
+            text = text.repeat_interleave(frames, dim=0)
+        extra = {"added_cond_kwargs": added} if added else {}  # UNet3DConditionModel takes no added_cond_kwargs
+        _, whole = counted(lambda: unet(sample, timestep, text, **extra))
     return {"height": height, "width": width, "latent": list(latent[1:]), "denoiser_encoder": encoder_flops,
             "denoiser_decoder": decoder_flops, "unet": whole,
             "decoder_share": decoder_flops["flops"] / (encoder_flops["flops"] + decoder_flops["flops"])}
@@ -123,6 +128,7 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--key-steps", help="comma-separated key steps (default: the paper's set for --steps)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--frames", type=int, help="video models: frames per video (default 16)")
     return p.parse_args(argv)
 
 
@@ -144,6 +150,8 @@ def main(argv=None) -> int:
             check_writable(args.json, "--json")
         sizes = [parse_size(s) for s in args.size] if args.size else None
         comps = make_on_meta(args.model)
+        from fd.builder.families import FAMILIES
+        FAMILIES[comps.family].set_frames(comps, args.frames)  # refuses --frames on an image model
         if sizes is None:
             sizes = [(native_size(comps),) * 2]
         params = {name: sum(p.numel() for p in module.parameters()) for name, module in comps.torch_modules().items()}
@@ -155,6 +163,7 @@ def main(argv=None) -> int:
         result = {"command": shlex.join(["python", "-m", "fd.benchmarks.flop_split", *argv]),
                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "model": args.model, "family": comps.family, "parameters": params,
+                  "frames": comps.options.get("frames"),
                   "torch": torch.__version__, "steps": args.steps, "key_steps": list(keys), "sizes": rows}
         print(format_table(result), end="")
         if args.json:
@@ -168,14 +177,15 @@ def format_table(r: dict) -> str:
     total = sum(r["parameters"].values())
     name = "UNet" if "unet" in r["parameters"] else "transformer"
     denoiser = r["parameters"][name.lower()]
+    video = f", one video of {r['frames']} frames" if r.get("frames") else ""
     lines = [f"{r['model']} ({r['family']}, {total / 1e9:.3f} B parameters, {name} {denoiser / 1e9:.3f} B): "
-             f"GFLOPs per sample (one CFG row); floor for {r['steps']} steps, key steps {r['key_steps']}", "",
+             f"GFLOPs per sample (one CFG row{video}); floor for {r['steps']} steps, key steps {r['key_steps']}", "",
              f"{'image':>11} {'latent':>9} {'encoder':>10} {'decoder':>10} {'enc+dec':>10} {'full UNet':>10} "
              f"{'attn scores':>11} {'enc/dec %':>10} {'floor':>7}"]
     for row in r["sizes"]:
         e, d = row["denoiser_encoder"], row["denoiser_decoder"]
         attention = (e["attention_scores"] + d["attention_scores"]) / (e["flops"] + d["flops"])
-        lines.append(f"{row['height']:>5}x{row['width']:<5} {row['latent'][1]:>4}x{row['latent'][2]:<4} "
+        lines.append(f"{row['height']:>5}x{row['width']:<5} {row['latent'][-2]:>4}x{row['latent'][-1]:<4} "
                      f"{e['flops'] / 1e9:>10.1f} {d['flops'] / 1e9:>10.1f} {(e['flops'] + d['flops']) / 1e9:>10.1f} "
                      f"{_g(row['unet'])} {attention:>10.1%} "
                      f"{1 - row['decoder_share']:>5.1%}/{row['decoder_share']:.1%} {row['floor']:>6.3f}x")

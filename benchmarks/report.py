@@ -99,6 +99,12 @@ def denoiser_name(r: dict) -> str:
     return "transformer" if r["engine"].get("split_block") is not None else "UNet"
 
 
+def output_unit(r: dict) -> str:
+    """What one output is: a video on a video folder (the manifest's frames; figures are then per video)."""
+    frames = r["engine"].get("frames")
+    return f"video ({frames} frames)" if frames else "image"
+
+
 def stage_labels(r: dict) -> dict[str, str]:
     word = denoiser_name(r)
     return {name: label.replace("UNet", word) for name, label in STAGE_LABELS.items()}
@@ -124,7 +130,8 @@ def _rows(r: dict) -> list[tuple[str, list[str]]]:
 
     def stage(name):
         return lambda a: _s((a["stage_seconds_median"] or {}).get(name))
-    spi = [("s/image median", "median"), ("s/image min", "min"), ("s/image max", "max")]
+    unit = output_unit(r)
+    spi = [(f"s/{unit} median", "median"), (f"s/{unit} min", "min"), (f"s/{unit} max", "max")]
     rows = [(label, per_arm(lambda a, k=k: _s((a["seconds_per_image"] or {}).get(k)))) for label, k in spi]
     rows += [(f"{stage_label[n]} (s, median)", per_arm(stage(n))) for n in stages]
     rows.append(("total (s, median)", per_arm(stage("total"))))
@@ -161,6 +168,10 @@ def summary_lines(r: dict) -> list[str]:
                      f"{floor['unet_speedup']:.2f}x; measured = {frac[0]} of it end to end, {frac[1]} {denoiser} only")
         if floor.get("note"):
             lines.append(f"FLOP floor note: {floor['note']}")
+    batch = r.get("decoder_batch") or {}
+    if batch.get("frames"):
+        lines.append(f"batched video decoder: at most {batch['rows']} rows x {batch['frames_per_row']} frames = "
+                     f"{batch['frames']} frames per FD decoder call (its memory is in the FD arm's peaks)")
     for name, f in r["fidelity"].items():
         lines.append(f"fidelity {name.replace('_vs_', ' vs ')}: PSNR {f['psnr_db']:.2f} dB, SSIM {f['ssim']:.4f} "
                      f"({f['ssim_on']}), max |latent diff| {_s(f['max_abs_latent_diff'], 4)}")
@@ -191,7 +202,7 @@ def format_table(r: dict) -> str:
 def format_markdown(r: dict) -> str:
     m = r["machine"]
     stages, controlnets, stage_label = stages_shown(r), controlnet_graphs(r), stage_labels(r)
-    head = ["arm", "s/image median (min-max)", *[stage_label[n] for n in stages],
+    head = ["arm", f"s/{output_unit(r)} median (min-max)", *[stage_label[n] for n in stages],
             "enc/dec calls", *(["ControlNet calls"] if controlnets else []), "peak RSS MiB", "device peak MiB",
             "speedup vs baseline"]
     out = [f"#### {headline(r)}", "", f"Machine: {m['cpu']}, {m['usable_cores']} cores"

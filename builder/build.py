@@ -49,6 +49,7 @@ class BuildOptions:
     config: str | None = None  # --config: a single-file checkpoint's config folder (builder/single_file.py)
     refittable: bool = False  # --refittable: LoRA-able weights swappable at run time (builder/refit.py)
     device: str = "cpu"  # --device: where the torch backend checks its programs (builder/torch_build.py)
+    frames: int | None = None  # --frames: video families' frames per video (None: the family's default, 16)
 
     def resolved_precision(self) -> str:
         return self.precision or backend_info(self.backend).default_precision
@@ -70,6 +71,8 @@ def validate_options(opts: BuildOptions) -> None:
     if opts.split_block is not None and opts.split_block < 1:
         raise FdError(f"--split-block {opts.split_block} is not allowed: give the index of the first decoder block, "
                       "1 or more")
+    if opts.frames is not None and not 1 <= opts.frames <= 1024:
+        raise FdError(f"--frames {opts.frames} is out of range: use 1 to 1024 frames per video (default 16)")
     if not 1 <= opts.max_window <= 1000:
         raise FdError(f"--max-window {opts.max_window} is out of range: use 1 to 1000")
     from fd.builder.controlnet import check_controlnet_options
@@ -124,13 +127,15 @@ def build(opts: BuildOptions, log=print) -> Path:
         family = FAMILIES[comps.family]
         family.check_supported(comps)
         family.set_split_block(comps, opts.split_block)
-        if (opts.controlnets or opts.img2img) and (comps.unet is None or comps.vae is None):  # proven on latent UNets
+        family.set_frames(comps, opts.frames)
+        # both are proven on latent UNet image pipelines only
+        if (opts.controlnets or opts.img2img) and (comps.unet is None or comps.vae is None or not family.image_inputs):
             flag = "--controlnet" if opts.controlnets else "--img2img"
             raise FdError(f"{flag} is for UNet families (sd, sdxl); the {family.name} family has no diffusers "
                           f"{flag[2:]} pipeline fd is checked against: drop {flag}")
         log(f"loaded {opts.model} ({family.name} family) in {time.perf_counter() - started:.1f} s")
         adapted = adapt(comps, opts.adaptations, log)
-        geometry = model_geometry(comps, opts)
+        geometry = {**model_geometry(comps, opts), **family.extra_geometry(comps)}
         limits = Limits(opts.max_batch_size, opts.max_window)
         modules = family.graph_modules(comps, export_precision)
         specs = family.specs(comps, modules, geometry, export_precision, limits)

@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   fd-build --model sd15 --precision fp16 --backend tensorrt
   fd-build --model ./my-sd-folder --height 768 --width 512 --out engines/mine --force
   fd-build --model tiny --controlnet tiny-controlnet --img2img --out engines/tiny-control
+  fd-build --model tiny-animatediff --frames 8              # text to video (docs/video.md)
   fd-build --model ./my-sd-folder --lora style.safetensors:0.8 --textual-inversion cat.safetensors:<my-cat>
 """
 
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split-block", type=int, metavar="S",
                    help="transformer families (DiT, PixArt): blocks 0..S-1 are the encoder, S.. the decoder "
                         "(default: the paper's 18 of 28, scaled to the model's depth)")
+    p.add_argument("--frames", type=int, metavar="F",
+                   help="video families (animatediff, t2v): frames per video, fixed per folder (default 16)")
     personal = p.add_argument_group("personalization (docs/personalize.md)")
     personal.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                           help="fuse this LoRA (diffusers/peft or kohya .safetensors) into the weights at SCALE "
@@ -87,7 +90,8 @@ def main(argv=None) -> int:
             controlnets=tuple(args.controlnet), img2img=args.img2img, split_block=args.split_block,
             adaptations=Adaptations(tuple(args.lora), tuple(args.textual_inversion), tuple(args.custom_diffusion),
                                     args.allow_pickle),
-            config=args.config, refittable=args.refittable, device=args.device)
+            config=args.config, refittable=args.refittable, device=args.device,
+            frames=args.frames)
         out = build(opts)
         print(f"engine folder: {out}")
 

@@ -30,6 +30,13 @@ def load_components(model: str, config: str | None = None, allow_pickle: bool = 
         comps.source = {"model": model, "kind": "generated", "seed": TINY_SEED,
                         "note": "random weights from a config in fd's code; its images are noise",
                         **comps.source}  # a trained generated model (digits) names its own folder and note
+    elif model in composite_aliases():  # several hub models combined (animatediff: SD1.5 + a motion adapter)
+        family, repo_ids = composite_aliases()[model]
+        folders = [_hub_snapshot(repo_id, model) for repo_id in repo_ids]
+        quiet_libraries()
+        comps = family.load_alias(*folders)
+        comps.source = {"model": model, "kind": "hub", "repo_ids": list(repo_ids),
+                        "revisions": [Path(folder).name for folder in folders], "paths": folders}
     elif Path(model).expanduser().exists() or looks_like_path(model):
         path = Path(model).expanduser().resolve()
         if not path.is_dir():
@@ -53,7 +60,14 @@ def load_components(model: str, config: str | None = None, allow_pickle: bool = 
 
 
 def known_names() -> list[str]:
-    return [name for family in FAMILIES.values() for name in [*family.aliases, *family.generated]]
+    return [name for family in FAMILIES.values() for name in [*family.aliases, *family.generated]] + \
+        list(composite_aliases())
+
+
+def composite_aliases() -> dict:
+    """alias → (family, hub ids): models made of several hub models (the family's load_alias combines them)."""
+    return {alias: (family, repo_ids) for family in FAMILIES.values()
+            for alias, repo_ids in getattr(family, "composite_aliases", {}).items()}
 
 
 def load_folder(folder: str, what: str):

@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   fd-run --engine-dir engines/tiny-control --prompt "a cat" --init-image cat.png --strength 0.6  # fd-build --img2img
   fd-run --engine-dir engines/tiny-dit-fp32-onnxruntime --class-label 207 --class-label "tabby cat"  # DiT: classes
   fd-run --engine-dir engines/tiny-if-fp32-onnxruntime --prompt "a cat" --super-resolution engines/tiny-if-sr-fp32-onnxruntime
+  fd-run --engine-dir engines/tiny-animatediff-fp32-onnxruntime --prompt "a cat" --out clip.gif   # video folders
 """
 
 
@@ -71,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply this LoRA at run time (folders built with fd-build --refittable; needs fd's build "
                         "extra); repeat for several")
-    p.add_argument("--out", default="outputs/fd.png", help="PNG path; numbered (-0, -1, …) for several prompts")
+    p.add_argument("--out", help="PNG path (default outputs/fd.png); numbered (-0, -1, …) for several prompts. Video "
+                                 "folders: .gif, .mp4 (the video extra) or a folder of PNG frames (default outputs/fd.gif)")
+    p.add_argument("--fps", type=int, default=8, help="video folders: frames per second of the clip (default 8)")
     p.add_argument("--save-latents", help="write the final denoised latents as .npy")
     p.add_argument("--timings", action="store_true", help="print time per stage, calls and rows computed per graph")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -94,6 +97,16 @@ def load_latents(path: str) -> np.ndarray:
     return latents.astype(np.float32)
 
 
+def video_folder(engine_dir: str) -> bool:
+    """Whether the folder makes videos (its manifest has frames); an unreadable folder is refused later, where it
+    always was, in its own words."""
+    from fd.runtime.pipeline import EngineFolder
+    try:
+        return EngineFolder(engine_dir).frames is not None
+    except (FdError, OSError):
+        return False
+
+
 def check_engine_dir(path: str) -> None:
     """A plain file given as the engine folder gets its own message rather than "does not exist"."""
     if Path(path).is_file():
@@ -110,12 +123,20 @@ def output_paths(out: str, count: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
-def check_outputs(args) -> list[Path]:
-    """Every output path checked before the engines load, so no one waits for an image that cannot be saved."""
-    check_writable(args.out, "--out")
-    paths = output_paths(args.out, len(args.prompt) or len(args.class_label))
-    for path in paths:
-        check_writable(path, "--out")
+def check_outputs(args, video: bool = False) -> list[Path]:
+    """Every output path checked before the engines load, so no one waits for an image that cannot be saved.
+    A video folder's clips: runtime/video.py."""
+    if video:
+        from fd.runtime import video as clips
+        if not 1 <= args.fps <= 240:
+            raise FdError(f"--fps {args.fps} is out of range: use 1 to 240 frames per second")
+        paths = clips.output_paths(args.out or clips.DEFAULT_OUT, len(args.prompt))
+    else:
+        args.out = args.out or "outputs/fd.png"
+        check_writable(args.out, "--out")
+        paths = output_paths(args.out, len(args.prompt) or len(args.class_label))
+        for path in paths:
+            check_writable(path, "--out")
     if args.save_latents is not None:
         check_writable(args.save_latents, "--save-latents")
         if Path(args.save_latents).suffix.lower() != ".npy":
@@ -193,7 +214,7 @@ def main(argv=None) -> int:
         from fd.runtime.pipeline import EngineFolder, FasterDiffusionPipeline
         check_engine_dir(args.engine_dir)
         request = request_from_args(args)
-        paths = check_outputs(args)
+        paths = check_outputs(args, video=video_folder(args.engine_dir))
         if args.lora:
             from fd.runtime.lora import check_lora_options
             check_lora_options(args.lora)  # a missing file is refused before the engines load
@@ -215,7 +236,12 @@ def main(argv=None) -> int:
             print(f"note: {request.steps_run} steps: every step is a key step (FasterDiffusion's windows pay off "
                   f"above {FEW_STEPS} steps); give --key-steps or --uniform to reuse the encoder anyway",
                   file=sys.stderr)
-        for image, path in zip(result.images, paths):
+        if result.videos:
+            from fd.runtime.video import write_clip
+            for frames, path in zip(result.videos, paths):
+                write_clip(frames, path, args.fps)
+                print(f"wrote {path} ({len(frames)} frames)")
+        for image, path in zip([] if result.videos else result.images, paths):
             write_atomic(path, lambda f: image.save(f, format="PNG"))
             print(f"wrote {path}")
         if args.save_latents is not None:

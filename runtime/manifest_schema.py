@@ -77,6 +77,7 @@ def bounded(low, high, kind=int, what=None):
 MAX_SIDE = 16384  # pixels
 POSITIVE = Rule(int, lambda v: 0 < v < 2**31, "a positive integer")
 COUNT = Rule(int, lambda v: 0 <= v < 2**31, "an integer of 0 or more")
+BYTES = Rule(int, lambda v: 0 <= v < 2**50, "a byte count of 0 or more")  # weight files pass 2 GiB (external data)
 SCALE = bounded(1e-6, 1e3, float, "a number")
 DIM = Rule(None, lambda v: v == "batch" or (_is(v, int) and 0 < v <= 2**20),
            'a positive integer (at most 2^20) or "batch"')
@@ -117,6 +118,7 @@ MANIFEST = {
     "source": Optional(dict),
     "height": SIDE, "width": SIDE,
     "vae_scale_factor": bounded(1, 64), "latent_channels": bounded(1, 1024),
+    "frames": Optional(bounded(1, 1024)),  # video folders: frames per video (fd-build --frames)
     "dynamic_shape": Optional(Nullable({"min": SIDE, "max": SIDE})),
     "vae_scaling_factor": SCALE,
     "limits": {"max_batch_size": bounded(1, 1024), "max_window": bounded(1, 1000)},
@@ -127,7 +129,7 @@ MANIFEST = {
     "cache": ListOf(str),
     "components": MapOf(COMPONENT, required=REQUIRED_COMPONENTS),
     # ONNX Runtime's keys (builder/onnxruntime_build.py); other backends keep their own
-    "backend_info": Optional({"optimized_graphs": Optional(OPTIMIZED_GRAPHS), "file_bytes": Optional(MapOf(COUNT))}),
+    "backend_info": Optional({"optimized_graphs": Optional(OPTIMIZED_GRAPHS), "file_bytes": Optional(MapOf(BYTES))}),
     "flops_per_sample": Optional(MapOf(float)),
     "controlnets": Optional(ListOf(CONTROLNET)),  # fd-build --controlnet, in the order they apply
     "calibrated_key_steps": Optional(ListOf(CALIBRATION)),  # fd-calibrate, one entry per (scheduler, steps)

@@ -37,13 +37,14 @@ STEP_NOISE_STREAM = 1  # the seed's second stream: per-step noise of stochastic 
 
 @dataclass
 class GenerationResult:
-    images: list  # PIL images, one per prompt
-    latents: np.ndarray  # final denoised latents (what went into the VAE), float32 (B, C, h, w)
+    images: list  # PIL images, one per prompt (video folders: each video's first frame)
+    latents: np.ndarray  # final denoised latents (what went into the VAE), float32 (B, C, h, w); video (B, C, F, h, w)
     timings: dict[str, float]  # seconds per stage, plus "total"
     calls: dict[str, int]  # graph executions per component during this generation
     policy: dict  # the FasterDiffusion settings that were used
     timesteps: list[int] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)  # rows (batch entries) computed per component, all calls
+    videos: list = field(default_factory=list)  # video folders: per prompt, its frames as PIL images
 
 
 @dataclass
@@ -95,11 +96,18 @@ class EngineFolder:
         m = self.manifest
         return m["height"] if height is None else height, m["width"] if width is None else width
 
-    def latent_shape_at(self, height: int | None, width: int | None) -> tuple[int, int, int]:
-        """(channels, h, w) of the latents of a height x width image (None: the built size)."""
+    @property
+    def frames(self) -> int | None:
+        """Frames per video of a video folder (fd-build --frames), None for images."""
+        return self.manifest.get("frames")
+
+    def latent_shape_at(self, height: int | None, width: int | None) -> tuple[int, ...]:
+        """(channels, h, w) of the latents of a height x width image (None: the built size); a video folder's
+        are (channels, frames, h, w), diffusers' video layout."""
         height, width = self.image_size(height, width)
         scale = self.manifest["vae_scale_factor"]
-        return self.manifest["latent_channels"], height // scale, width // scale
+        frames = () if self.frames is None else (self.frames,)
+        return self.manifest["latent_channels"], *frames, height // scale, width // scale
 
     def prepare(self, request: Request) -> "Plan":
         """The request checked against this folder and resolved (size, guidance, key steps, images), without
@@ -125,8 +133,10 @@ class EngineFolder:
         expected = (len(inputs), *self.latent_shape_at(height, width))
         if request.latents is not None and request.latents.shape != expected:
             hint = "; give --height/--width for latents of another size" if m.get("dynamic_shape") else ""
-            raise FdError(f"initial latents have shape {request.latents.shape}, a {height}x{width} image needs "
-                          f"{expected} (batch x channels x height/8 x width/8){hint}")
+            axes = "batch x channels x frames x height/8 x width/8" if self.frames else \
+                "batch x channels x height/8 x width/8"
+            raise FdError(f"initial latents have shape {request.latents.shape}, a {height}x{width} "
+                          f"{'video' if self.frames else 'image'} needs {expected} ({axes}){hint}")
         if policy.max_window > m["limits"]["max_window"]:
             raise FdError(f"window of {policy.max_window} steps is larger than this engine folder's max window "
                           f"{m['limits']['max_window']}: rebuild with a larger --max-window")
@@ -266,7 +276,9 @@ class FasterDiffusionPipeline(EngineFolder):
             timings["lora_swap"] = swapped["seconds"]
         calls = dict(Counter(self.runner.calls) - calls_before)
         rows = dict(Counter(self.runner.rows) - rows_before)
-        return GenerationResult(to_pil(pixels), z, timings, calls, policy.describe(), timesteps.tolist(), rows)
+        videos = [] if self.frames is None else [to_pil(video.transpose(1, 0, 2, 3)) for video in pixels]  # (3, F, …)
+        images = [frames[0] for frames in videos] if videos else to_pil(pixels)
+        return GenerationResult(images, z, timings, calls, policy.describe(), timesteps.tolist(), rows, videos)
 
     def set_loras(self, loras: list) -> dict:
         """Replace the run-time LoRAs ("FILE[:SCALE]" texts or (path, scale) pairs; [] for none) of a folder built

@@ -73,6 +73,8 @@ def rebuild_command(manifest: dict, engine_dir, height: int | None = None, width
         parts.append(f"--dynamic-shape {manifest['dynamic_shape']['min']}:{manifest['dynamic_shape']['max']}")
     for record in manifest.get("controlnets", []):
         parts.append(f"--controlnet {record['source'].get('path') or record['source'].get('model')}")
+    if manifest.get("frames"):
+        parts.append(f"--frames {manifest['frames']}")
     if "vae_encoder" in manifest["components"]:
         parts.append("--img2img")
     parts.append(f"--out {engine_dir} --force")

@@ -139,7 +139,9 @@ def image_response(outcome: Outcome, as_json: bool) -> Response:
     """The PNG, with the seed, guidance scale, key steps, batch size and timings in headers; or all of it (and
     the whole policy) as JSON."""
     if as_json:
-        return JSONResponse({"image": base64.b64encode(outcome.png).decode("ascii"), "seed": outcome.seed,
+        clip = {} if outcome.clip is None else {"video": base64.b64encode(outcome.clip).decode("ascii"),
+                                                "video_media_type": "image/gif"}
+        return JSONResponse({"image": base64.b64encode(outcome.png).decode("ascii"), **clip, "seed": outcome.seed,
                              "guidance_scale": outcome.guidance_scale, "timings": outcome.timings,
                              "calls": outcome.calls, "policy": outcome.policy, "batch_size": outcome.batch_size})
     headers = {"X-Seed": str(outcome.seed), "X-Guidance-Scale": f"{outcome.guidance_scale:g}",
@@ -147,6 +149,8 @@ def image_response(outcome: Outcome, as_json: bool) -> Response:
                "X-Batch-Size": str(outcome.batch_size),
                "X-Timings": json.dumps({stage: round(s, 6) for stage, s in outcome.timings.items()},
                                        separators=(",", ":"))}
+    if outcome.clip is not None:  # a video folder: the clip itself, an animated GIF
+        return Response(outcome.clip, media_type="image/gif", headers=headers)
     return Response(outcome.png, media_type="image/png", headers=headers)
 
 

@@ -68,6 +68,7 @@ class Outcome:
     status: int
     error: str | None = None
     png: bytes | None = None
+    clip: bytes | None = None  # video folders: the video as an animated GIF (its first frame is `png`)
     seed: int | None = None
     timings: dict = field(default_factory=dict)  # seconds per stage of the batched generation it ran in
     calls: dict = field(default_factory=dict)
@@ -163,9 +164,11 @@ class ImageService:
             height=key.height, width=key.width, policy=key.policy)
         result = self.pipe(together)  # swaps to the key's LoRA set first where it is not the current one
         self.current_loras = key.loras
-        return [Outcome(200, png=png_bytes(image), seed=job.seed, timings=result.timings, calls=result.calls,
-                        policy=result.policy, batch_size=len(jobs), guidance_scale=key.guidance_scale)
-                for image, job in zip(result.images, jobs)]
+        clips = [gif_bytes(frames) for frames in result.videos] or [None] * len(jobs)
+        return [Outcome(200, png=png_bytes(image), clip=clip, seed=job.seed, timings=result.timings,
+                        calls=result.calls, policy=result.policy, batch_size=len(jobs),
+                        guidance_scale=key.guidance_scale)
+                for image, clip, job in zip(result.images, clips, jobs)]
 
     def info(self) -> dict:
         """GET /v1/info: what the engine folder is and what requests it accepts."""
@@ -219,6 +222,11 @@ def images_digest(request: Request) -> str:
         digest.update(repr((image.mode, image.size)).encode())
         digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def gif_bytes(frames) -> bytes:
+    from fd.runtime.video import gif_bytes as clip_bytes
+    return clip_bytes(frames)
 
 
 def png_bytes(image) -> bytes:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from fd.runtime.errors import FdError
 from fd.builder.families.base import BuildFamily, Components
-from fd.builder.families import deepfloyd_if, dit, flux, pixart, sd, sd3, sdxl
+from fd.builder.families import deepfloyd_if, dit, flux, pixart, sd, sd3, sdxl, video
 
 FAMILIES: dict[str, BuildFamily] = {family.name: family for family in (sd.FAMILY, sdxl.FAMILY, dit.FAMILY, pixart.FAMILY,
                                                                        sd3.FAMILY, flux.FAMILY, deepfloyd_if.FAMILY,
-                                                                       deepfloyd_if.SR_FAMILY)}
+                                                                       deepfloyd_if.SR_FAMILY, video.ANIMATEDIFF,
+                                                                       video.T2V)}
 
 
 def family_generating(model: str):

@@ -163,6 +163,7 @@ class BuildFamily:
 
     # --- the denoiser: a UNet here; transformer families override these four ------------------------
     supports_dynamic_shape = True  # --dynamic-shape: the cache's spatial axes scale with the image
+    image_inputs = True  # --controlnet / --img2img may apply (UNet image families; video families say no)
 
     def check_supported(self, comps: Components) -> None:
         """Refuse, in one line, a denoiser whose features the split does not carry."""
@@ -173,6 +174,28 @@ class BuildFamily:
         if split_block is not None:
             raise FdError(f"--split-block applies to transformer families (DiT, PixArt); a {self.name} UNet is split "
                           "at its mid block: drop --split-block")
+
+    def set_frames(self, comps: Components, frames: int | None) -> None:
+        """--frames: only video families (builder/families/video.py) take it."""
+        if frames is not None:
+            raise FdError(f"--frames applies to video families (animatediff, t2v); a {self.name} model makes "
+                          "images: drop --frames")
+
+    def extra_geometry(self, comps: Components) -> dict:
+        """Manifest facts beside the image size (video families: their frame count)."""
+        return {}
+
+    def latent_dims(self, geometry: dict) -> list:
+        """Per-row dimensions of the latent (video families: channels x frames x h x w)."""
+        return [geometry["latent_channels"], Axis("height", geometry["latent_height"]),
+                Axis("width", geometry["latent_width"])]
+
+    def image_dims(self, geometry: dict) -> list:
+        """Per-row dimensions of the VAE decoder's output."""
+        return [3, Axis("height", geometry["height"]), Axis("width", geometry["width"])]
+
+    def vae_decoder_graph(self, comps: Components, vae) -> nn.Module:
+        return VaeDecoderGraph(vae)
 
     def denoiser_halves(self, comps: Components, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
         """(encoder, decoder) modules in `dtype`: the encoder's outputs are the cache, and the decoder takes
@@ -204,19 +227,19 @@ class BuildFamily:
         encoder, decoder = self.denoiser_halves(comps, dtype)
         vae = _cast(comps.vae, TORCH_DTYPES[self.vae_precision(comps, precision)])
         return {**self.text_graphs(comps, dtype), "denoiser_encoder": encoder.eval(),
-                "denoiser_decoder": decoder.eval(), "vae_decoder": VaeDecoderGraph(vae).eval()}
+                "denoiser_decoder": decoder.eval(), "vae_decoder": self.vae_decoder_graph(comps, vae).eval()}
 
     def specs(self, comps: Components, modules: dict, geometry: dict, precision: str, limits: Limits) -> dict:
         """Every graph's tensors, named axes and batch range."""
         unet_dtype = DTYPE_NAMES[precision]
         vae_dtype = DTYPE_NAMES[self.vae_precision(comps, precision)]
-        channels, lh, lw = geometry["latent_channels"], geometry["latent_height"], geometry["latent_width"]
-        latent = [channels, Axis("height", lh), Axis("width", lw)]
+        latent = self.latent_dims(geometry)
         conditions = self.conditions(comps, unet_dtype)
-        shapes = _cache_shapes(modules["denoiser_encoder"], (channels, lh, lw), conditions, unet_dtype)
+        shapes = _cache_shapes(modules["denoiser_encoder"], tuple(d.size if isinstance(d, Axis) else d for d in latent),
+                               conditions, unet_dtype)
         cache = self.cache_tensors(shapes, unet_dtype)
         timestep = tensor("timestep", "float32", [])  # fp32 even in fp16 engines: the sinusoid needs it
-        image = [3, Axis("height", geometry["height"]), Axis("width", geometry["width"])]
+        image = self.image_dims(geometry)
         specs = {
             **self.text_specs(comps, unet_dtype),
             "denoiser_encoder": {"inputs": [tensor("sample", unet_dtype, latent), timestep, *conditions], "outputs": cache},

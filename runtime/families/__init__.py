@@ -11,10 +11,12 @@ from fd.runtime.families.pixart import PixArtAlpha
 from fd.runtime.families.sd3 import StableDiffusion3
 from fd.runtime.families.flux import Flux
 from fd.runtime.families.deepfloyd_if import DeepFloydIF, DeepFloydIFSuperResolution
+from fd.runtime.families.video import AnimateDiff, TextToVideo
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (StableDiffusion(), StableDiffusionXL(), DiT(),
                                                                   PixArtAlpha(), StableDiffusion3(), Flux(),
-                                                                  DeepFloydIF(), DeepFloydIFSuperResolution())}
+                                                                  DeepFloydIF(), DeepFloydIFSuperResolution(),
+                                                                  AnimateDiff(), TextToVideo())}
 
 
 def family_of(manifest: dict) -> Family:
