@@ -152,9 +152,10 @@ def run_build_with_signal(point: str, signame: str, out) -> subprocess.Completed
                            "--force"], capture_output=True, text=True, env=env, timeout=600)
 
 
+# Two points run by default (CI's 20 minutes); every point with `pytest -m slow`.
 @pytest.mark.parametrize("point,signame", [
-    ("loading", "SIGINT"), ("export", "SIGTERM"), ("check", "SIGINT"), ("before-swap", "SIGTERM"),
-    ("swallowed", "SIGINT"),
+    ("loading", "SIGINT"), pytest.param("export", "SIGTERM", marks=pytest.mark.slow), ("check", "SIGINT"),
+    pytest.param("before-swap", "SIGTERM", marks=pytest.mark.slow), pytest.param("swallowed", "SIGINT", marks=pytest.mark.slow),
 ])
 def test_interrupt_leaves_the_old_folder_untouched(old_folder, point, signame):
     before = tree_digest(old_folder)
@@ -178,7 +179,7 @@ def test_interrupt_inside_the_swap_is_held_until_the_new_folder_is_whole(old_fol
     assert hidden_leftovers(old_folder.parent) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])
 def test_signal_from_outside_stops_a_build_started_with_sigint_ignored(old_folder, signum):
     """`fd-build … &` in a script starts fd with SIGINT ignored; fd still stops, and keeps the old folder."""
     before = tree_digest(old_folder)

@@ -85,7 +85,13 @@ def shim_bin(tmp_path_factory, tiny_engine) -> Path:
     return bin_dir
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if runnable_blocks(p)], ids=lambda p: p.name)
+# The pages whose blocks cost minutes (fd-bench arms, calibration, family tours) run with `pytest -m slow`; the
+# default run (CI, 20 minutes on 2 cores) runs the rest. The commands they show are tested one by one elsewhere.
+SLOW_PAGES = {"families.md", "fd-bench.md", "calibration.md", "if.md", "sd3-flux.md", "video.md"}
+
+
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_PAGES else p
+                                  for p in PAGES if runnable_blocks(p)], ids=lambda p: getattr(p, "name", p))
 def test_every_tiny_block_of_the_page_runs(page, shim_bin, tmp_path):
     env = dict(os.environ, PATH=f"{shim_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
