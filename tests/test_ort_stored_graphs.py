@@ -124,7 +124,7 @@ def redirect_optimized(name, **record):
     pytest.param(lambda m: m["backend_info"]["optimized_graphs"].update(cpu="x86_64"), None,
                  ['backend_info.optimized_graphs.cpu is "x86_64", expected an object'], id="record-malformed"),
     pytest.param(lambda m: m["backend_info"]["file_bytes"].update({"vae_decoder.onnx": -1}), None,
-                 ["backend_info.file_bytes.vae_decoder.onnx is -1, expected an integer of 0 or more"],
+                 ["backend_info.file_bytes.vae_decoder.onnx is -1, expected a byte count of 0 or more"],
                  id="size-malformed"),
 ])
 def test_a_bad_stored_graph_is_refused_in_one_line(tiny_engine, tmp_path, change, tamper, fragments):
