@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fd.builder.split import cross_kwargs, decode_up
 from fd.runtime.errors import FdError
 
 
@@ -52,8 +53,6 @@ def check_if_unet(unet) -> None:
                       "DeepFloyd IF stage I and stage II UNets")
 
 
-def _cross(block, text):
-    return {"encoder_hidden_states": text} if getattr(block, "has_cross_attention", False) else {}
 
 
 class IFPromptTerms(nn.Module):
@@ -102,9 +101,9 @@ class IFEncoder(_IFHalf):
         hidden = unet.conv_in(sample)
         skips = (hidden,)
         for block in unet.down_blocks:
-            hidden, block_skips = block(hidden_states=hidden, temb=emb, **_cross(block, encoder_hidden_states))
+            hidden, block_skips = block(hidden_states=hidden, temb=emb, **cross_kwargs(block, encoder_hidden_states))
             skips += block_skips
-        return (unet.mid_block(hidden, emb, **_cross(unet.mid_block, encoder_hidden_states)), *skips)
+        return (unet.mid_block(hidden, emb, **cross_kwargs(unet.mid_block, encoder_hidden_states)), *skips)
 
 
 class IFDecoder(_IFHalf):
@@ -114,15 +113,7 @@ class IFDecoder(_IFHalf):
     def forward(self, timestep, encoder_hidden_states, added_embedding, mid, *skips):
         unet = self.unet
         emb = self.embedding(timestep, added_embedding)
-        hidden, remaining = mid, tuple(skips)
-        for block in unet.up_blocks:
-            n = len(block.resnets)
-            block_skips, remaining = remaining[-n:], remaining[:-n]
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=block_skips,
-                           **_cross(block, encoder_hidden_states))
-        if unet.conv_norm_out is not None:
-            hidden = unet.conv_act(unet.conv_norm_out(hidden))
-        return unet.conv_out(hidden)
+        return decode_up(unet, mid, skips, emb, lambda block: cross_kwargs(block, encoder_hidden_states))
 
 
 def run_split(unet, sample, timestep, text_embeddings, noise_level=None) -> torch.Tensor:

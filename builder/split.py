@@ -77,7 +77,7 @@ def time_embedding(unet, timestep: torch.Tensor, dtype: torch.dtype, text_embeds
     return emb
 
 
-def _cross_kwargs(block, text: torch.Tensor) -> dict:
+def cross_kwargs(block, text: torch.Tensor) -> dict:
     return {"encoder_hidden_states": text} if getattr(block, "has_cross_attention", False) else {}
 
 
@@ -98,9 +98,9 @@ class UNetEncoder(nn.Module):
         hidden = unet.conv_in(sample)
         skips = (hidden,)
         for block in unet.down_blocks:
-            hidden, block_skips = block(hidden_states=hidden, temb=emb, **_cross_kwargs(block, encoder_hidden_states))
+            hidden, block_skips = block(hidden_states=hidden, temb=emb, **cross_kwargs(block, encoder_hidden_states))
             skips += block_skips
-        mid = unet.mid_block(hidden, emb, **_cross_kwargs(unet.mid_block, encoder_hidden_states))
+        mid = unet.mid_block(hidden, emb, **cross_kwargs(unet.mid_block, encoder_hidden_states))
         return (mid, *skips)
 
 
@@ -120,15 +120,21 @@ class UNetDecoder(nn.Module):
                 time_ids: torch.Tensor | None = None):
         unet = self.unet
         emb = time_embedding(unet, timestep, mid.dtype, text_embeds, time_ids)
-        hidden, remaining = mid, tuple(skips)
-        for block in unet.up_blocks:
-            n = len(block.resnets)
-            block_skips, remaining = remaining[-n:], remaining[:-n]
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=block_skips,
-                           **_cross_kwargs(block, encoder_hidden_states))
-        if unet.conv_norm_out is not None:
-            hidden = unet.conv_act(unet.conv_norm_out(hidden))
-        return unet.conv_out(hidden)
+        return decode_up(unet, mid, skips, emb, lambda block: cross_kwargs(block, encoder_hidden_states))
+
+
+def decode_up(unet, hidden: torch.Tensor, skips, emb: torch.Tensor, block_kwargs) -> torch.Tensor:
+    """The decoder half's walk, shared by every UNet split (image, IF, video): each up block takes its resnets'
+    count of skips from the end of the cache, then the output head. `block_kwargs(block)`: that block's extra
+    arguments (cross-attention text, frames)."""
+    remaining = tuple(skips)
+    for block in unet.up_blocks:
+        n = len(block.resnets)
+        block_skips, remaining = remaining[-n:], remaining[:-n]
+        hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=block_skips, **block_kwargs(block))
+    if unet.conv_norm_out is not None:
+        hidden = unet.conv_act(unet.conv_norm_out(hidden))
+    return unet.conv_out(hidden)
 
 
 def unet_levels(unet) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fd.builder.split import decode_up
 from fd.runtime.errors import FdError
 
 
@@ -114,15 +115,8 @@ class VideoUNetDecoder(nn.Module):
         emb = per_frame(_time_embedding(unet, timestep, mid.dtype), frames)
         text = per_frame(encoder_hidden_states, frames)
         hidden = mid.reshape(-1, *mid.shape[2:])
-        remaining = tuple(s.reshape(-1, *s.shape[2:]) for s in skips)
-        for block in unet.up_blocks:
-            n = len(block.resnets)
-            block_skips, remaining = remaining[-n:], remaining[:-n]
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=block_skips,
-                           **_cross(block, text, frames))
-        if unet.conv_norm_out is not None:
-            hidden = unet.conv_act(unet.conv_norm_out(hidden))
-        return unfold(unet.conv_out(hidden), frames)
+        skips = tuple(s.reshape(-1, *s.shape[2:]) for s in skips)
+        return unfold(decode_up(unet, hidden, skips, emb, lambda block: _cross(block, text, frames)), frames)
 
 
 class VideoVaeDecoder(nn.Module):
