@@ -23,3 +23,15 @@ def assert_equals_diffusers(result, want_latents, want_pixels) -> None:
     assert got.shape == want_pixels.shape
     assert np.abs(got - want_pixels).max() <= 2
     assert want_pixels.std() > 20
+
+
+def assert_one_decoder_call_equals_k_calls(runner, cache, timesteps, conds) -> list:
+    """The parallel window: one decoder call over k timesteps equals k calls of one, row by row, and each row
+    really used its own timestep. Returns the batched call's k predictions."""
+    from fd.runtime import stages
+    together = stages.decode_denoiser(runner, cache, timesteps, conds)
+    for t, batched in zip(timesteps, together):
+        (alone,) = stages.decode_denoiser(runner, cache, np.float32([t]), conds)
+        np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+    assert np.abs(together[0] - together[-1]).max() > 1e-3
+    return together
