@@ -154,6 +154,12 @@ def wait_for_stop_signal() -> None:
         pass
 
 
+# Ray Serve gives its HTTP proxy 5 s to import and answer its first readiness check, then kills and restarts it
+# after three misses; on a busy 2-core host the import alone can take longer, so fd-serve never came up. Values
+# set in the environment win.
+SLOW_HOST_TIMEOUTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
@@ -176,6 +182,9 @@ def main(argv=None) -> int:
         # "local" starts a fresh instance even where RAY_ADDRESS names another cluster. Workers' output (the
         # replicas' and Serve's logs, Ray's tracebacks of a failed replica) reaches this terminal only with
         # --verbose; it is in Ray's log folder either way.
+        if local:  # the local instance's processes inherit this environment (an existing cluster keeps its own)
+            for name, seconds in SLOW_HOST_TIMEOUTS.items():
+                os.environ.setdefault(name, seconds)
         context = ray.init(address="local" if local else args.address, include_dashboard=False,
                            logging_level=logging.WARNING, log_to_driver=args.verbose)
         logs, deployed = logs_folder(context), False

@@ -11,6 +11,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The files that start a real fd-serve (a Ray cluster each): on one worker, so two clusters never start at once.
+RAY_FILES = {"test_serve.py", "test_serve_transformers.py", "test_hostile.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist's loadgroup (pyproject's addopts) keeps a group on one worker: one group per file, so each
+    file's module fixtures (engine builds) are made once, and one group for the Ray files."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """torch's OpenMP threads stall for seconds per call on a busy 2-core box; one thread is steady. Modules

@@ -34,7 +34,19 @@ STEPS = 10  # above fd's few-step threshold, so the default policy reuses the en
 def engine_b4(tmp_path_factory) -> Path:
     from fd.builder.build import BuildOptions, build
     out = tmp_path_factory.mktemp("serve-engines") / "tiny-b4"
-    return build(BuildOptions(model="tiny", max_batch_size=4, out=str(out)), log=lambda *_: None)
+    # refittable, so the one server also serves run-time LoRAs (--lora-dir); without a LoRA it is the tiny model
+    return build(BuildOptions(model="tiny", max_batch_size=4, out=str(out), refittable=True), log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory) -> Path:
+    """fd-serve --lora-dir: one kohya-format LoRA for the tiny model (tests/test_personalize.py draws it)."""
+    from safetensors.torch import save_file
+    from fd.builder.families.sd import make_tiny_components
+    from tests.test_personalize import draw_lora, kohya_file
+    folder = tmp_path_factory.mktemp("serve-loras")
+    save_file(kohya_file(draw_lora(make_tiny_components(), seed=1), alpha=1.0), folder / "style.safetensors")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -329,14 +341,15 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(engine_b4, tmp_path_factory):
+def server(engine_b4, lora_dir, tmp_path_factory):
     pytest.importorskip("ray.serve", reason="fd-serve needs the serve extra: pip install -e '.[serve]'")
     port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "fd-serve.log"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "fd.serve.cli", "--engine-dir", str(engine_b4), "--port", str(port),
-               "--batch-wait-ms", "200", "--max-ongoing-requests", "8", "--max-queued-requests", "40"]
+               "--batch-wait-ms", "200", "--max-ongoing-requests", "8", "--max-queued-requests", "40",
+               "--lora-dir", str(lora_dir)]
     with open(log, "wb") as out:  # its own session, so the SIGINT test can signal it as a terminal's Ctrl-C does
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     running = Server(process, f"http://127.0.0.1:{port}", log)
@@ -444,6 +457,29 @@ def test_a_served_image_equals_fd_runs(server, engine_b4, tmp_path):
     assert set(document["timings"]) >= {"text_encoder", "denoiser_encoder", "denoiser_decoder", "vae_decoder", "total"}
     import base64
     assert np.abs(pixels(base64.b64decode(document["image"])) - want).max() <= PIXEL_TOLERANCE
+
+
+def test_a_served_lora_equals_fd_runs_and_a_missing_one_is_a_422(server, engine_b4, lora_dir, tmp_path):
+    from fd.runtime.cli import main as fd_run
+    client = server.client()
+    assert json.loads(client.request("GET", "/v1/info").body)["loras"] == ["style.safetensors"]
+    request = {"prompt": "a lighthouse at dusk", "seed": 78, "steps": 4}
+    styled = client.generate({**request, "loras": [{"name": "style.safetensors", "scale": 0.8}]})
+    plain = client.generate(request)  # the LoRA is swapped out again for a request without one
+    assert (styled.status, plain.status) == (200, 200), (styled.body[:200], plain.body[:200])
+    for loras, reply in [(["--lora", f"{lora_dir / 'style.safetensors'}:0.8"], styled), ([], plain)]:
+        out = tmp_path / f"run{len(loras)}.png"
+        assert fd_run(["--engine-dir", str(engine_b4), "--prompt", request["prompt"], "--seed", "78", "--steps", "4",
+                       *loras, "--out", str(out)]) == 0
+        want = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+        assert np.abs(pixels(reply.body) - want).max() <= PIXEL_TOLERANCE, loras
+    assert np.abs(pixels(styled.body) - pixels(plain.body)).max() > 10 * PIXEL_TOLERANCE  # the LoRA did act
+    for name, status, words in [("missing.safetensors", 422, "is not in the server's LoRA folder"),
+                                ("../style.safetensors", 422, "not a plain file name")]:
+        reply = client.generate({**request, "loras": [{"name": name}]})
+        message = json.loads(reply.body)["error"]
+        assert (reply.status, "\n" in message) == (status, False) and words in message, (name, reply.status, message)
+    assert client.generate(request).status == 200  # and it goes on serving
 
 
 def test_requests_over_the_queue_limit_get_503_and_the_rest_are_served(server):
