@@ -11,16 +11,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-# The files that start a real fd-serve (a Ray cluster each): on one worker, so two clusters never start at once.
-RAY_FILES = {"test_serve.py", "test_serve_transformers.py", "test_hostile.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """pytest-xdist's loadgroup (pyproject's addopts) keeps a group on one worker: one group per file, so each
-    file's module fixtures (engine builds) are made once, and one group for the Ray files."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
+@pytest.fixture(scope="module")
+def ray_turn(tmp_path_factory):
+    """The files that start a real fd-serve take turns: pyproject's addopts run files on parallel pytest-xdist
+    workers, and two Ray clusters starting at once on one small machine is a test of Ray, not of fd. A file
+    lock beside the workers' temporary folders, held for the whole module."""
+    import fcntl
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # popen-gwN's parent is the run's
+    with open(root / "fd-serve-ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from PIL import Image, features
 from fd.runtime.errors import FdError
 from fd.serve.api import MAX_CONTROL_IMAGES, BadRequest, ImageInputs, decode_image, parse_image_request
 
+pytestmark = pytest.mark.usefixtures("ray_turn")  # one file with a Ray cluster at a time (conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 FORMAT_LINE = "is not a PNG, JPEG or WEBP image"
 

@@ -25,6 +25,8 @@ from fd.runtime.errors import FdError
 from fd.runtime.pipeline import FasterDiffusionPipeline
 from fd.serve.api import BadRequest, ImageRequest, parse_image_request
 
+pytestmark = pytest.mark.usefixtures("ray_turn")  # one file with a Ray cluster at a time (conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 PIXEL_TOLERANCE = 2  # of 255, the bound for a batched request against the same request alone
 STEPS = 10  # above fd's few-step threshold, so the default policy reuses the encoder

@@ -23,6 +23,8 @@ from fd.runtime.pipeline import FasterDiffusionPipeline
 from fd.serve.api import BadRequest, ImageRequest, parse_image_request
 from tests.test_serve import PIXEL_TOLERANCE, free_port, pixels
 
+pytestmark = pytest.mark.usefixtures("ray_turn")  # one file with a Ray cluster at a time (conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10  # above fd's few-step threshold, so the default policy reuses the encoder
 GOLDEN_RETRIEVER = 207  # tiny-dit's id2label, as ImageNet's
